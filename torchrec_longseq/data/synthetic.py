@@ -1,0 +1,272 @@
+"""Synthetic lifelong behavior sequences with long-range signal and known ground truth.
+
+The world:
+
+* ``num_items`` items in ``num_categories`` categories (item ``i`` is in category
+  ``i // items_per_category``), each category split into ``subclusters`` groups of neighbouring
+  ids. Every item has a latent vector ``center[c] + sub[c, s] + 0.3 * noise`` (unit-normalised), so
+  items of one subcluster are close (cos ~ 0.95), of one category related (cos ~ 0.5).
+* Every user has ``long_term_interests`` (category, subcluster) pairs, fixed for life, and
+  ``short_term_interests`` categories that change every week. Both are pure functions of the
+  seed, the user and the week (an integer hash), so any sample can be generated alone.
+* A history is lognormal-long (median ``max_seq_len / 4``, clipped to ``[min_seq_len,
+  max_seq_len]``). Behaviors older than the ``recent_window`` come from the long-term interests
+  with probability ``long_term_share`` (mostly their subcluster) and are random otherwise; the
+  recent window comes from the short-term interests with probability ``short_term_share``. So
+  the long-term interests appear sparsely all along the history and hardly ever in the last 50.
+* Every request shows ``candidates_per_request`` candidates (the impressions that GAUC groups):
+  half from a long-term interest, a few from a short-term one, the rest random.
+* The label is Bernoulli(sigmoid(logit)) with ``logit = 2 log(1 + E) + short_match - 2.5``, where
+  the evidence ``E = sum_j relu(cos(target, j))^2 (0.5 + 0.5 exp(-age_j / 180 days))`` runs over
+  the behaviors older than the recent window with the candidate's category, and
+  ``short_match = 1`` when the candidate's category appears in the recent window. The label thus
+  depends mostly on evidence older than the last ``recent_window`` behaviors.
+* Ground truth: ``relevant[j]`` marks the older behaviors with the candidate's category and
+  ``cos > 0.7`` (the candidate's own subcluster), the ones that carry most of ``E``.
+
+Timestamps are integer seconds; a history spans 0.5 to 3 years before its request, every behavior
+strictly before the request (point-in-time correct). Splits are by request time: train requests
+in days ``[0, 80)``, validation ``[80, 90)``, test ``[90, 100)`` of the request period.
+
+Generation is vectorised numpy per batch (no Python loop over samples or behaviors), deterministic
+in ``(seed, split, batch index)``, so any worker count, rank count or resume point sees the same
+batches.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchrec import KeyedJaggedTensor
+
+from torchrec_longseq.data.batch import FEATURE_KEYS, Batch
+
+DAY = 86_400
+YEAR = 365 * DAY
+SPLITS: Dict[str, tuple] = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}
+_REQUEST_EPOCH = 4 * YEAR  # request period starts here, so every timestamp is positive
+
+
+@dataclass
+class SyntheticConfig:
+    """Sizes and knobs of the synthetic world (defaults are the README's "default data")."""
+
+    seed: int = 0
+    max_seq_len: int = 2000
+    min_seq_len: int = 10
+    num_users: int = 100_000
+    num_items: int = 10_000
+    num_categories: int = 100
+    subclusters: int = 10
+    latent_dim: int = 8
+    recent_window: int = 50
+    long_term_interests: int = 4
+    short_term_interests: int = 3
+    long_term_share: float = 0.1
+    short_term_share: float = 0.6
+    candidates_per_request: int = 4
+    table_sizes: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_items % (self.num_categories * self.subclusters):
+            raise ValueError("num_items must be a multiple of num_categories * subclusters")
+        if not 1 <= self.min_seq_len <= self.max_seq_len:
+            raise ValueError(f"need 1 <= min_seq_len <= max_seq_len, got {self.min_seq_len}, "
+                             f"{self.max_seq_len}")
+        self.table_sizes = {
+            "user_id": self.num_users,
+            "context_hour": 24,
+            "target_item": self.num_items,
+            "target_category": self.num_categories,
+            "hist_item": self.num_items,
+            "hist_category": self.num_categories,
+        }
+
+    @property
+    def items_per_category(self) -> int:
+        return self.num_items // self.num_categories
+
+
+def _hash(*keys: np.ndarray) -> np.ndarray:
+    """splitmix64 of the combined keys: a vectorised, seedable integer hash (uint64)."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for k in keys:
+            h = (h ^ np.asarray(k).astype(np.uint64)) * np.uint64(0xBF58476D1CE4E5B9)
+            h = h ^ (h >> np.uint64(31))
+            h = h * np.uint64(0x94D049BB133111EB)
+            h = h ^ (h >> np.uint64(29))
+    return h
+
+
+def item_latents(config: SyntheticConfig) -> np.ndarray:
+    """``[num_items, latent_dim]`` unit latent vectors, clustered by category and subcluster."""
+    rng = np.random.default_rng([config.seed, 7])
+    c, s, d = config.num_categories, config.subclusters, config.latent_dim
+    center = rng.standard_normal((c, 1, 1, d))
+    sub = rng.standard_normal((c, s, 1, d))
+    noise = 0.3 * rng.standard_normal((c, s, config.num_items // (c * s), d))
+    latent = (center + sub + noise).reshape(config.num_items, d)
+    return (latent / np.linalg.norm(latent, axis=1, keepdims=True)).astype(np.float32)
+
+
+class SyntheticGenerator:
+    """Makes batches of the synthetic world; ``batch(split, index, batch_size)`` is pure."""
+
+    def __init__(self, config: SyntheticConfig) -> None:
+        self.config = config
+        self.latents = item_latents(config)
+
+    def _items(self, rng: np.random.Generator, category: np.ndarray, sub: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        per_sub = cfg.items_per_category // cfg.subclusters
+        return category * cfg.items_per_category + sub * per_sub + rng.integers(
+            per_sub, size=category.shape
+        )
+
+    def batch(self, split: str, index: int, batch_size: int) -> Batch:
+        """Batch ``index`` of ``split`` (``batch_size`` must be a multiple of the candidates per
+        request)."""
+        cfg = self.config
+        g = cfg.candidates_per_request
+        if batch_size % g:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of candidates_per_request {g}")
+        split_id = list(SPLITS).index(split)
+        rng = np.random.default_rng([cfg.seed, split_id, index])
+        r = batch_size // g
+        first_day, last_day = SPLITS[split]
+
+        # requests: user, time, the user's interests
+        user = rng.integers(cfg.num_users, size=r)
+        request_time = (_REQUEST_EPOCH + first_day * DAY
+                        + rng.integers((last_day - first_day) * DAY, size=r))
+        week = request_time // (7 * DAY)
+        j_long = np.arange(cfg.long_term_interests)
+        long_cat = (_hash(cfg.seed, user[:, None], j_long, 1) % cfg.num_categories).astype(np.int64)
+        long_sub = (_hash(cfg.seed, user[:, None], j_long, 2) % cfg.subclusters).astype(np.int64)
+        j_short = np.arange(cfg.short_term_interests)
+        short_cat = (_hash(cfg.seed, user[:, None], week[:, None], j_short, 3)
+                     % cfg.num_categories).astype(np.int64)
+
+        # history lengths (lognormal, long-tailed) and positions
+        median = max(cfg.max_seq_len / 4, cfg.min_seq_len)
+        lengths = np.clip(np.exp(rng.normal(math.log(median), 1.0, size=r)),
+                          cfg.min_seq_len, cfg.max_seq_len).astype(np.int64)
+        n = int(lengths.sum())
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        seg = np.repeat(np.arange(r), lengths)
+        from_end = offsets[1:][seg] - 1 - np.arange(n)
+        recent = from_end < cfg.recent_window
+
+        # behaviors: interest-driven or random
+        u = rng.random(n)
+        category = rng.integers(cfg.num_categories, size=n)
+        sub = rng.integers(cfg.subclusters, size=n)
+        is_long = ~recent & (u < cfg.long_term_share)
+        pick = rng.integers(cfg.long_term_interests, size=n)
+        category = np.where(is_long, long_cat[seg, pick], category)
+        sub = np.where(is_long & (rng.random(n) < 0.7), long_sub[seg, pick], sub)
+        is_short = recent & (u < cfg.short_term_share)
+        category = np.where(is_short, short_cat[seg, rng.integers(cfg.short_term_interests, size=n)],
+                            category)
+        item = self._items(rng, category, sub)
+
+        # timestamps: the history spans 0.5-3 years, strictly before the request
+        span = rng.uniform(0.5, 3.0, size=r) * YEAR
+        gaps = rng.exponential(1.0, size=n) * (span / lengths)[seg]
+        csum = np.cumsum(gaps)
+        age = csum[offsets[1:] - 1][seg] - csum + gaps  # time from behavior to request
+        htime = request_time[seg] - np.maximum(np.ceil(age), 1).astype(np.int64)
+
+        # candidates: g per request
+        b = batch_size
+        req = np.repeat(np.arange(r), g)
+        kind = rng.random(b)
+        pick = rng.integers(cfg.long_term_interests, size=b)
+        t_cat = rng.integers(cfg.num_categories, size=b)
+        t_sub = rng.integers(cfg.subclusters, size=b)
+        from_long = kind < 0.5
+        t_cat = np.where(from_long, long_cat[req, pick], t_cat)
+        t_sub = np.where(from_long & (rng.random(b) < 0.5), long_sub[req, pick], t_sub)
+        from_short = (kind >= 0.5) & (kind < 0.8)
+        t_cat = np.where(from_short, short_cat[req, rng.integers(cfg.short_term_interests, size=b)],
+                         t_cat)
+        t_item = self._items(rng, t_cat, t_sub)
+
+        # replicate each request's history for its g candidates
+        s_lengths = lengths[req]
+        s_offsets = np.concatenate([[0], np.cumsum(s_lengths)])
+        s_seg = np.repeat(np.arange(b), s_lengths)
+        s_index = offsets[req][s_seg] + np.arange(s_offsets[-1]) - s_offsets[s_seg]
+        h_item, h_cat, h_time = item[s_index], category[s_index], htime[s_index]
+        h_recent, h_age = recent[s_index], age[s_index]
+
+        # labels from the evidence older than the recent window
+        cos = np.einsum("nd,nd->n", self.latents[h_item], self.latents[t_item[s_seg]])
+        match = (h_cat == t_cat[s_seg]) & ~h_recent
+        contrib = np.where(match, np.maximum(cos, 0) ** 2 * (0.5 + 0.5 * np.exp(-h_age / (180 * DAY))), 0)
+        evidence = np.bincount(s_seg, weights=contrib, minlength=b)
+        short_match = np.bincount(s_seg, weights=(h_recent & (h_cat == t_cat[s_seg])), minlength=b) > 0
+        logit = 2.0 * np.log1p(evidence) + 2.0 * short_match - 2.5
+        labels = (rng.random(b) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+        relevant = match & (cos > 0.7)
+
+        hour = (request_time[req] // 3600) % 24
+        ones = np.ones(b, dtype=np.int64)
+        features = KeyedJaggedTensor(
+            keys=FEATURE_KEYS,
+            values=torch.from_numpy(np.concatenate(
+                [user[req], hour, t_item, t_cat, h_item, h_cat]).astype(np.int64)),
+            lengths=torch.from_numpy(np.concatenate(
+                [ones, ones, ones, ones, s_lengths, s_lengths]).astype(np.int32)),
+        )
+        return Batch(
+            features=features,
+            history_time=torch.from_numpy(h_time),
+            request_time=torch.from_numpy(request_time[req]),
+            labels=torch.from_numpy(labels),
+            relevant=torch.from_numpy(relevant),
+        )
+
+
+class SyntheticLifelongSequences(IterableDataset):
+    """A stream of ready-made batches (use ``DataLoader(dataset, batch_size=None)``).
+
+    Rank ``rank`` of ``world_size`` takes the global batches ``i * world_size + rank`` for
+    ``i = start, start + 1, ...``; DataLoader workers split those round-robin and the DataLoader
+    returns them in order, so the stream is the same for any worker count. Memory is one batch per
+    worker.
+
+    Args:
+        config (SyntheticConfig): the world.
+        split (str): ``"train"``, ``"val"`` or ``"test"``.
+        batch_size (int): samples per batch (per rank).
+        num_batches (Optional[int]): batches per rank; ``None`` streams forever.
+        rank (int), world_size (int), start (int): sharding of the stream and where to resume.
+
+    Example::
+
+        ds = SyntheticLifelongSequences(SyntheticConfig(max_seq_len=10_000), "train", 128)
+        batch = next(iter(DataLoader(ds, batch_size=None, num_workers=1)))
+    """
+
+    def __init__(self, config: SyntheticConfig, split: str, batch_size: int,
+                 num_batches: Optional[int] = None, rank: int = 0, world_size: int = 1,
+                 start: int = 0) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        self.config, self.split, self.batch_size = config, split, batch_size
+        self.num_batches, self.rank, self.world_size, self.start = num_batches, rank, world_size, start
+
+    def __iter__(self) -> Iterator[Batch]:
+        generator = SyntheticGenerator(self.config)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = self.start + worker
+        while self.num_batches is None or i < self.start + self.num_batches:
+            yield generator.batch(self.split, i * self.world_size + self.rank, self.batch_size)
+            i += workers

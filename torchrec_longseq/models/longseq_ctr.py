@@ -1,0 +1,169 @@
+"""``LongSeqCTR``: a CTR model with a lifelong behavior sequence, composed like TorchRec's DLRM.
+
+Parts::
+
+    features (KJT) ──► sparse arch: EmbeddingBagCollection ─ pooled user, context (and, for
+                  │                                           avg-pool, the whole history)
+                  └──► sequence arch (DIN, SIM, ETA, ...) ─ searches the history on ids, looks
+                       up the candidate and the selection in the EmbeddingCollection (item and
+                       category tables shared by candidate and history), attends
+    [pooled, sequence output] ──► over arch (MLP) ──► logit
+
+``build_model`` assembles the configurations the train entry point offers.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
+
+from torchrec_longseq.data.batch import (
+    CONTEXT_HOUR,
+    HIST_CATEGORY,
+    HIST_ITEM,
+    TARGET_CATEGORY,
+    TARGET_ITEM,
+    USER_ID,
+    Batch,
+)
+from torchrec_longseq.modules.attention import mlp
+from torchrec_longseq.modules.din import DIN
+
+
+class LongSeqCTR(nn.Module):
+    """Pooled features + one sequence module + MLP -> one logit per sample.
+
+    Args:
+        embedding_bag_collection (EmbeddingBagCollection): pooled features.
+        over_arch_layers (List[int]): hidden widths of the final MLP (a last layer of 1 is added).
+        embedding_collection (Optional[EmbeddingCollection]): item and category tables for the
+            candidate and the history (features ``target_*`` and ``hist_*``).
+        sequence_arch (Optional[nn.Module]): called as ``sequence_arch(features, history_time,
+            request_time, embedding_collection)``, returns ``(output [B, output_dim], aux_logits)``
+            where ``aux_logits [B]`` is an auxiliary task's logit (SIM soft search) or ``None``.
+
+    Example::
+
+        model = build_model("din", ModelConfig(), table_sizes)
+        logits, aux = model(batch.features, batch.history_time, batch.request_time)
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        over_arch_layers: List[int],
+        embedding_collection: Optional[EmbeddingCollection] = None,
+        sequence_arch: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        if (embedding_collection is None) != (sequence_arch is None):
+            raise ValueError("embedding_collection and sequence_arch come together")
+        self.sparse_arch = embedding_bag_collection
+        self.embedding_collection = embedding_collection
+        self.sequence_arch = sequence_arch
+        in_dim = sum(
+            c.embedding_dim * len(c.feature_names)
+            for c in embedding_bag_collection.embedding_bag_configs()
+        )
+        if sequence_arch is not None:
+            in_dim += sequence_arch.output_dim
+        self.over_arch = nn.Sequential(mlp(in_dim, over_arch_layers), nn.Linear(over_arch_layers[-1], 1))
+
+    def forward(
+        self, features: KeyedJaggedTensor, history_time: torch.Tensor, request_time: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns ``(logits [B], aux_logits [B] or None)``."""
+        pooled = self.sparse_arch(features).values()  # [B, sum of pooled widths]
+        aux: Optional[torch.Tensor] = None
+        if self.sequence_arch is not None:
+            sequence, aux = self.sequence_arch(
+                features, history_time, request_time, self.embedding_collection
+            )
+            pooled = torch.cat([pooled, sequence], dim=1)
+        return self.over_arch(pooled).squeeze(1), aux
+
+
+class LongSeqCTRTrain(nn.Module):
+    """Training wrapper: ``batch -> (loss, (loss, logits, labels))`` as TorchRec's ``DLRMTrain``.
+
+    ``loss = beta * BCE(logits) + alpha * BCE(aux_logits)`` when the model has an auxiliary task.
+    """
+
+    def __init__(self, model: LongSeqCTR, alpha: float = 1.0, beta: float = 1.0) -> None:
+        super().__init__()
+        self.model = model
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits, aux = self.model(batch.features, batch.history_time, batch.request_time)
+        loss = self.beta * nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        if aux is not None:
+            loss = loss + self.alpha * nn.functional.binary_cross_entropy_with_logits(aux, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters shared by the model builders."""
+
+    embedding_dim: int = 16
+    over_arch_layers: List[int] = field(default_factory=lambda: [128, 64])
+    attention_hidden: List[int] = field(default_factory=lambda: [64, 32])
+    short_window: int = 50
+
+
+MODELS = ["avgpool", "din", "din-full"]
+
+
+def build_model(
+    name: str, config: ModelConfig, table_sizes: Dict[str, int], device: Optional[torch.device] = None
+) -> LongSeqCTR:
+    """The model called ``name`` (one of ``MODELS``) for tables of ``table_sizes`` rows
+    (keyed by feature name, as ``SyntheticConfig.table_sizes``). ``device="meta"`` builds
+    the tables without memory, for DistributedModelParallel to materialise shards."""
+    d = config.embedding_dim
+    pooled = [
+        EmbeddingBagConfig(name="user", embedding_dim=d, num_embeddings=table_sizes[USER_ID],
+                           feature_names=[USER_ID]),
+        EmbeddingBagConfig(name="hour", embedding_dim=d, num_embeddings=table_sizes[CONTEXT_HOUR],
+                           feature_names=[CONTEXT_HOUR]),
+    ]
+    if name == "avgpool":
+        # the history averaged on the shard: O(B D) communication whatever L is
+        pooled += [
+            EmbeddingBagConfig(name="item", embedding_dim=d, num_embeddings=table_sizes[HIST_ITEM],
+                               feature_names=[TARGET_ITEM, HIST_ITEM], pooling=PoolingType.MEAN),
+            EmbeddingBagConfig(name="category", embedding_dim=d,
+                               num_embeddings=table_sizes[HIST_CATEGORY],
+                               feature_names=[TARGET_CATEGORY, HIST_CATEGORY],
+                               pooling=PoolingType.MEAN),
+        ]
+        ebc = EmbeddingBagCollection(tables=pooled, device=device)
+        return LongSeqCTR(ebc, config.over_arch_layers)
+    ebc = EmbeddingBagCollection(tables=pooled, device=device)
+    ec = EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(name="item", embedding_dim=d, num_embeddings=table_sizes[HIST_ITEM],
+                            feature_names=[TARGET_ITEM, HIST_ITEM]),
+            EmbeddingConfig(name="category", embedding_dim=d,
+                            num_embeddings=table_sizes[HIST_CATEGORY],
+                            feature_names=[TARGET_CATEGORY, HIST_CATEGORY]),
+        ],
+        device=device,
+    )
+    if name == "din":
+        seq: nn.Module = DIN(d, config.attention_hidden, last_n=config.short_window)
+    elif name == "din-full":
+        seq = DIN(d, config.attention_hidden, last_n=None)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    return LongSeqCTR(ebc, config.over_arch_layers, ec, seq)

@@ -1,0 +1,99 @@
+"""Target attention over jagged behavior sequences (the exact search unit, ESU).
+
+Both attentions here work on the jagged values directly: a query per sample ``[B, D]`` is
+broadcast to its behaviors with ``segment_ids``, scores are computed per behavior ``[N]``, and
+the weighted values are summed per sample. Nothing is padded to the longest history, and a sample
+with no behavior gets a zero vector (never NaN).
+"""
+
+from typing import List
+
+import torch
+from torch import nn
+
+from torchrec_longseq import jagged
+
+
+def mlp(in_dim: int, layer_sizes: List[int], final_activation: bool = True) -> nn.Sequential:
+    """``Linear -> ReLU`` stack; the last layer has no activation unless ``final_activation``."""
+    layers: List[nn.Module] = []
+    for i, out_dim in enumerate(layer_sizes):
+        layers.append(nn.Linear(in_dim, out_dim))
+        if final_activation or i < len(layer_sizes) - 1:
+            layers.append(nn.ReLU())
+        in_dim = out_dim
+    return nn.Sequential(*layers)
+
+
+class DINAttention(nn.Module):
+    """DIN's activation unit (Zhou et al., KDD 2018) over a jagged history.
+
+    For a query ``q`` (the candidate) and behaviors ``k_j`` of its sample, the weight of ``k_j`` is
+    ``MLP([q, k_j, q - k_j, q * k_j])`` and the output is ``sum_j w_j k_j``. As in the paper there
+    is no softmax, so the output keeps the intensity of the interest (how many behaviors match).
+
+    Shapes: B samples, N behaviors in all, D the embedding dimension.
+
+    Args:
+        embedding_dim (int): D, the width of queries and keys.
+        hidden (List[int]): widths of the attention MLP's hidden layers.
+
+    Example::
+
+        att = DINAttention(8, [16])
+        out = att(torch.randn(2, 8), torch.randn(5, 8), torch.tensor([0, 3, 5]))  # [2, 8]
+    """
+
+    def __init__(self, embedding_dim: int, hidden: List[int]) -> None:
+        super().__init__()
+        self.score = nn.Sequential(mlp(4 * embedding_dim, hidden), nn.Linear(hidden[-1], 1))
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``query [B, D]``, ``keys [N, D]``, ``offsets [B + 1]`` -> ``[B, D]``."""
+        seg = jagged.segment_ids(offsets, keys.size(0))
+        q = query[seg]  # [N, D]
+        weight = self.score(torch.cat([q, keys, q - keys, q * keys], dim=1))  # [N, 1]
+        return jagged.segment_sum(weight * keys, seg, query.size(0))
+
+
+class TargetAttention(nn.Module):
+    """Multi-head scaled dot-product attention of the candidate over its retrieved behaviors.
+
+    ``q = W_q t``, ``k_j = W_k z_j``, ``v_j = W_v z_j`` split into H heads of width ``Dh``; per head
+    ``softmax_j(q . k_j / sqrt(Dh))`` weights the ``v_j``; heads are concatenated (SIM, ETA).
+    An empty retrieval yields zeros.
+
+    Args:
+        query_dim (int): width of the candidate representation ``t``.
+        key_dim (int): width of a behavior representation ``z_j``.
+        num_heads (int): H.
+        head_dim (int): Dh; the output has ``H * Dh`` columns.
+
+    Example::
+
+        att = TargetAttention(query_dim=8, key_dim=12, num_heads=2, head_dim=4)
+        out = att(torch.randn(2, 8), torch.randn(5, 12), torch.tensor([0, 3, 5]))  # [2, 8]
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(query_dim, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(key_dim, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(key_dim, num_heads * head_dim, bias=False)
+
+    @property
+    def output_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``query [B, Dq]``, ``keys [N, Dk]``, ``offsets [B + 1]`` -> ``[B, H * Dh]``."""
+        seg = jagged.segment_ids(offsets, keys.size(0))
+        q = self.q_proj(query).view(-1, self.num_heads, self.head_dim)  # [B, H, Dh]
+        k = self.k_proj(keys).view(-1, self.num_heads, self.head_dim)  # [N, H, Dh]
+        v = self.v_proj(keys).view(-1, self.num_heads, self.head_dim)  # [N, H, Dh]
+        scores = (q[seg] * k).sum(-1) / self.head_dim**0.5  # [N, H]
+        weights = jagged.segment_softmax(scores, seg, query.size(0))  # [N, H]
+        out = jagged.segment_sum(weights.unsqueeze(-1) * v, seg, query.size(0))  # [B, H, Dh]
+        return out.flatten(1)

@@ -1,0 +1,57 @@
+"""DIN baselines: target attention over the most recent N behaviors, or over the whole history."""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingCollection, KeyedJaggedTensor
+
+from torchrec_longseq.data.batch import HIST_ITEM
+from torchrec_longseq import jagged
+from torchrec_longseq.modules.attention import DINAttention
+from torchrec_longseq.modules.lookup import lookup_behaviors
+
+
+class DIN(nn.Module):
+    """DIN (Zhou et al., KDD 2018) as a sequence module of ``LongSeqCTR``.
+
+    With ``last_n = N`` only the N most recent behaviors are looked up and attended to (the
+    short-term baseline, and SIM's short-term branch); with ``last_n = None`` the whole history is
+    (the quality upper bound that retrieval approximates, at O(L) lookup and attention cost).
+    A behavior is its item embedding concatenated with its category embedding (width ``2 D``).
+
+    Args:
+        embedding_dim (int): D, the width of the item and category tables.
+        attention_hidden (List[int]): hidden widths of DIN's attention MLP.
+        last_n (Optional[int]): how many recent behaviors to use; ``None`` for all.
+
+    Output: ``[B, 4 D]``, the candidate's embedding and the attention-pooled history.
+
+    Example::
+
+        din = DIN(embedding_dim=16, attention_hidden=[64, 32], last_n=50)
+        out, _ = din(features, history_time, request_time, embedding_collection)
+    """
+
+    def __init__(
+        self, embedding_dim: int, attention_hidden: List[int], last_n: Optional[int] = 50
+    ) -> None:
+        super().__init__()
+        self.last_n = last_n
+        self.attention = DINAttention(2 * embedding_dim, attention_hidden)
+        self.output_dim = 4 * embedding_dim
+
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        history_time: torch.Tensor,
+        request_time: torch.Tensor,
+        lookup: EmbeddingCollection,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.last_n is None:
+            target, behaviors, offsets = lookup_behaviors(lookup, features)
+        else:
+            indices, lengths = jagged.last_n(features[HIST_ITEM].offsets(), self.last_n)
+            target, behaviors, offsets = lookup_behaviors(lookup, features, indices, lengths)
+        pooled = self.attention(target, behaviors, offsets)
+        return torch.cat([target, pooled], dim=1), None

@@ -1,0 +1,55 @@
+"""Time-interval encoding: ``dt = request time - behavior time``, log-bucketed, embedded."""
+
+import math
+
+import torch
+from torch import nn
+
+
+def log_bucket_boundaries(num_buckets: int, min_interval: float, max_interval: float) -> torch.Tensor:
+    """``num_buckets - 1`` log-spaced boundaries from ``min_interval`` to ``max_interval``.
+
+    Bucket 0 holds ``dt < min_interval``; bucket ``i`` holds ``boundaries[i-1] <= dt <
+    boundaries[i]``; the last bucket holds ``dt >= max_interval``.
+    """
+    if num_buckets < 2 or not 0 < min_interval < max_interval:
+        raise ValueError(
+            f"need num_buckets >= 2 and 0 < min_interval < max_interval, got "
+            f"{num_buckets}, {min_interval}, {max_interval}"
+        )
+    exponents = torch.linspace(math.log(min_interval), math.log(max_interval), num_buckets - 1)
+    return torch.exp(exponents.double())
+
+
+class TimeIntervalEmbedding(nn.Module):
+    """Embeds the interval between the request and each behavior (SIM's ESU time feature).
+
+    Args:
+        embedding_dim (int): width of the time embedding.
+        num_buckets (int): number of log-spaced buckets.
+        min_interval (float): upper edge of the first bucket, in timestamp units (seconds).
+        max_interval (float): lower edge of the last bucket.
+
+    Example::
+
+        te = TimeIntervalEmbedding(4, num_buckets=8, min_interval=60, max_interval=3e7)
+        te(torch.tensor([0, 59, 60, 10**9]))  # [4, 4]; buckets 0, 0, 1, 7
+    """
+
+    def __init__(
+        self, embedding_dim: int, num_buckets: int = 32, min_interval: float = 60.0,
+        max_interval: float = 4.0e7,
+    ) -> None:
+        super().__init__()
+        self.register_buffer(
+            "boundaries", log_bucket_boundaries(num_buckets, min_interval, max_interval)
+        )
+        self.embedding = nn.Embedding(num_buckets, embedding_dim)
+
+    def bucketize(self, intervals: torch.Tensor) -> torch.Tensor:
+        """``[N]`` non-negative intervals -> ``[N]`` bucket ids in ``[0, num_buckets)``."""
+        return torch.bucketize(intervals.double(), self.boundaries, right=True)
+
+    def forward(self, intervals: torch.Tensor) -> torch.Tensor:
+        """``[N]`` intervals -> ``[N, embedding_dim]``."""
+        return self.embedding(self.bucketize(intervals))

@@ -1,0 +1,44 @@
+"""SIM hard search: behaviors of the target's category, most recent first."""
+
+from typing import Tuple
+
+import torch
+
+from torchrec_longseq.jagged import segment_ids
+
+
+@torch.fx.wrap
+def hard_search(
+    history_category: torch.Tensor,
+    offsets: torch.Tensor,
+    target_category: torch.Tensor,
+    k: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most recent behaviors whose category equals the target's (SIM's hard GSU).
+
+    Args:
+        history_category (Tensor): ``[N]`` category id of every behavior, chronological per sample.
+        offsets (Tensor): ``[B + 1]`` history offsets.
+        target_category (Tensor): ``[B]`` the candidate's category.
+        k (int): at most this many per sample.
+
+    Returns:
+        ``(indices [M], lengths [B])``: positions into the history, chronological within a sample
+        (so the last one is the most recent match). A sample with no behavior of the target's
+        category (or an empty history) gets length 0.
+
+    One compare and one cumulative sum over the N behaviors: O(N), no sort, no padding.
+    """
+    n = history_category.numel()
+    batch = target_category.numel()
+    seg = segment_ids(offsets, n)
+    match = history_category == target_category[seg]
+    count = torch.zeros(batch, dtype=torch.long, device=match.device).index_add(
+        0, seg, match.long()
+    )
+    # matches at or after each position within its sample: 1 for the most recent match
+    before = torch.cumsum(match.long(), 0) - match.long()
+    start = torch.cat([before.new_zeros(1), torch.cumsum(count, 0)[:-1]])
+    from_end = count[seg] - (before - start[seg])
+    keep = match & (from_end <= k)
+    return keep.nonzero().squeeze(1), count.clamp(max=k)
