@@ -37,7 +37,13 @@ from tqdm import tqdm
 from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticLifelongSequences
 from torchrec_longseq.data.validation import check_batch
 from torchrec_longseq.metrics import CTRMetrics
-from torchrec_longseq.models.longseq_ctr import MODELS, LongSeqCTRTrain, ModelConfig, build_model
+from torchrec_longseq.models.longseq_ctr import (
+    MODELS,
+    LongSeqCTR,
+    LongSeqCTRTrain,
+    ModelConfig,
+    build_model,
+)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -49,6 +55,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the model")
     p.add_argument("--out", default="runs/train", help="output directory")
     p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--k", type=int, default=50, help="behaviors retrieved by SIM / ETA")
+    p.add_argument("--heads", type=int, default=4, help="ESU attention heads")
+    p.add_argument("--short-window", type=int, default=50, help="recent behaviors (DIN, short-term branch)")
+    p.add_argument("--time-buckets", type=int, default=32, help="log-spaced time-interval buckets")
+    p.add_argument("--hash-bits", type=int, default=64, help="ETA SimHash bits m")
+    p.add_argument("--refresh-every", type=int, default=1,
+                   help="ETA signature table: 1 = exact (touched rows every step), N = all rows every N steps")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of SIM soft search's auxiliary loss")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the main CTR loss")
     p.add_argument("--dense-lr", type=float, default=3e-3)
     p.add_argument("--sparse-lr", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=100, help="validate every N steps (0: never)")
@@ -136,8 +151,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # same dense initialisation on every rank
     data = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len)
-    model = LongSeqCTRTrain(build_model(args.model, ModelConfig(embedding_dim=args.embedding_dim),
-                                        data.table_sizes, device=torch.device("cpu")))
+    config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, num_heads=args.heads,
+                         short_window=args.short_window, time_buckets=args.time_buckets,
+                         hash_bits=args.hash_bits, refresh_every=args.refresh_every)
+    model = LongSeqCTRTrain(build_model(args.model, config, data.table_sizes,
+                                        device=torch.device("cpu")), args.alpha, args.beta)
     model = shard(model, device, args.sharding, args.sparse_lr)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=args.dense_lr))
@@ -153,6 +171,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         start = int(state["step"])
         if rank == 0:
             print(f"resumed from {ckpt} at step {start}", flush=True)
+    ctr = next(m for m in model.modules() if isinstance(m, LongSeqCTR))
+    ctr.refresh_derived_tables()  # from the (initial or loaded) embeddings
 
     train = SyntheticLifelongSequences(data, "train", args.batch_size, num_batches=args.steps - start,
                                        rank=rank, world_size=world, start=start)
@@ -167,6 +187,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        ctr.refresh_derived_tables(step)
         train_time += time.perf_counter() - t0
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")

@@ -176,7 +176,8 @@ class SyntheticGenerator:
 
         # timestamps: the history spans 0.5-3 years, strictly before the request
         span = rng.uniform(0.5, 3.0, size=r) * YEAR
-        gaps = rng.exponential(1.0, size=n) * (span / lengths)[seg]
+        gaps = rng.exponential(1.0, size=n)
+        gaps *= (span / np.bincount(seg, weights=gaps, minlength=r))[seg]  # sum to span exactly
         csum = np.cumsum(gaps)
         age = csum[offsets[1:] - 1][seg] - csum + gaps  # time from behavior to request
         htime = request_time[seg] - np.maximum(np.ceil(age), 1).astype(np.int64)

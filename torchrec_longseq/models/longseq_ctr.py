@@ -35,8 +35,14 @@ from torchrec_longseq.data.batch import (
     USER_ID,
     Batch,
 )
-from torchrec_longseq.modules.attention import mlp
+from torchrec_longseq.modules.attention import DINAttention, mlp
+from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.din import DIN
+from torchrec_longseq.modules.esu import ExactSearchUnit, SearchBasedInterest
+from torchrec_longseq.modules.eta import SimHashSearch
+from torchrec_longseq.modules.sim import SEARCH_HIST, SEARCH_TARGET, HardSearch, SoftSearch
+from torchrec_longseq.modules.time import TimeIntervalEmbedding
+from torchrec_longseq.modules.lookup import CATEGORY_KEYS, ITEM_KEYS
 
 
 class LongSeqCTR(nn.Module):
@@ -78,6 +84,23 @@ class LongSeqCTR(nn.Module):
             in_dim += sequence_arch.output_dim
         self.over_arch = nn.Sequential(mlp(in_dim, over_arch_layers), nn.Linear(over_arch_layers[-1], 1))
 
+    @torch.no_grad()
+    def refresh_derived_tables(self, step: Optional[int] = None) -> None:
+        """Bring every per-item derived table (ETA's signatures) up to date with the embeddings.
+
+        ``step=None`` rebuilds them from the whole item table (at start, after loading weights);
+        otherwise call it after optimizer step ``step``: exact tables re-derive the rows that step
+        touched, periodic ones rebuild every ``refresh_every`` steps. A collective under DMP.
+        """
+        if self.embedding_collection is None:
+            return
+        for table in self.modules():
+            if isinstance(table, ItemDerivedTable):
+                if step is None:
+                    table.refresh(self.embedding_collection)
+                else:
+                    table.after_step(self.embedding_collection, step)
+
     def forward(
         self, features: KeyedJaggedTensor, history_time: torch.Tensor, request_time: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -113,15 +136,29 @@ class LongSeqCTRTrain(nn.Module):
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters shared by the model builders."""
+    """Hyper-parameters shared by the model builders.
+
+    ``k`` behaviors are retrieved by SIM / ETA; the ESU has ``num_heads`` heads of
+    ``head_dim``; intervals go to ``time_buckets`` log buckets between one minute and ~15
+    months; SIM soft search uses a ``search_dim``-wide table; ETA hashes to ``hash_bits`` bits
+    and rebuilds its signature table every ``refresh_every`` steps (1 = exact).
+    """
 
     embedding_dim: int = 16
     over_arch_layers: List[int] = field(default_factory=lambda: [128, 64])
     attention_hidden: List[int] = field(default_factory=lambda: [64, 32])
     short_window: int = 50
+    k: int = 50
+    num_heads: int = 4
+    head_dim: int = 8
+    time_buckets: int = 32
+    time_embedding_dim: int = 8
+    search_dim: int = 8
+    hash_bits: int = 64
+    refresh_every: int = 1
 
 
-MODELS = ["avgpool", "din", "din-full"]
+MODELS = ["avgpool", "din", "din-full", "sim-hard", "sim-soft", "eta"]
 
 
 def build_model(
@@ -153,10 +190,10 @@ def build_model(
     ec = EmbeddingCollection(
         tables=[
             EmbeddingConfig(name="item", embedding_dim=d, num_embeddings=table_sizes[HIST_ITEM],
-                            feature_names=[TARGET_ITEM, HIST_ITEM]),
+                            feature_names=ITEM_KEYS),
             EmbeddingConfig(name="category", embedding_dim=d,
                             num_embeddings=table_sizes[HIST_CATEGORY],
-                            feature_names=[TARGET_CATEGORY, HIST_CATEGORY]),
+                            feature_names=CATEGORY_KEYS),
         ],
         device=device,
     )
@@ -164,6 +201,31 @@ def build_model(
         seq: nn.Module = DIN(d, config.attention_hidden, last_n=config.short_window)
     elif name == "din-full":
         seq = DIN(d, config.attention_hidden, last_n=None)
+    elif name in ("sim-hard", "sim-soft", "eta"):
+        seq = SearchBasedInterest(
+            _search(name, config, table_sizes, device),
+            ExactSearchUnit(2 * d, TimeIntervalEmbedding(config.time_embedding_dim,
+                                                         config.time_buckets),
+                            config.num_heads, config.head_dim),
+            DINAttention(2 * d, config.attention_hidden),
+            config.short_window,
+        )
     else:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     return LongSeqCTR(ebc, config.over_arch_layers, ec, seq)
+
+
+def _search(name: str, config: ModelConfig, table_sizes: Dict[str, int],
+            device: Optional[torch.device]) -> nn.Module:
+    if name == "sim-hard":
+        return HardSearch(config.k)
+    if name == "sim-soft":
+        table = EmbeddingCollection(
+            tables=[EmbeddingConfig(name="search_item", embedding_dim=config.search_dim,
+                                    num_embeddings=table_sizes[HIST_ITEM],
+                                    feature_names=[SEARCH_TARGET, SEARCH_HIST])],
+            device=device,
+        )
+        return SoftSearch(table, config.search_dim, config.k, config.attention_hidden)
+    return SimHashSearch(table_sizes[HIST_ITEM], config.embedding_dim, config.hash_bits, config.k,
+                         config.refresh_every)

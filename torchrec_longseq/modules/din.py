@@ -49,9 +49,9 @@ class DIN(nn.Module):
         lookup: EmbeddingCollection,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.last_n is None:
-            target, behaviors, offsets = lookup_behaviors(lookup, features)
+            target, behaviors, offsets, _, _ = lookup_behaviors(lookup, features)
         else:
-            indices, lengths = jagged.last_n(features[HIST_ITEM].offsets(), self.last_n)
-            target, behaviors, offsets = lookup_behaviors(lookup, features, indices, lengths)
+            recent = jagged.last_n(features[HIST_ITEM].offsets(), self.last_n)
+            target, behaviors, offsets, _, _ = lookup_behaviors(lookup, features, recent)
         pooled = self.attention(target, behaviors, offsets)
         return torch.cat([target, pooled], dim=1), None

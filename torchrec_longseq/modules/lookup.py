@@ -1,62 +1,113 @@
-"""Looking up the candidate and a selection of its history in one EmbeddingCollection call.
+"""Looking up the candidate and selections of its history in one EmbeddingCollection call.
 
 This is where "retrieve, then look up" happens: a sequence module first picks positions in the
 history from ids alone (a search), then only the picked ids (and the candidate) go through the
 (sharded) EmbeddingCollection, so lookup and all-to-all volume grow with the selection, not with L.
+
+The EmbeddingCollection built by ``build_model`` serves these keys (the same two tables)::
+
+    table      keys
+    item       target_item      hist_item      short_item
+    category   target_category  hist_category  short_category
+
+``hist_*`` carries the long-term selection (the whole history for DIN-full, the retrieved k for
+SIM and ETA), ``short_*`` the recent window of the short-term branch. Every call sends every
+key, empty where unused, since a (sharded) EmbeddingCollection expects all its features.
 """
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
-from torchrec import EmbeddingCollection, KeyedJaggedTensor
+from torchrec import EmbeddingCollection, JaggedTensor, KeyedJaggedTensor
 
-from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq import jagged
+from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 
-BEHAVIOR_KEYS = [TARGET_ITEM, TARGET_CATEGORY, HIST_ITEM, HIST_CATEGORY]
+SHORT_ITEM = "short_item"
+SHORT_CATEGORY = "short_category"
+ITEM_KEYS = [TARGET_ITEM, HIST_ITEM, SHORT_ITEM]
+CATEGORY_KEYS = [TARGET_CATEGORY, HIST_CATEGORY, SHORT_CATEGORY]
+LOOKUP_KEYS = [TARGET_ITEM, TARGET_CATEGORY, HIST_ITEM, HIST_CATEGORY, SHORT_ITEM, SHORT_CATEGORY]
 
 
 @torch.fx.wrap
-def behavior_features(
-    features: KeyedJaggedTensor, indices: Optional[torch.Tensor], lengths: Optional[torch.Tensor]
+def selection_features(
+    features: KeyedJaggedTensor,
+    long_indices: Optional[torch.Tensor],
+    long_lengths: Optional[torch.Tensor],
+    short_indices: Optional[torch.Tensor],
+    short_lengths: Optional[torch.Tensor],
 ) -> KeyedJaggedTensor:
-    """The KJT sent to the EmbeddingCollection: the candidate plus the selected behaviors.
+    """The KJT sent to the EmbeddingCollection: the candidate plus two history selections.
 
-    ``indices [M]`` are positions into the history values and ``lengths [B]`` their count per
-    sample (as returned by every search); ``None`` keeps the whole history.
+    ``*_indices [M]`` are positions into the history values and ``*_lengths [B]`` their count per
+    sample (as every search returns them). ``long_indices = None`` sends the whole history;
+    ``short_indices = None`` sends no short-term window.
     """
     target_item = features[TARGET_ITEM]
     target_category = features[TARGET_CATEGORY]
-    hist_item = features[HIST_ITEM]
-    hist_category = features[HIST_CATEGORY]
-    items, categories = hist_item.values(), hist_category.values()
-    if indices is None or lengths is None:
-        lengths = hist_item.lengths()
+    hist_item = features[HIST_ITEM].values()
+    hist_category = features[HIST_CATEGORY].values()
+    if long_indices is None or long_lengths is None:
+        long_item, long_category = hist_item, hist_category
+        long_lengths = features[HIST_ITEM].lengths()
     else:
-        items, categories = items[indices], categories[indices]
+        long_item, long_category = hist_item[long_indices], hist_category[long_indices]
+    if short_indices is None or short_lengths is None:
+        short_item = short_category = hist_item[:0]
+        short_lengths = torch.zeros_like(long_lengths)
+    else:
+        short_item, short_category = hist_item[short_indices], hist_category[short_indices]
     return KeyedJaggedTensor(
-        keys=BEHAVIOR_KEYS,
-        values=torch.cat([target_item.values(), target_category.values(), items, categories]),
-        lengths=torch.cat(
-            [target_item.lengths(), target_category.lengths(), lengths, lengths]
-        ).int(),
+        keys=LOOKUP_KEYS,
+        values=torch.cat([target_item.values(), target_category.values(), long_item,
+                          long_category, short_item, short_category]),
+        lengths=torch.cat([target_item.lengths(), target_category.lengths(), long_lengths,
+                           long_lengths, short_lengths, short_lengths]).int(),
     )
+
+
+@torch.fx.wrap
+def item_features(items: torch.Tensor) -> KeyedJaggedTensor:
+    """A KJT with ``items [N]`` under ``target_item`` (one per "sample") and every other lookup
+    key empty: reads N rows of the item table, e.g. to refresh a derived per-item table."""
+    n = items.numel()
+    lengths = torch.zeros(len(LOOKUP_KEYS) * n, dtype=torch.int32, device=items.device)
+    lengths[:n] = 1
+    return KeyedJaggedTensor(keys=LOOKUP_KEYS, values=items, lengths=lengths)
+
+
+def _concat(embeddings: Dict[str, JaggedTensor], item: str, category: str) -> torch.Tensor:
+    return torch.cat([embeddings[item].values(), embeddings[category].values()], dim=1)
 
 
 def lookup_behaviors(
     lookup: EmbeddingCollection,
     features: KeyedJaggedTensor,
-    indices: Optional[torch.Tensor] = None,
-    lengths: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embeddings of the candidate and of the selected behaviors (item and category concatenated).
+    long: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    short: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings of the candidate and of two history selections (item and category concatenated).
 
-    Returns ``(target [B, 2D], behaviors [M, 2D], offsets [B + 1])``.
+    Args:
+        lookup (EmbeddingCollection): the (sharded) collection with ``LOOKUP_KEYS``.
+        features (KeyedJaggedTensor): the batch's features.
+        long (Optional[Tuple[Tensor, Tensor]]): ``(indices, lengths)`` of the long-term
+            selection; ``None`` for the whole history.
+        short (Optional[Tuple[Tensor, Tensor]]): the short-term selection; ``None`` for none.
+
+    Returns:
+        ``(target [B, 2D], long [M, 2D], long_offsets [B + 1], short [S, 2D],
+        short_offsets [B + 1])``.
     """
-    embeddings = lookup(behavior_features(features, indices, lengths))  # one all-to-all
-    target = torch.cat(
-        [embeddings[TARGET_ITEM].values(), embeddings[TARGET_CATEGORY].values()], dim=1
+    long_indices, long_lengths = long if long is not None else (None, None)
+    short_indices, short_lengths = short if short is not None else (None, None)
+    kjt = selection_features(features, long_indices, long_lengths, short_indices, short_lengths)
+    embeddings = lookup(kjt)  # one all-to-all for everything this module reads
+    return (
+        _concat(embeddings, TARGET_ITEM, TARGET_CATEGORY),
+        _concat(embeddings, HIST_ITEM, HIST_CATEGORY),
+        jagged.lengths_to_offsets(embeddings[HIST_ITEM].lengths()),
+        _concat(embeddings, SHORT_ITEM, SHORT_CATEGORY),
+        jagged.lengths_to_offsets(embeddings[SHORT_ITEM].lengths()),
     )
-    hist = embeddings[HIST_ITEM]
-    behaviors = torch.cat([hist.values(), embeddings[HIST_CATEGORY].values()], dim=1)
-    return target, behaviors, jagged.lengths_to_offsets(hist.lengths())

@@ -1,0 +1,221 @@
+"""check_batch: every malformed input raises BatchError naming the feature (and the sample).
+
+Bad batches are built by editing a small generated batch per sample (Python lists) and
+constructing the KeyedJaggedTensor directly.
+"""
+
+import re
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+from torchrec_longseq.data.batch import FEATURE_KEYS, HIST_ITEM, Batch
+from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.data.validation import BatchError, check_batch
+
+CONFIG = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
+                         subclusters=10, candidates_per_request=1)
+B = 6
+
+
+class Editable:
+    """A batch as per-sample Python lists, turned back into a ``Batch`` by ``build``."""
+
+    def __init__(self) -> None:
+        batch = SyntheticGenerator(CONFIG).batch("train", 0, B)
+        self.features: Dict[str, List[List[int]]] = {}
+        for key in FEATURE_KEYS:
+            jt = batch.features[key]
+            values, offsets = jt.values().tolist(), jt.offsets().tolist()
+            self.features[key] = [values[offsets[b]:offsets[b + 1]] for b in range(B)]
+        offsets = batch.features[HIST_ITEM].offsets().tolist()
+        t, r = batch.history_time.tolist(), batch.relevant.tolist()
+        self.history_time = [t[offsets[b]:offsets[b + 1]] for b in range(B)]
+        self.relevant = [r[offsets[b]:offsets[b + 1]] for b in range(B)]
+        self.request_time = batch.request_time.tolist()
+        self.labels = batch.labels.tolist()
+
+    def empty_history(self, b: int) -> None:
+        for key in ("hist_item", "hist_category"):
+            self.features[key][b] = []
+        self.history_time[b], self.relevant[b] = [], []
+
+    def build(self, keys: Optional[List[str]] = None, lengths: Optional[torch.Tensor] = None) -> Batch:
+        keys = FEATURE_KEYS if keys is None else keys
+        values = [v for key in keys for sample in self.features[key] for v in sample]
+        if lengths is None:
+            lengths = torch.tensor([len(s) for key in keys for s in self.features[key]])
+        return Batch(
+            features=KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.long),
+                                       lengths=lengths.int()),
+            history_time=torch.tensor([t for s in self.history_time for t in s], dtype=torch.long),
+            request_time=torch.tensor(self.request_time, dtype=torch.long),
+            labels=torch.tensor(self.labels, dtype=torch.float32),
+            relevant=torch.tensor([r for s in self.relevant for r in s], dtype=torch.bool),
+        )
+
+
+def raises(batch: Batch, *fragments: str) -> str:
+    with pytest.raises(BatchError) as info:
+        check_batch(batch, CONFIG.table_sizes)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_generated_batch_is_accepted() -> None:
+    check_batch(Editable().build(), CONFIG.table_sizes)
+
+
+def test_empty_histories_are_accepted() -> None:
+    e = Editable()
+    e.empty_history(0)
+    e.empty_history(3)
+    batch = e.build()
+    assert batch.features[HIST_ITEM].lengths().tolist()[3] == 0
+    check_batch(batch, CONFIG.table_sizes)
+    for b in range(B):
+        e.empty_history(b)
+    batch = e.build()
+    assert batch.features[HIST_ITEM].values().numel() == 0 and batch.history_time.numel() == 0
+    check_batch(batch, CONFIG.table_sizes)
+
+
+def test_missing_key() -> None:
+    e = Editable()
+    keys = [k for k in FEATURE_KEYS if k != "hist_category"]
+    raises(e.build(keys), "missing", "hist_category")
+
+
+def test_extra_key() -> None:
+    e = Editable()
+    e.features["device_type"] = [[1]] * B
+    raises(e.build(FEATURE_KEYS + ["device_type"]), "unexpected", "device_type")
+
+
+def test_lengths_not_summing_to_values() -> None:
+    e = Editable()
+    lengths = torch.tensor([len(s) for key in FEATURE_KEYS for s in e.features[key]])
+    lengths[4 * B + 2] += 1  # hist_item, sample 2 claims one value more than there is
+    message = raises(e.build(lengths=lengths), "lengths sum to")
+    # the values cannot tell which feature is wrong, but the message names one of them
+    assert re.search(r"feature '(hist_item|hist_category)'", message), message
+    lengths[4 * B + 2] -= 2  # one value fewer
+    raises(e.build(lengths=lengths), "lengths sum to", "feature '")
+
+
+def test_negative_length() -> None:
+    e = Editable()
+    lengths = torch.tensor([len(s) for key in FEATURE_KEYS for s in e.features[key]])
+    # hist_item: sample 1 has length -1, sample 2 compensates (the total is right)
+    lengths[4 * B + 2] += int(lengths[4 * B + 1]) + 1
+    lengths[4 * B + 1] = -1
+    raises(e.build(lengths=lengths), "feature 'hist_item', sample 1", "negative")
+
+
+def test_history_category_length_differs_from_items() -> None:
+    e = Editable()
+    e.features["hist_category"][2] = e.features["hist_category"][2][:-1]
+    raises(e.build(), "feature 'hist_category', sample 2", "hist_item")
+
+
+@pytest.mark.parametrize("key", ["user_id", "context_hour", "target_item", "target_category"])
+def test_single_valued_feature_with_two_values(key: str) -> None:
+    e = Editable()
+    e.features[key][4] = e.features[key][4] * 2
+    raises(e.build(), f"feature '{key}', sample 4", "got 2")
+    e = Editable()
+    e.features[key][1] = []
+    raises(e.build(), f"feature '{key}', sample 1", "got 0")
+
+
+def test_id_outside_the_table() -> None:
+    e = Editable()
+    e.empty_history(1)  # an empty sample before the bad one: the sample index must skip it
+    e.features["hist_item"][2][5] = CONFIG.num_items
+    raises(e.build(), "feature 'hist_item', sample 2", str(CONFIG.num_items))
+
+    e = Editable()
+    e.features["hist_category"][3][0] = -1
+    raises(e.build(), "feature 'hist_category', sample 3", "-1")
+
+    e = Editable()
+    e.features["hist_item"][B - 1][-1] = CONFIG.num_items + 7  # the very last value
+    raises(e.build(), f"feature 'hist_item', sample {B - 1}")
+
+    e = Editable()
+    e.features["user_id"][5] = [CONFIG.num_users]
+    raises(e.build(), "feature 'user_id', sample 5")
+
+    e = Editable()
+    e.features["context_hour"][0] = [24]
+    raises(e.build(), "feature 'context_hour', sample 0")
+
+    e = Editable()
+    e.features["target_category"][2] = [-3]
+    raises(e.build(), "feature 'target_category', sample 2")
+
+    # the largest valid ids are accepted
+    e = Editable()
+    e.features["hist_item"][2][0] = CONFIG.num_items - 1
+    e.features["hist_category"][2][0] = CONFIG.num_categories - 1
+    check_batch(e.build(), CONFIG.table_sizes)
+
+
+def test_history_time_at_or_after_the_request() -> None:
+    for delta in (0, 1, 10**6):
+        e = Editable()
+        e.history_time[2][-1] = e.request_time[2] + delta
+        raises(e.build(), "feature 'history_time', sample 2", str(e.request_time[2]))
+    # one second before is fine
+    e = Editable()
+    e.history_time[2][-1] = e.request_time[2] - 1
+    check_batch(e.build(), CONFIG.table_sizes)
+
+
+def test_unsorted_history_time() -> None:
+    e = Editable()
+    times = e.history_time[3]
+    assert times[0] < times[1]
+    times[0], times[1] = times[1], times[0]
+    raises(e.build(), "feature 'history_time', sample 3", "chronological")
+    # equal timestamps are allowed (non-decreasing)
+    e = Editable()
+    e.history_time[3][0] = e.history_time[3][1]
+    check_batch(e.build(), CONFIG.table_sizes)
+
+
+def test_decrease_across_samples_is_not_unsorted() -> None:
+    """Timestamps restart at every sample: only order within a sample is checked."""
+    e = Editable()
+    shift = max(0, e.history_time[1][0] - e.history_time[0][-1] + 1000)
+    e.history_time[1] = [t - shift for t in e.history_time[1]]
+    assert e.history_time[1][0] < e.history_time[0][-1]
+    check_batch(e.build(), CONFIG.table_sizes)
+
+
+def test_history_time_count_mismatch() -> None:
+    e = Editable()
+    e.history_time[4] = e.history_time[4][:-1]
+    raises(e.build(), "history_time")
+
+
+def test_request_time_count_mismatch() -> None:
+    e = Editable()
+    e.request_time = e.request_time[:-1]
+    raises(e.build(), "request_time")
+
+
+def test_label_not_zero_or_one() -> None:
+    e = Editable()
+    e.labels[4] = 0.5
+    raises(e.build(), "labels, sample 4", "0.5")
+
+
+def test_labels_count_differs_from_samples() -> None:
+    e = Editable()
+    e.labels = e.labels + [0.0]
+    raises(e.build(), f"{B} samples per key", f"{B + 1} labels")

@@ -1,0 +1,127 @@
+"""Per-item tables derived from the item embedding table, kept equal to it during training.
+
+ETA's SimHash signatures (and later SDIM's hash codes and TWIN's pre-projected keys) are a
+function of each item's current embedding. Computing them for all L behaviors of every sample
+would need the L embeddings, which is what retrieval is meant to avoid. Instead the derived
+values live in a per-item buffer, read by id:
+
+* ``refresh(lookup)`` (all rows) builds it from the whole embedding table, at start and, in
+  periodic mode, every ``refresh_every`` steps;
+* in exact mode (``refresh_every = 1``) the forward pass remembers which item ids it looked up,
+  and after the optimizer step ``refresh_touched(lookup)`` re-derives exactly those rows: with a
+  sparse (fused, row-wise) optimizer only looked-up rows change, so the table then equals
+  deriving from the current embeddings, at O(touched rows) cost.
+
+Rows are read through the (sharded) EmbeddingCollection itself, so this works for any sharding.
+Under DistributedModelParallel each rank derives the rows it touched and the ranks exchange
+them (all_gather), so the replicated table stays identical on every rank.
+"""
+
+from typing import Callable, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingCollection
+
+from torchrec_longseq.data.batch import TARGET_ITEM
+from torchrec_longseq.modules.lookup import item_features
+
+
+class ItemDerivedTable(nn.Module):
+    """A ``[num_items, width]`` buffer with ``table[i] = derive(item_embedding[i])``.
+
+    Args:
+        num_items (int): rows of the item table.
+        width (int): columns of a derived row.
+        dtype (torch.dtype): e.g. ``torch.int64`` for packed signatures.
+        derive (Callable[[Tensor], Tensor]): ``[N, D]`` embeddings -> ``[N, width]``.
+        refresh_every (int): 1 = exact (touched rows after every step); N > 1 = whole table every
+            N steps (the periodic mode, for comparison).
+
+    Example::
+
+        table = ItemDerivedTable(10_000, 1, torch.int64, SimHash(16, 64))
+        table.refresh(embedding_collection)          # from the whole item table
+        signatures = table(item_ids)                 # [N, 1]
+    """
+
+    def __init__(self, num_items: int, width: int, dtype: torch.dtype,
+                 derive: Callable[[torch.Tensor], torch.Tensor], refresh_every: int = 1) -> None:
+        super().__init__()
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        self.register_buffer("table", torch.zeros(num_items, width, dtype=dtype))
+        self.derive = derive
+        self.refresh_every = refresh_every
+        self._touched: List[torch.Tensor] = []
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """``[N]`` item ids -> ``[N, width]`` derived rows."""
+        return self.table[items]
+
+    def remember(self, items: torch.Tensor) -> None:
+        """Record ids looked up in this training step (exact mode only); see ``remember_items``."""
+        if self.training and self.refresh_every == 1:
+            self._touched.append(items.detach())
+
+    @torch.no_grad()
+    def refresh(self, lookup: EmbeddingCollection, chunk: int = 65_536) -> None:
+        """Re-derive every row from the current item table (a collective under DMP)."""
+        self._touched.clear()
+        num_items = self.table.size(0)
+        for start in range(0, num_items, chunk):
+            items = torch.arange(start, min(start + chunk, num_items), device=self.table.device)
+            self.table[items] = self._derive_rows(lookup, items)
+
+    @torch.no_grad()
+    def refresh_touched(self, lookup: EmbeddingCollection) -> None:
+        """Re-derive the rows looked up since the last refresh, on every rank (a collective)."""
+        if self._touched:
+            items = torch.unique(torch.cat(self._touched))
+        else:
+            items = torch.zeros(0, dtype=torch.long, device=self.table.device)
+        self._touched.clear()
+        rows = self._derive_rows(lookup, items)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            items, rows = _all_gather_rows(items, rows)
+        self.table[items] = rows
+
+    @torch.no_grad()
+    def after_step(self, lookup: EmbeddingCollection, step: int) -> None:
+        """Call after every optimizer step: exact or periodic refresh, as configured."""
+        if self.refresh_every == 1:
+            self.refresh_touched(lookup)
+        elif step % self.refresh_every == 0:
+            self.refresh(lookup)
+
+    def _derive_rows(self, lookup: EmbeddingCollection, items: torch.Tensor) -> torch.Tensor:
+        embeddings = lookup(item_features(items))[TARGET_ITEM].values()
+        return self.derive(embeddings).to(self.table.dtype)
+
+
+@torch.fx.wrap
+def remember_items(table: ItemDerivedTable, items: torch.Tensor) -> torch.Tensor:
+    """``table.remember(items)`` as an fx leaf, so a traced forward still records the ids."""
+    table.remember(items)
+    return items
+
+
+def _all_gather_rows(items: torch.Tensor, rows: torch.Tensor):
+    """Concatenate ``(items [n_r], rows [n_r, W])`` of every rank (sizes may differ)."""
+    world = dist.get_world_size()
+    size = torch.tensor([items.numel()], device=items.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded_items = items.new_zeros(longest)
+    padded_items[: items.numel()] = items
+    padded_rows = rows.new_zeros(longest, rows.size(1))
+    padded_rows[: rows.size(0)] = rows
+    all_items = [torch.zeros_like(padded_items) for _ in range(world)]
+    all_rows = [torch.zeros_like(padded_rows) for _ in range(world)]
+    dist.all_gather(all_items, padded_items)
+    dist.all_gather(all_rows, padded_rows)
+    n = [int(s.item()) for s in sizes]
+    return (torch.cat([t[:k] for t, k in zip(all_items, n)]),
+            torch.cat([t[:k] for t, k in zip(all_rows, n)]))

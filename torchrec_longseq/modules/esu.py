@@ -1,0 +1,125 @@
+"""The exact search unit (ESU) shared by SIM and ETA, and the search-then-attend module."""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingCollection, KeyedJaggedTensor
+
+from torchrec_longseq import jagged
+from torchrec_longseq.data.batch import HIST_ITEM, TARGET_ITEM
+from torchrec_longseq.modules import derived
+from torchrec_longseq.modules.attention import DINAttention, TargetAttention
+from torchrec_longseq.modules.lookup import lookup_behaviors
+from torchrec_longseq.modules.time import TimeIntervalEmbedding
+
+
+class ExactSearchUnit(nn.Module):
+    """Multi-head target attention over retrieved behaviors with time-interval embeddings (SIM's ESU).
+
+    Behavior ``j`` is ``z_j = concat(e_j, e_time(dt_j))`` with ``dt_j = request time - behavior
+    time`` (log-bucketed); the candidate ``t`` queries them with ``TargetAttention``, heads
+    concatenated. Zero retrieved behaviors give a zero vector.
+
+    Args:
+        behavior_dim (int): width of ``e_j`` and of the candidate ``t``.
+        time_embedding (TimeIntervalEmbedding): the interval encoder.
+        num_heads (int): attention heads.
+        head_dim (int): width per head; the output is ``num_heads * head_dim``.
+
+    Example::
+
+        esu = ExactSearchUnit(32, TimeIntervalEmbedding(8), num_heads=4, head_dim=8)
+        out = esu(target, behaviors, offsets, intervals)  # [B, 32]
+    """
+
+    def __init__(self, behavior_dim: int, time_embedding: TimeIntervalEmbedding, num_heads: int,
+                 head_dim: int) -> None:
+        super().__init__()
+        self.time_embedding = time_embedding
+        key_dim = behavior_dim + time_embedding.embedding.embedding_dim
+        self.attention = TargetAttention(behavior_dim, key_dim, num_heads, head_dim)
+        self.output_dim = self.attention.output_dim
+
+    def forward(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,
+                intervals: torch.Tensor) -> torch.Tensor:
+        """``target [B, D]``, ``behaviors [M, D]``, ``offsets [B + 1]``, ``intervals [M]`` ->
+        ``[B, H * Dh]``."""
+        keys = torch.cat([behaviors, self.time_embedding(intervals)], dim=1)  # [M, D + Dt]
+        return self.attention(target, keys, offsets)
+
+
+@torch.fx.wrap
+def intervals_of(history_time: torch.Tensor, request_time: torch.Tensor, offsets: torch.Tensor,
+                 indices: torch.Tensor) -> torch.Tensor:
+    """``[M]`` request time minus behavior time of the selected history positions."""
+    seg = jagged.segment_ids(offsets, history_time.numel())
+    return request_time[seg[indices]] - history_time[indices]
+
+
+@torch.fx.wrap
+def looked_up_items(features: KeyedJaggedTensor, retrieved: torch.Tensor,
+                    recent: torch.Tensor) -> torch.Tensor:
+    """Item ids of the candidate and of the retrieved and recent positions (what was looked up)."""
+    hist = features[HIST_ITEM].values()
+    return torch.cat([features[TARGET_ITEM].values(), hist[retrieved], hist[recent]])
+
+
+class SearchBasedInterest(nn.Module):
+    """Search the whole history on ids, then attend over what was found (SIM and ETA).
+
+    ::
+
+        history ids ──► search (GSU) ──► <= k positions ─┐
+        last ``short_window`` positions ─────────────────┼─► one EmbeddingCollection lookup
+        candidate ───────────────────────────────────────┘      │
+              ESU(candidate, retrieved + time) ◄─────────────────┤
+              DIN(candidate, recent window)    ◄─────────────────┘
+
+    Only the candidate, the ``<= k`` retrieved and the ``<= short_window`` recent behaviors are
+    looked up: ``<= k + short_window + 1`` item rows per sample, whatever L is.
+
+    Args:
+        search (nn.Module): ``search(features, lookup) -> (indices [M], lengths [B], aux)``
+            (``HardSearch``, ``SoftSearch``, ``SimHashSearch``); ``aux`` is an auxiliary logit
+            ``[B]`` or ``None``.
+        esu (ExactSearchUnit): attention over the retrieved behaviors.
+        short_term (DINAttention): the short-term branch over the recent window.
+        short_window (int): how many recent behaviors the short-term branch sees.
+
+    Output: ``[B, 2 D + esu.output_dim + 2 D]`` (candidate, long-term interest, short-term
+    interest) and the search's auxiliary logit.
+    """
+
+    def __init__(self, search: nn.Module, esu: ExactSearchUnit, short_term: DINAttention,
+                 short_window: int) -> None:
+        super().__init__()
+        self.search = search
+        self.esu = esu
+        self.short_term = short_term
+        self.short_window = short_window
+        behavior_dim = esu.attention.q_proj.in_features
+        self.output_dim = 2 * behavior_dim + esu.output_dim
+
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        history_time: torch.Tensor,
+        request_time: torch.Tensor,
+        lookup: EmbeddingCollection,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        offsets = features[HIST_ITEM].offsets()
+        indices, lengths, aux = self.search(features, lookup)
+        recent = jagged.last_n(offsets, self.short_window)
+        target, retrieved, retrieved_offsets, short, short_offsets = lookup_behaviors(
+            lookup, features, (indices, lengths), recent
+        )
+        tables = [m for m in self.search.modules() if isinstance(m, derived.ItemDerivedTable)]
+        if tables:  # exact derived tables re-derive these rows after the optimizer step
+            touched = looked_up_items(features, indices, recent[0])
+            for table in tables:
+                derived.remember_items(table, touched)
+        intervals = intervals_of(history_time, request_time, offsets, indices)
+        long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
+        short_term = self.short_term(target, short, short_offsets)
+        return torch.cat([target, long_term, short_term], dim=1), aux

@@ -1,0 +1,108 @@
+"""SIM (Pi et al., CIKM 2020): search-based user interest modeling.
+
+Two general search units (GSU) over the whole history, each returning ``<= k`` positions:
+
+* ``HardSearch``: the behaviors of the candidate's category, most recent first
+  (``retrieval.hard_search``): O(L) compares on category ids, no embedding at all.
+* ``SoftSearch``: top-k of ``(W_b u_i) . (W_a u_a)`` in a learned search space, trained by
+  the paper's auxiliary CTR task on the score-weighted sum of the whole sequence concatenated
+  with the candidate. The paper's ``e_i`` are the full item embeddings; here the search space
+  is a separate, small item table (``search_dim`` columns, 8 by default, vs 2 x 16 for the ESU's
+  item + category embeddings), sharded like any table. It is kept consistent with training
+  simply by being the table the auxiliary task trains; its O(L) lookup costs ``search_dim``
+  floats per behavior instead of the full embedding. The softmax of the scores weights the sum
+  (the paper's weights normalised, so the auxiliary input does not grow with L).
+
+Both feed ``SearchBasedInterest``: one lookup of the candidate, the retrieved behaviors and the
+recent window, the exact search unit (ESU) with time-interval embeddings over the retrieved, and
+the paper's short-term DIN branch over the recent window. The train wrapper's loss is
+``alpha * L_gsu + beta * L_esu`` (``LongSeqCTRTrain``; the paper's a = 1 soft, a = 0 hard).
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingCollection, KeyedJaggedTensor
+
+from torchrec_longseq import jagged
+from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
+from torchrec_longseq.modules.attention import mlp
+from torchrec_longseq.retrieval import hard, topk
+
+SEARCH_TARGET = "search_target_item"
+SEARCH_HIST = "search_hist_item"
+
+
+class HardSearch(nn.Module):
+    """SIM's hard search as a GSU: the ``k`` most recent behaviors of the candidate's category.
+
+    Args:
+        k (int): at most this many per sample.
+    """
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(
+        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        hist = features[HIST_CATEGORY]
+        indices, lengths = hard.hard_search(
+            hist.values(), hist.offsets(), features[TARGET_CATEGORY].values(), self.k
+        )
+        return indices, lengths, None
+
+
+@torch.fx.wrap
+def search_features(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The candidate and the whole history under the search table's keys."""
+    target, hist = features[TARGET_ITEM], features[HIST_ITEM]
+    return KeyedJaggedTensor(
+        keys=[SEARCH_TARGET, SEARCH_HIST],
+        values=torch.cat([target.values(), hist.values()]),
+        lengths=torch.cat([target.lengths(), hist.lengths()]),
+    )
+
+
+class SoftSearch(nn.Module):
+    """SIM's soft search as a GSU, with its auxiliary CTR task.
+
+    Args:
+        search_table (EmbeddingCollection): one table with features ``search_target_item`` and
+            ``search_hist_item`` (width ``S``); DMP shards it like any table.
+        projection_dim (int): width of the search space ``W_a u_a``, ``W_b u_i``.
+        k (int): behaviors kept per sample.
+        aux_hidden (List[int]): hidden widths of the auxiliary CTR MLP.
+
+    Returns ``(indices [M], lengths [B], aux_logits [B])``; ties in score go to the more recent
+    behavior. No gradient flows through the choice of the top k; the scores get their gradient
+    from the auxiliary task.
+    """
+
+    def __init__(self, search_table: EmbeddingCollection, projection_dim: int, k: int,
+                 aux_hidden: List[int]) -> None:
+        super().__init__()
+        self.search_table = search_table
+        search_dim = search_table.embedding_configs()[0].embedding_dim
+        self.k = k
+        self.w_a = nn.Linear(search_dim, projection_dim, bias=False)
+        self.w_b = nn.Linear(search_dim, projection_dim, bias=False)
+        self.aux = nn.Sequential(mlp(2 * search_dim, aux_hidden), nn.Linear(aux_hidden[-1], 1))
+
+    def forward(
+        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        embeddings = self.search_table(search_features(features))
+        target = embeddings[SEARCH_TARGET].values()  # [B, S]
+        hist = embeddings[SEARCH_HIST]
+        behaviors = hist.values()  # [N, S]
+        offsets = jagged.lengths_to_offsets(hist.lengths())
+        seg = jagged.segment_ids(offsets, behaviors.size(0))
+        scores = (self.w_b(behaviors) * self.w_a(target)[seg]).sum(1)  # [N]
+        indices, lengths = topk.jagged_topk(scores.detach(), offsets, self.k)
+        weights = jagged.segment_softmax(scores.unsqueeze(1), seg, target.size(0))  # [N, 1]
+        pooled = jagged.segment_sum(weights * behaviors, seg, target.size(0))  # [B, S]
+        aux = self.aux(torch.cat([pooled, target], dim=1)).squeeze(1)
+        return indices, lengths, aux
