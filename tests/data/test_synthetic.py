@@ -158,8 +158,9 @@ def check_invariants(config: SyntheticConfig, batch: Batch, batch_size: int) -> 
         # the history spans 0.5 to 3 years (+1 s rounding up) before the request, so every
         # timestamp is positive (requests start 4 years after 0)
         year = 365 * 86_400
-        assert year // 2 <= requests[b] - times[b][0] <= 3 * year + 1
-        assert times[b][0] > 0
+        if times[b]:
+            assert year // 2 <= requests[b] - times[b][0] <= 3 * year + 1
+            assert times[b][0] > 0
     hours = per_sample(batch, CONTEXT_HOUR)
     assert [h[0] for h in hours] == [(t // 3600) % 24 for t in requests]
     assert set(batch.labels.tolist()) <= {0.0, 1.0}
@@ -177,7 +178,7 @@ def test_generated_batches_are_valid(config: SyntheticConfig, batch_size: int) -
 @given(
     seed=st.integers(0, 2**31 - 1),
     index=st.integers(0, 10**6),
-    min_len=st.integers(1, 30),
+    min_len=st.integers(0, 30),
     extra=st.integers(0, 60),
     candidates=st.sampled_from([1, 2, 4]),
     requests=st.integers(1, 6),
@@ -208,6 +209,21 @@ def test_tiny_config_lengths() -> None:
     batch = SyntheticGenerator(TINY).batch("test", 7, 6)
     lengths = batch.features[HIST_ITEM].lengths().tolist()
     assert all(1 <= n <= 3 for n in lengths)
+
+
+def test_empty_histories_when_min_seq_len_is_zero() -> None:
+    some = SyntheticConfig(min_seq_len=0, max_seq_len=4, num_users=50, num_items=200,
+                           num_categories=5, subclusters=4, recent_window=1)
+    batch = SyntheticGenerator(some).batch("train", 0, 64)
+    lengths = batch.features[HIST_ITEM].lengths().tolist()
+    assert 0 in lengths and max(lengths) > 0
+    check_invariants(some, batch, 64)
+    none = SyntheticConfig(min_seq_len=0, max_seq_len=0, num_users=50, num_items=200,
+                           num_categories=5, subclusters=4)
+    batch = SyntheticGenerator(none).batch("val", 3, 8)
+    assert batch.features[HIST_ITEM].lengths().tolist() == [0] * 8
+    assert batch.history_time.numel() == 0 and batch.relevant.numel() == 0
+    check_invariants(none, batch, 8)
 
 
 def test_splits_are_disjoint_increasing_time_ranges() -> None:
@@ -249,7 +265,7 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         SyntheticConfig(min_seq_len=20, max_seq_len=10)
     with pytest.raises(ValueError):
-        SyntheticConfig(min_seq_len=0)
+        SyntheticConfig(min_seq_len=-1)
 
 
 # ------------------------------------------------------------------------------- ground truth

@@ -73,8 +73,8 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.num_items % (self.num_categories * self.subclusters):
             raise ValueError("num_items must be a multiple of num_categories * subclusters")
-        if not 1 <= self.min_seq_len <= self.max_seq_len:
-            raise ValueError(f"need 1 <= min_seq_len <= max_seq_len, got {self.min_seq_len}, "
+        if not 0 <= self.min_seq_len <= self.max_seq_len:
+            raise ValueError(f"need 0 <= min_seq_len <= max_seq_len, got {self.min_seq_len}, "
                              f"{self.max_seq_len}")
         self.table_sizes = {
             "user_id": self.num_users,
@@ -152,7 +152,7 @@ class SyntheticGenerator:
                      % cfg.num_categories).astype(np.int64)
 
         # history lengths (lognormal, long-tailed) and positions
-        median = max(cfg.max_seq_len / 4, cfg.min_seq_len)
+        median = max(cfg.max_seq_len / 4, cfg.min_seq_len, 1e-3)  # > 0 for max_seq_len = 0
         lengths = np.clip(np.exp(rng.normal(math.log(median), 1.0, size=r)),
                           cfg.min_seq_len, cfg.max_seq_len).astype(np.int64)
         n = int(lengths.sum())
@@ -177,9 +177,10 @@ class SyntheticGenerator:
         # timestamps: the history spans 0.5-3 years, strictly before the request
         span = rng.uniform(0.5, 3.0, size=r) * YEAR
         gaps = rng.exponential(1.0, size=n)
-        gaps *= (span / np.bincount(seg, weights=gaps, minlength=r))[seg]  # sum to span exactly
-        csum = np.cumsum(gaps)
-        age = csum[offsets[1:] - 1][seg] - csum + gaps  # time from behavior to request
+        total = np.bincount(seg, weights=gaps, minlength=r)
+        gaps *= (span / np.where(total > 0, total, 1.0))[seg]  # sum to span exactly
+        csum = np.concatenate([[0.0], np.cumsum(gaps)])  # csum[offsets[b + 1]]: end of sample b
+        age = csum[offsets[1:]][seg] - csum[1:] + gaps  # time from behavior to request
         htime = request_time[seg] - np.maximum(np.ceil(age), 1).astype(np.int64)
 
         # candidates: g per request

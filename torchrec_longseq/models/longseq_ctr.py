@@ -23,6 +23,7 @@ from torchrec import (
     EmbeddingCollection,
     EmbeddingConfig,
     KeyedJaggedTensor,
+    KeyedTensor,
     PoolingType,
 )
 
@@ -76,10 +77,10 @@ class LongSeqCTR(nn.Module):
         self.sparse_arch = embedding_bag_collection
         self.embedding_collection = embedding_collection
         self.sequence_arch = sequence_arch
-        in_dim = sum(
-            c.embedding_dim * len(c.feature_names)
-            for c in embedding_bag_collection.embedding_bag_configs()
-        )
+        configs = embedding_bag_collection.embedding_bag_configs()
+        # a sharded EBC orders its output by shard placement: regroup in this fixed order
+        self.pooled_keys = [f for c in configs for f in c.feature_names]
+        in_dim = sum(c.embedding_dim * len(c.feature_names) for c in configs)
         if sequence_arch is not None:
             in_dim += sequence_arch.output_dim
         self.over_arch = nn.Sequential(mlp(in_dim, over_arch_layers), nn.Linear(over_arch_layers[-1], 1))
@@ -105,7 +106,7 @@ class LongSeqCTR(nn.Module):
         self, features: KeyedJaggedTensor, history_time: torch.Tensor, request_time: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns ``(logits [B], aux_logits [B] or None)``."""
-        pooled = self.sparse_arch(features).values()  # [B, sum of pooled widths]
+        pooled = KeyedTensor.regroup([self.sparse_arch(features)], [self.pooled_keys])[0]
         aux: Optional[torch.Tensor] = None
         if self.sequence_arch is not None:
             sequence, aux = self.sequence_arch(

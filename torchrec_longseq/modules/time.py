@@ -10,15 +10,20 @@ def log_bucket_boundaries(num_buckets: int, min_interval: float, max_interval: f
     """``num_buckets - 1`` log-spaced boundaries from ``min_interval`` to ``max_interval``.
 
     Bucket 0 holds ``dt < min_interval``; bucket ``i`` holds ``boundaries[i-1] <= dt <
-    boundaries[i]``; the last bucket holds ``dt >= max_interval``.
+    boundaries[i]``; the last bucket holds ``dt >= max_interval``. The end boundaries are
+    exactly ``min_interval`` and ``max_interval`` (float64), so those edges hold to the second.
+    ``num_buckets >= 3``: with 2 buckets, "below min" and "from max on" would be the only ones.
     """
-    if num_buckets < 2 or not 0 < min_interval < max_interval:
+    if num_buckets < 3 or not 0 < min_interval < max_interval:
         raise ValueError(
-            f"need num_buckets >= 2 and 0 < min_interval < max_interval, got "
+            f"need num_buckets >= 3 and 0 < min_interval < max_interval, got "
             f"{num_buckets}, {min_interval}, {max_interval}"
         )
-    exponents = torch.linspace(math.log(min_interval), math.log(max_interval), num_buckets - 1)
-    return torch.exp(exponents.double())
+    exponents = torch.linspace(math.log(min_interval), math.log(max_interval), num_buckets - 1,
+                               dtype=torch.float64)
+    boundaries = torch.exp(exponents)
+    boundaries[0], boundaries[-1] = min_interval, max_interval  # exp(log(x)) need not be x
+    return boundaries
 
 
 class TimeIntervalEmbedding(nn.Module):

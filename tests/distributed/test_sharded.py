@@ -1,0 +1,176 @@
+"""2-rank gloo tests: DistributedModelParallel on CPU equals the unsharded model.
+
+TorchRec does not test EmbeddingCollection sharding on CPU itself, so these do: table-wise,
+column-wise and row-wise (EmbeddingCollection only: no CPU kernel for a row-wise
+EmbeddingBagCollection) plans, for every model family (pooled EBC, EC, two ECs, a derived table).
+Each case spawns 2 processes (~10-20 s).
+"""
+
+import os
+import tempfile
+import traceback
+from typing import Dict
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardedTensor
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig, build_model
+from torchrec_longseq.modules.derived import ItemDerivedTable
+
+WORLD = 2
+DATA = SyntheticConfig(max_seq_len=120, min_seq_len=0, num_users=500, num_items=1000,
+                       num_categories=10, subclusters=10)
+POOLED_TABLES = {"user", "hour"}
+
+
+def _worker(rank: int, store: str, fn, args, errors) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+        fn(rank, *args)
+    except Exception:  # report to the parent: mp.spawn only says "process exited"
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+
+
+def spawn(fn, *args) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        try:
+            mp.spawn(_worker, args=(store, fn, args, errors), nprocs=WORLD, join=True)
+        except mp.ProcessRaisedException:
+            pass
+        except mp.ProcessExitedException:
+            pass
+    if not errors.empty():
+        pytest.fail(errors.get())
+
+
+def shard(model: torch.nn.Module, sharding: str) -> DistributedModelParallel:
+    constraints = {}
+    for name, _ in model.named_parameters():
+        if "embeddings." in name or "embedding_bags." in name:
+            table = name.split(".")[-2]
+            kind = "table_wise" if (table in POOLED_TABLES or "embedding_bags." in name) and \
+                sharding == "row_wise" else sharding
+            constraints[table] = ParameterConstraints(sharding_types=[kind])
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"),
+                                       constraints=constraints)
+    plan = planner.collective_plan(model, pg=dist.GroupMember.WORLD)
+    return DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan)
+
+
+def copy_weights(sharded: DistributedModelParallel, full: Dict[str, torch.Tensor]) -> None:
+    """Load unsharded weights into the sharded model, shard by shard."""
+    with torch.no_grad():
+        for key, value in sharded.state_dict().items():
+            source = full[key]
+            if isinstance(value, ShardedTensor):
+                for shard in value.local_shards():
+                    (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(source[r:r + h, c:c + w])
+            else:
+                value.copy_(source)
+
+
+def full_weights(sharded: DistributedModelParallel, key: str, shape) -> torch.Tensor:
+    """Gather a sharded table to every rank."""
+    out = torch.zeros(shape) if dist.get_rank() == 0 else None
+    sharded.state_dict()[key].gather(dst=0, out=out)
+    result = out if out is not None else torch.zeros(shape)
+    dist.broadcast(result, src=0)
+    return result
+
+
+def _forward_equal(rank: int, model_name: str, sharding: str) -> None:
+    torch.manual_seed(0)
+    batch = SyntheticGenerator(DATA).batch("train", 3, 32)
+    reference = build_model(model_name, ModelConfig(), DATA.table_sizes)
+    reference.refresh_derived_tables()
+    expected, expected_aux = reference(batch.features, batch.history_time, batch.request_time)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+
+    torch.manual_seed(1)  # different initial weights: the copy must do the work
+    sharded = shard(build_model(model_name, ModelConfig(), DATA.table_sizes), sharding)
+    copy_weights(sharded, state)
+    ctr = next(m for m in sharded.modules() if isinstance(m, LongSeqCTR))
+    ctr.refresh_derived_tables()
+    logits, aux = sharded(batch.features, batch.history_time, batch.request_time)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    if expected_aux is not None:
+        torch.testing.assert_close(aux, expected_aux, rtol=1e-4, atol=1e-5)
+
+
+FORWARD_CASES = [
+    ("avgpool", "table_wise"),
+    ("avgpool", "column_wise"),
+    ("din-full", "table_wise"),
+    ("din-full", "column_wise"),
+    ("din", "row_wise"),
+    ("sim-hard", "row_wise"),
+    ("sim-soft", "row_wise"),
+    ("sim-soft", "table_wise"),
+    ("eta", "column_wise"),
+]
+
+
+def _all_forward_equal(rank: int) -> None:
+    for model_name, sharding in FORWARD_CASES:  # one process group for all: spawning is the cost
+        try:
+            _forward_equal(rank, model_name, sharding)
+        except AssertionError as e:
+            raise AssertionError(f"{model_name} sharded {sharding}: {e}") from e
+
+
+def test_sharded_forward_equals_unsharded() -> None:
+    spawn(_all_forward_equal)
+
+
+def _eta_table_exact(rank: int, sharding: str, refresh_every: int) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(refresh_every=refresh_every)
+    model = LongSeqCTRTrain(build_model("eta", config, DATA.table_sizes))
+    tables = [p for n, p in model.named_parameters() if "embeddings." in n]
+    apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": 0.5})
+    sharded = shard(model, sharding)
+    ctr = next(m for m in sharded.modules() if isinstance(m, LongSeqCTR))
+    table = next(m for m in sharded.modules() if isinstance(m, ItemDerivedTable))
+    ctr.refresh_derived_tables()
+    initial = table.table.clone()
+    generator = SyntheticGenerator(DATA)
+    steps = 4
+    for step in range(1, steps + 1):
+        loss, _ = sharded(generator.batch("train", step * WORLD + rank, 32))
+        loss.backward()
+        ctr.refresh_derived_tables(step)
+    key = next(k for k in sharded.state_dict() if k.endswith("embedding_collection.embeddings.item.weight"))
+    weights = full_weights(sharded, key, (DATA.num_items, ModelConfig().embedding_dim))
+    expected = table.derive(weights)
+    changed = (expected != initial).any(1)
+    assert changed.any(), "training changed no signature: the test would not see a stale table"
+    # exact mode: after every step; periodic mode: right after the rebuild at step 4
+    torch.testing.assert_close(table.table, expected, rtol=0, atol=0)
+    # every rank holds the same table
+    gathered = [torch.zeros_like(table.table) for _ in range(WORLD)]
+    dist.all_gather(gathered, table.table)
+    assert torch.equal(gathered[0], gathered[1])
+
+
+def _all_eta_tables_exact(rank: int) -> None:
+    for sharding, refresh_every in [("table_wise", 1), ("column_wise", 1), ("row_wise", 2)]:
+        _eta_table_exact(rank, sharding, refresh_every)
+
+
+def test_eta_signature_table_equals_hashing_current_weights() -> None:
+    """Exact mode (table-wise, column-wise: rows split across ranks by columns) and periodic
+    mode (row-wise, every 2 steps; checked right after a rebuild)."""
+    spawn(_all_eta_tables_exact)

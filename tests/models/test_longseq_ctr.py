@@ -1,0 +1,261 @@
+"""LongSeqCTR for "avgpool", "din", "din-full": forward, empty histories, what is looked up,
+which embedding rows get gradients, fx tracing, and that training reduces the loss."""
+
+from typing import Dict, List, Set
+
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+from torchrec.fx import symbolic_trace
+
+from torchrec_longseq.data.batch import (
+    FEATURE_KEYS,
+    HIST_CATEGORY,
+    HIST_ITEM,
+    TARGET_CATEGORY,
+    TARGET_ITEM,
+    Batch,
+)
+from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.data.validation import check_batch
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig, build_model
+
+DATA = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
+                       subclusters=10)
+TABLES = DATA.table_sizes
+LAST_N = 4  # histories have >= 10 behaviors, so DIN(last_n=4) must drop most of them
+NAMES = ["avgpool", "din", "din-full"]
+B = 16
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig(embedding_dim=8, over_arch_layers=[16, 8], attention_hidden=[8],
+                       short_window=LAST_N)
+
+
+def make_model(name: str, seed: int = 0) -> LongSeqCTR:
+    torch.manual_seed(seed)
+    return build_model(name, model_config(), TABLES)
+
+
+def make_batch(index: int = 0) -> Batch:
+    return SyntheticGenerator(DATA).batch("train", index, B)
+
+
+def per_sample(values: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
+    out, start = [], 0
+    for n in lengths.tolist():
+        out.append(values[start:start + n].tolist())
+        start += n
+    return out
+
+
+def with_histories(batch: Batch, keep: List[int]) -> Batch:
+    """``batch`` with sample b's history cut to its last ``keep[b]`` behaviors (0: empty)."""
+    features = batch.features.to_dict()
+    lengths = features[HIST_ITEM].lengths()
+    offsets = features[HIST_ITEM].offsets()
+    positions = [p for b, k in enumerate(keep) for p in range(int(offsets[b + 1]) - k,
+                                                             int(offsets[b + 1]))]
+    index = torch.tensor(positions, dtype=torch.long)
+    new_lengths = torch.tensor(keep, dtype=torch.int32)
+    assert (new_lengths <= lengths).all()
+    values, all_lengths = [], []
+    for key in FEATURE_KEYS:
+        jt = features[key]
+        if key in (HIST_ITEM, HIST_CATEGORY):
+            values.append(jt.values()[index])
+            all_lengths.append(new_lengths)
+        else:
+            values.append(jt.values())
+            all_lengths.append(jt.lengths().int())
+    out = Batch(
+        features=KeyedJaggedTensor(keys=FEATURE_KEYS, values=torch.cat(values),
+                                   lengths=torch.cat(all_lengths)),
+        history_time=batch.history_time[index],
+        request_time=batch.request_time,
+        labels=batch.labels,
+        relevant=batch.relevant[index],
+    )
+    check_batch(out, TABLES)
+    return out
+
+
+def run(model: LongSeqCTR, batch: Batch) -> torch.Tensor:
+    logits, aux = model(batch.features, batch.history_time, batch.request_time)
+    assert aux is None
+    return logits
+
+
+def embedding_weights(model: LongSeqCTR) -> Dict[str, torch.Tensor]:
+    """The item and category tables, wherever the model keeps them."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        for table in ("item", "category"):
+            if name.endswith(f".{table}.weight") and "over_arch" not in name:
+                out[table] = param
+    assert set(out) == {"item", "category"}, [n for n, _ in model.named_parameters()]
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_gives_finite_logits(name: str) -> None:
+    model = make_model(name)
+    batch = make_batch()
+    logits = run(model, batch)
+    assert logits.shape == (B,)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    # the history matters: another history for the same candidates changes the logits
+    shorter = with_histories(batch, [1] * B)
+    assert not torch.allclose(run(model, shorter), logits)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("pattern", ["all", "some"])
+def test_empty_histories_give_finite_logits_and_gradients(name: str, pattern: str) -> None:
+    model = make_model(name)
+    batch = make_batch()
+    keep = [0] * B if pattern == "all" else [0 if b % 3 == 0 else 2 for b in range(B)]
+    empty = with_histories(batch, keep)
+    logits = run(model, empty)
+    assert logits.shape == (B,) and torch.isfinite(logits).all()
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, empty.labels).backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), pname
+    if name != "avgpool" and pattern == "all":
+        # nothing to attend to: the attention MLP gets no gradient at all
+        for pname, param in model.sequence_arch.named_parameters():
+            assert param.grad is None or not param.grad.any(), pname
+
+
+def capture_lookups(model: LongSeqCTR) -> List[KeyedJaggedTensor]:
+    seen: List[KeyedJaggedTensor] = []
+    model.embedding_collection.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    return seen
+
+
+def history_item_ids(kjt: KeyedJaggedTensor) -> List[List[int]]:
+    """Item ids per sample under every history key of a lookup KJT (everything but the target)."""
+    out = [[] for _ in range(B)]
+    for key, jt in kjt.to_dict().items():
+        if key.startswith("target_") or "item" not in key:
+            continue
+        for b, ids in enumerate(per_sample(jt.values(), jt.lengths())):
+            out[b] += ids
+    return out
+
+
+def history_ids_total(kjt: KeyedJaggedTensor) -> List[int]:
+    """Number of ids per sample under every non-target key (items and categories)."""
+    counts = [0] * B
+    for key, jt in kjt.to_dict().items():
+        if not key.startswith("target_"):
+            for b, n in enumerate(jt.lengths().tolist()):
+                counts[b] += n
+    return counts
+
+
+def test_din_last_n_looks_up_only_the_last_n() -> None:
+    model = make_model("din")
+    seen = capture_lookups(model)
+    batch = make_batch()
+    run(model, batch)
+    assert len(seen) == 1  # one EmbeddingCollection call for candidate and history
+    history = per_sample(batch.features[HIST_ITEM].values(), batch.features[HIST_ITEM].lengths())
+    assert min(len(h) for h in history) > LAST_N
+    items = history_item_ids(seen[0])
+    assert items == [h[-LAST_N:] for h in history]
+    # at most N items and N categories per sample, nothing else from the history
+    assert all(n <= 2 * LAST_N for n in history_ids_total(seen[0]))
+    targets = seen[0][TARGET_ITEM].values().tolist()
+    assert targets == batch.features[TARGET_ITEM].values().tolist()
+
+    # short histories: everything there is (min(L, N))
+    seen.clear()
+    short = with_histories(batch, [b % (LAST_N + 2) for b in range(B)])
+    run(model, short)
+    kept = [h[len(h) - b % (LAST_N + 2):] for b, h in enumerate(history)]
+    assert any(len(k) == LAST_N + 1 for k in kept) and any(len(k) == 0 for k in kept)
+    assert history_item_ids(seen[0]) == [k[-LAST_N:] if k else [] for k in kept]
+
+
+def test_din_full_looks_up_the_whole_history() -> None:
+    model = make_model("din-full")
+    seen = capture_lookups(model)
+    batch = make_batch()
+    run(model, batch)
+    assert len(seen) == 1
+    history = per_sample(batch.features[HIST_ITEM].values(), batch.features[HIST_ITEM].lengths())
+    assert history_item_ids(seen[0]) == history
+
+
+def nonzero_rows(grad: torch.Tensor) -> Set[int]:
+    return set(grad.abs().sum(1).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("name", ["din", "din-full"])
+def test_gradients_reach_only_looked_up_rows(name: str) -> None:
+    model = make_model(name)
+    batch = make_batch()
+    logits = run(model, batch)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
+    items = per_sample(batch.features[HIST_ITEM].values(), batch.features[HIST_ITEM].lengths())
+    cats = per_sample(batch.features[HIST_CATEGORY].values(), batch.features[HIST_CATEGORY].lengths())
+    n = LAST_N if name == "din" else None
+    used_items = {i for h in items for i in (h[-n:] if n else h)}
+    used_items |= set(batch.features[TARGET_ITEM].values().tolist())
+    used_cats = {c for h in cats for c in (h[-n:] if n else h)}
+    used_cats |= set(batch.features[TARGET_CATEGORY].values().tolist())
+    weights = embedding_weights(model)
+    for table, used in (("item", used_items), ("category", used_cats)):
+        grad = weights[table].grad
+        assert grad is not None and torch.isfinite(grad).all()
+        rows = nonzero_rows(grad)
+        assert rows <= used, (table, sorted(rows - used))
+        # and (almost) every looked-up row does get a gradient; a dead ReLU may zero a few
+        assert len(rows) >= 0.8 * len(used), (table, len(rows), len(used))
+    if name == "din":
+        older_only = {i for h in items for i in h[:-LAST_N]} - used_items
+        assert len(older_only) > 20  # the test above excluded many rows that were in the batch
+
+
+def test_avgpool_gradients_reach_the_whole_history() -> None:
+    model = make_model("avgpool")
+    batch = make_batch()
+    logits = run(model, batch)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
+    used = set(batch.features[HIST_ITEM].values().tolist()) | set(
+        batch.features[TARGET_ITEM].values().tolist())
+    rows = nonzero_rows(embedding_weights(model)["item"].grad)
+    assert rows <= used
+    assert len(rows) >= 0.8 * len(used)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_trace_matches_eager(name: str) -> None:
+    model = make_model(name)
+    model.eval()
+    traced = symbolic_trace(model)
+    for batch in (make_batch(1), with_histories(make_batch(2), [b % 3 for b in range(B)])):
+        eager = run(model, batch)
+        logits, aux = traced(batch.features, batch.history_time, batch.request_time)
+        assert aux is None
+        torch.testing.assert_close(logits, eager)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adam_steps_reduce_the_training_loss(name: str) -> None:
+    train = LongSeqCTRTrain(make_model(name))
+    batch = make_batch(3)
+    optimizer = torch.optim.Adam(train.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss, (detached, logits, labels) = train(batch)
+        assert torch.equal(labels, batch.labels) and logits.shape == (B,)
+        assert torch.equal(detached, loss.detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses

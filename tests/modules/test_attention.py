@@ -1,0 +1,238 @@
+"""DINAttention and TargetAttention against dense padded references, forward and backward.
+
+The references pad the jagged keys to ``[B, Lmax, D]``, compute every (sample, position) pair,
+mask the padding and reduce densely; they share only the modules' weights, never their code.
+"""
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from torchrec_longseq.modules.attention import DINAttention, TargetAttention, mlp
+
+SETTINGS = settings(max_examples=40, deadline=None)
+LENGTH = st.one_of(st.just(0), st.integers(0, 6))
+LENGTHS = st.lists(LENGTH, min_size=0, max_size=5)
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def offsets_of(lengths: List[int]) -> torch.Tensor:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def pad(keys: torch.Tensor, lengths: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[N, D]`` -> ``([B, Lmax, D]`` zero-padded, ``[B, Lmax]`` mask of real positions)."""
+    b, lmax = len(lengths), max(lengths, default=0)
+    padded = keys.new_zeros(b, lmax, keys.size(1))
+    mask = torch.zeros(b, lmax, dtype=torch.bool)
+    start = 0
+    for i, n in enumerate(lengths):
+        padded[i, :n] = keys[start:start + n]
+        mask[i, :n] = True
+        start += n
+    return padded, mask
+
+
+def din_reference(att: DINAttention, query: torch.Tensor, keys: torch.Tensor,
+                  lengths: List[int]) -> torch.Tensor:
+    k, mask = pad(keys, lengths)  # [B, Lmax, D]
+    q = query.unsqueeze(1).expand_as(k)  # [B, Lmax, D]
+    w = att.score(torch.cat([q, k, q - k, q * k], dim=-1)).squeeze(-1)  # [B, Lmax]
+    w = torch.where(mask, w, torch.zeros_like(w))
+    return (w.unsqueeze(-1) * k).sum(1)  # [B, D]
+
+
+def target_reference(att: TargetAttention, query: torch.Tensor, keys: torch.Tensor,
+                     lengths: List[int]) -> torch.Tensor:
+    h, dh = att.num_heads, att.head_dim
+    z, mask = pad(keys, lengths)  # [B, Lmax, Dk]
+    b, lmax = mask.shape
+    q = (query @ att.q_proj.weight.T).view(b, h, 1, dh)  # [B, H, 1, Dh]
+    k = (z @ att.k_proj.weight.T).view(b, lmax, h, dh).transpose(1, 2)  # [B, H, Lmax, Dh]
+    v = (z @ att.v_proj.weight.T).view(b, lmax, h, dh).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / dh**0.5  # [B, H, 1, Lmax]
+    nonempty = mask.any(1)
+    # an empty sample attends to one zero (padding) key instead of nothing, and is zeroed after,
+    # so the reference itself has no NaN to mask in the backward pass
+    attend = mask.clone()
+    attend[~nonempty, :1] = True
+    scores = scores.masked_fill(~attend[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v  # [B, H, 1, Dh]
+    out = out.squeeze(2).reshape(b, h * dh)
+    return out * nonempty[:, None].to(out.dtype)
+
+
+def random_inputs(lengths: List[int], dq: int, dk: int, seed: int, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    query = (scale * torch.randn(len(lengths), dq, generator=g)).requires_grad_()
+    keys = (scale * torch.randn(sum(lengths), dk, generator=g)).requires_grad_()
+    return query, keys
+
+
+def grads(out: torch.Tensor, upstream: torch.Tensor, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    return list(torch.autograd.grad((out * upstream).sum(), tensors, allow_unused=True,
+                                    materialize_grads=True))
+
+
+# ---------------------------------------------------------------------------------------- DIN
+
+
+@SETTINGS
+@given(lengths=LENGTHS, dim=st.integers(1, 5), hidden=st.sampled_from([[4], [6, 3]]),
+       seed=st.integers(0, 2**31 - 1))
+def test_din_attention_matches_padded_reference(lengths: List[int], dim: int, hidden: List[int],
+                                                seed: int) -> None:
+    torch.manual_seed(seed)
+    att = DINAttention(dim, hidden)
+    query, keys = random_inputs(lengths, dim, dim, seed)
+    out = att(query, keys, offsets_of(lengths))
+    ref = din_reference(att, query, keys, lengths)
+    assert out.shape == (len(lengths), dim)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    upstream = torch.randn_like(ref)
+    params = [query, keys] + list(att.parameters())
+    for got, expected in zip(grads(out, upstream, params), grads(ref, upstream, params)):
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    # empty samples: exactly zero
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros(dim))
+
+
+def test_din_attention_hand_computed() -> None:
+    """Weights set so that ``w_j = relu(q . k_j) + 0.5``: the MLP reads only the ``q * k`` block."""
+    att = DINAttention(2, [1])
+    first, last = att.score[0][0], att.score[1]  # Linear(8, 1) inside mlp, final Linear(1, 1)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.float32))
+        first.bias.zero_()
+        last.weight.fill_(1.0)
+        last.bias.fill_(0.5)
+    query = torch.tensor([[1.0, 2.0], [3.0, 3.0], [0.5, -1.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0],  # sample 0
+                         [2.0, 2.0]])  # sample 2; sample 1 is empty
+    out = att(query, keys, torch.tensor([0, 3, 3, 4]))
+    # sample 0: q.k = 1, 2, -3 -> w = 1.5, 2.5, 0.5 -> 1.5 [1,0] + 2.5 [0,1] + 0.5 [-1,-1]
+    # sample 2: q.k = 1 - 2 = -1 -> w = 0.5 -> 0.5 [2, 2]; no softmax, weights are not normalised
+    expected = torch.tensor([[1.0, 2.0], [0.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_din_attention_all_empty() -> None:
+    att = DINAttention(3, [4])
+    query = torch.randn(4, 3, requires_grad=True)
+    keys = torch.zeros(0, 3, requires_grad=True)
+    out = att(query, keys, torch.zeros(5, dtype=torch.long))
+    assert torch.equal(out, torch.zeros(4, 3))
+    out.sum().backward()
+    assert torch.equal(query.grad, torch.zeros(4, 3))
+    for p in att.parameters():
+        assert p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any())
+
+
+# -------------------------------------------------------------------------- target attention
+
+
+@SETTINGS
+@given(lengths=LENGTHS, dq=st.integers(1, 5), dk=st.integers(1, 5), heads=st.integers(1, 3),
+       head_dim=st.integers(1, 4), scale=st.sampled_from([1.0, 30.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_target_attention_matches_dense_reference(lengths: List[int], dq: int, dk: int, heads: int,
+                                                  head_dim: int, scale: float, seed: int) -> None:
+    """``scale = 30`` makes scores large: the segment softmax must subtract its max."""
+    torch.manual_seed(seed)
+    att = TargetAttention(dq, dk, heads, head_dim)
+    assert att.output_dim == heads * head_dim
+    query, keys = random_inputs(lengths, dq, dk, seed, scale)
+    out = att(query, keys, offsets_of(lengths))
+    ref = target_reference(att, query, keys, lengths)
+    assert out.shape == (len(lengths), heads * head_dim)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=ATOL * scale, rtol=RTOL)
+    upstream = torch.randn_like(ref)
+    params = [query, keys, att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]
+    got, expected = grads(out, upstream, params), grads(ref, upstream, params)
+    for name, g, e in zip(["query", "keys", "q_proj", "k_proj", "v_proj"], got, expected):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, e, atol=ATOL * scale * scale, rtol=RTOL, msg=name)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros(heads * head_dim))
+            assert torch.equal(got[0][b], torch.zeros(dq))  # no gradient to an empty sample's query
+
+
+def test_target_attention_matches_sdpa_per_sample() -> None:
+    """A second reference: torch's scaled_dot_product_attention, one sample at a time."""
+    torch.manual_seed(0)
+    att = TargetAttention(query_dim=6, key_dim=5, num_heads=2, head_dim=3)
+    lengths = [3, 1, 0, 7]
+    query, keys = random_inputs(lengths, 6, 5, 1)
+    out = att(query, keys, offsets_of(lengths))
+    start = 0
+    for b, n in enumerate(lengths):
+        z = keys[start:start + n]
+        start += n
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros(6))
+            continue
+        q = att.q_proj(query[b:b + 1]).view(1, 2, 3).transpose(0, 1)  # [H, 1, Dh]
+        k = att.k_proj(z).view(n, 2, 3).transpose(0, 1)  # [H, n, Dh]
+        v = att.v_proj(z).view(n, 2, 3).transpose(0, 1)
+        expected = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(6)
+        torch.testing.assert_close(out[b], expected, atol=ATOL, rtol=RTOL)
+
+
+def test_target_attention_hand_computed() -> None:
+    """One head, identity projections: softmax(q . k / sqrt(2)) weights the keys themselves."""
+    att = TargetAttention(query_dim=2, key_dim=2, num_heads=1, head_dim=2)
+    with torch.no_grad():
+        for proj in (att.q_proj, att.k_proj, att.v_proj):
+            proj.weight.copy_(torch.eye(2))
+    s = 2**0.5
+    query = torch.tensor([[s * 1.0, 0.0], [1.0, 1.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # both in sample 0; sample 1 empty
+    out = att(query, keys, torch.tensor([0, 2, 2]))
+    # scores 1 and 0 -> weights e / (e + 1), 1 / (e + 1)
+    e = torch.e
+    expected = torch.tensor([[e / (e + 1), 1 / (e + 1)], [0.0, 0.0]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_target_attention_all_empty_has_zero_output_and_gradients() -> None:
+    att = TargetAttention(query_dim=4, key_dim=3, num_heads=2, head_dim=2)
+    query = torch.randn(3, 4, requires_grad=True)
+    keys = torch.zeros(0, 3, requires_grad=True)
+    out = att(query, keys, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(out, torch.zeros(3, 4))
+    out.sum().backward()
+    assert torch.equal(query.grad, torch.zeros(3, 4))
+    for p in att.parameters():
+        assert p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any())
+
+
+def test_target_attention_ignores_keys_of_other_samples() -> None:
+    """Changing sample 1's keys leaves sample 0's and 2's outputs unchanged (no leakage)."""
+    torch.manual_seed(0)
+    att = TargetAttention(query_dim=3, key_dim=3, num_heads=2, head_dim=2)
+    lengths = [2, 3, 1]
+    query, keys = random_inputs(lengths, 3, 3, 5)
+    offsets = offsets_of(lengths)
+    out = att(query, keys, offsets)
+    changed = keys.detach().clone()
+    changed[2:5] += 100.0
+    out2 = att(query, changed, offsets)
+    assert torch.equal(out[[0, 2]], out2[[0, 2]])
+    assert not torch.allclose(out[1], out2[1])
+
+
+def test_mlp_layers() -> None:
+    m = mlp(4, [8, 2], final_activation=False)
+    assert [type(x) for x in m] == [nn.Linear, nn.ReLU, nn.Linear]
+    m = mlp(4, [8, 2])
+    assert [type(x) for x in m] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU]
