@@ -37,6 +37,13 @@ def segment_ids(offsets: torch.Tensor, num_values: int) -> torch.Tensor:
 
 
 @torch.fx.wrap
+def all_positions(offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every position, as a selection ``(indices [N], lengths [B])`` like ``last_n``'s."""
+    lengths = offsets[1:] - offsets[:-1]
+    return torch.arange(int(offsets[-1]), device=offsets.device), lengths
+
+
+@torch.fx.wrap
 def last_n(offsets: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Positions of the ``n`` most recent values of every segment.
 

@@ -16,6 +16,7 @@ sees the batches it would have seen).
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -36,7 +37,9 @@ from tqdm import tqdm
 
 from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticLifelongSequences
 from torchrec_longseq.data.validation import check_batch
+from torchrec_longseq.data.batch import HIST_ITEM
 from torchrec_longseq.metrics import CTRMetrics
+from torchrec_longseq.modules.esu import SearchBasedInterest
 from torchrec_longseq.models.longseq_ctr import (
     MODELS,
     LongSeqCTR,
@@ -127,14 +130,34 @@ def evaluate(model: nn.Module, data: SyntheticConfig, split: str, args: argparse
     """AUC / GAUC / log loss over ``--eval-batches`` batches per rank of ``split``."""
     model.eval()
     metrics = CTRMetrics(device)
+    ctr = next(m for m in model.modules() if isinstance(m, LongSeqCTR))
+    search = next((m.search for m in model.modules() if isinstance(m, SearchBasedInterest)), None)
+    found = torch.zeros(2, dtype=torch.float64, device=device)  # retrieved relevant, achievable
     ds = SyntheticLifelongSequences(data, split, args.batch_size, num_batches=args.eval_batches,
                                     rank=dist.get_rank(), world_size=dist.get_world_size())
     for batch in batches(ds, args.num_workers):
         batch = batch.to(device)
         _, (_, logits, labels) = model(batch)
         metrics.update(batch.user_ids, logits, labels)
+        if search is not None:
+            indices, _, _ = search(batch.features, ctr.embedding_collection)
+            found += torch.stack(retrieval_recall(batch, indices, args.k))
     model.train()
-    return metrics.compute()
+    result = metrics.compute()
+    if search is not None:
+        dist.all_reduce(found)
+        result["recall"] = float(found[0] / found[1].clamp(min=1))
+    return result
+
+
+def retrieval_recall(batch: Batch, indices: torch.Tensor, k: int):
+    """``(relevant behaviors retrieved, sum over samples of min(k, relevant behaviors))``: the
+    numerator and denominator of recall@k against the generator's ground truth."""
+    lengths = batch.features[HIST_ITEM].lengths().long()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    relevant = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device)
+    relevant.index_add_(0, seg, batch.relevant.double())
+    return batch.relevant[indices].double().sum(), relevant.clamp(max=k).sum()
 
 
 def checkpoint_state(model: DistributedModelParallel, optimizer: CombinedOptimizer, step: int) -> Dict:
@@ -164,6 +187,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     start = 0
     ckpt = out / "checkpoint"
     if args.resume:
+        dense.init_state()  # Adam's state is lazy: create it (a zero-gradient step) to load into
         state = checkpoint_state(model, optimizer, 0)
         dcp.load(state, checkpoint_id=str(ckpt))
         model.load_state_dict(state["model"])
@@ -212,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         "val_auc": val["auc"],
         "val_gauc": val["gauc"],
         "val_logloss": val["logloss"],
+        **({"recall": test["recall"]} if "recall" in test else {}),
         "samples_per_sec": steps_run * args.batch_size * world / max(train_time, 1e-9),
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -224,11 +249,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         print("test " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
         print(json.dumps({k: v for k, v in result.items() if k != "validation_history"}))
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    # No destroy_process_group(): with gloo on CPU it aborts the process at exit
-    # ("terminate called without an active exception"); the group ends with the process.
     dist.barrier()
     return result
 
 
 if __name__ == "__main__":
     main()
+    # With gloo on CPU, tearing down the interpreter (with or without destroy_process_group)
+    # sometimes aborts in a C++ thread destructor ("terminate called without an active
+    # exception") after all work is done, turning a finished run into a failed one. Everything
+    # is written and synchronised by now, so leave without the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

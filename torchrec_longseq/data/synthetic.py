@@ -65,7 +65,7 @@ class SyntheticConfig:
     recent_window: int = 50
     long_term_interests: int = 4
     short_term_interests: int = 3
-    long_term_share: float = 0.1
+    long_term_share: float = 0.05
     short_term_share: float = 0.6
     candidates_per_request: int = 4
     table_sizes: Dict[str, int] = field(default_factory=dict)
@@ -212,7 +212,7 @@ class SyntheticGenerator:
         contrib = np.where(match, np.maximum(cos, 0) ** 2 * (0.5 + 0.5 * np.exp(-h_age / (180 * DAY))), 0)
         evidence = np.bincount(s_seg, weights=contrib, minlength=b)
         short_match = np.bincount(s_seg, weights=(h_recent & (h_cat == t_cat[s_seg])), minlength=b) > 0
-        logit = 2.0 * np.log1p(evidence) + 2.0 * short_match - 2.5
+        logit = 2.0 * np.log1p(evidence) + 3.0 * short_match - 2.5
         labels = (rng.random(b) < 1 / (1 + np.exp(-logit))).astype(np.float32)
         relevant = match & (cos > 0.7)
 

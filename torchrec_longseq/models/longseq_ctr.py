@@ -198,17 +198,16 @@ def build_model(
         ],
         device=device,
     )
+    time = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
     if name == "din":
-        seq: nn.Module = DIN(d, config.attention_hidden, last_n=config.short_window)
+        seq: nn.Module = DIN(d, config.attention_hidden, time, last_n=config.short_window)
     elif name == "din-full":
-        seq = DIN(d, config.attention_hidden, last_n=None)
+        seq = DIN(d, config.attention_hidden, time, last_n=None)
     elif name in ("sim-hard", "sim-soft", "eta"):
         seq = SearchBasedInterest(
             _search(name, config, table_sizes, device),
-            ExactSearchUnit(2 * d, TimeIntervalEmbedding(config.time_embedding_dim,
-                                                         config.time_buckets),
-                            config.num_heads, config.head_dim),
-            DINAttention(2 * d, config.attention_hidden),
+            ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim),
+            DINAttention(2 * d, config.attention_hidden, config.time_embedding_dim),
             config.short_window,
         )
     else:

@@ -6,7 +6,7 @@ the weighted values are summed per sample. Nothing is padded to the longest hist
 with no behavior gets a zero vector (never NaN).
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -29,14 +29,17 @@ class DINAttention(nn.Module):
     """DIN's activation unit (Zhou et al., KDD 2018) over a jagged history.
 
     For a query ``q`` (the candidate) and behaviors ``k_j`` of its sample, the weight of ``k_j`` is
-    ``MLP([q, k_j, q - k_j, q * k_j])`` and the output is ``sum_j w_j k_j``. As in the paper there
-    is no softmax, so the output keeps the intensity of the interest (how many behaviors match).
+    ``MLP([q, k_j, q - k_j, q * k_j, c_j])`` and the output is ``sum_j w_j k_j``, where ``c_j``
+    is optional side information of the behavior (here its time-interval embedding, so the unit
+    can tell recent from old). As in the paper there is no softmax, so the output keeps the
+    intensity of the interest (how many behaviors match).
 
-    Shapes: B samples, N behaviors in all, D the embedding dimension.
+    Shapes: B samples, N behaviors in all, D the embedding dimension, C the side width.
 
     Args:
         embedding_dim (int): D, the width of queries and keys.
         hidden (List[int]): widths of the attention MLP's hidden layers.
+        context_dim (int): C, width of the side information (0 for none).
 
     Example::
 
@@ -44,15 +47,22 @@ class DINAttention(nn.Module):
         out = att(torch.randn(2, 8), torch.randn(5, 8), torch.tensor([0, 3, 5]))  # [2, 8]
     """
 
-    def __init__(self, embedding_dim: int, hidden: List[int]) -> None:
+    def __init__(self, embedding_dim: int, hidden: List[int], context_dim: int = 0) -> None:
         super().__init__()
-        self.score = nn.Sequential(mlp(4 * embedding_dim, hidden), nn.Linear(hidden[-1], 1))
+        self.context_dim = context_dim
+        self.score = nn.Sequential(mlp(4 * embedding_dim + context_dim, hidden),
+                                   nn.Linear(hidden[-1], 1))
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``query [B, D]``, ``keys [N, D]``, ``offsets [B + 1]`` -> ``[B, D]``."""
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
+                context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``query [B, D]``, ``keys [N, D]``, ``offsets [B + 1]``, ``context [N, C]`` ->
+        ``[B, D]``."""
         seg = jagged.segment_ids(offsets, keys.size(0))
         q = query[seg]  # [N, D]
-        weight = self.score(torch.cat([q, keys, q - keys, q * keys], dim=1))  # [N, 1]
+        inputs = [q, keys, q - keys, q * keys]
+        if context is not None:
+            inputs.append(context)
+        weight = self.score(torch.cat(inputs, dim=1))  # [N, 1]
         return jagged.segment_sum(weight * keys, seg, query.size(0))
 
 

@@ -10,35 +10,42 @@ from torchrec_longseq.data.batch import HIST_ITEM
 from torchrec_longseq import jagged
 from torchrec_longseq.modules.attention import DINAttention
 from torchrec_longseq.modules.lookup import lookup_behaviors
+from torchrec_longseq.modules.time import TimeIntervalEmbedding, intervals_of
 
 
 class DIN(nn.Module):
     """DIN (Zhou et al., KDD 2018) as a sequence module of ``LongSeqCTR``.
 
     With ``last_n = N`` only the N most recent behaviors are looked up and attended to (the
-    short-term baseline, and SIM's short-term branch); with ``last_n = None`` the whole history is
-    (the quality upper bound that retrieval approximates, at O(L) lookup and attention cost).
-    A behavior is its item embedding concatenated with its category embedding (width ``2 D``).
+    short-term baseline); with ``last_n = None`` the whole history is (the quality upper bound
+    that retrieval approximates, at O(L) lookup and attention cost). A behavior is its item
+    embedding concatenated with its category embedding (width ``2 D``); the attention unit also
+    sees its time-interval embedding, the same time information SIM's and ETA's ESU get, so the
+    whole-history model can weigh recent and old behaviors differently.
 
     Args:
         embedding_dim (int): D, the width of the item and category tables.
         attention_hidden (List[int]): hidden widths of DIN's attention MLP.
+        time_embedding (TimeIntervalEmbedding): encoder of request time - behavior time.
         last_n (Optional[int]): how many recent behaviors to use; ``None`` for all.
 
     Output: ``[B, 4 D]``, the candidate's embedding and the attention-pooled history.
 
     Example::
 
-        din = DIN(embedding_dim=16, attention_hidden=[64, 32], last_n=50)
+        din = DIN(16, [64, 32], TimeIntervalEmbedding(8), last_n=50)
         out, _ = din(features, history_time, request_time, embedding_collection)
     """
 
     def __init__(
-        self, embedding_dim: int, attention_hidden: List[int], last_n: Optional[int] = 50
+        self, embedding_dim: int, attention_hidden: List[int],
+        time_embedding: TimeIntervalEmbedding, last_n: Optional[int] = 50,
     ) -> None:
         super().__init__()
         self.last_n = last_n
-        self.attention = DINAttention(2 * embedding_dim, attention_hidden)
+        self.time_embedding = time_embedding
+        self.attention = DINAttention(2 * embedding_dim, attention_hidden,
+                                      time_embedding.embedding.embedding_dim)
         self.output_dim = 4 * embedding_dim
 
     def forward(
@@ -48,10 +55,12 @@ class DIN(nn.Module):
         request_time: torch.Tensor,
         lookup: EmbeddingCollection,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        hist_offsets = features[HIST_ITEM].offsets()
         if self.last_n is None:
-            target, behaviors, offsets, _, _ = lookup_behaviors(lookup, features)
+            selected = jagged.all_positions(hist_offsets)
         else:
-            recent = jagged.last_n(features[HIST_ITEM].offsets(), self.last_n)
-            target, behaviors, offsets, _, _ = lookup_behaviors(lookup, features, recent)
-        pooled = self.attention(target, behaviors, offsets)
+            selected = jagged.last_n(hist_offsets, self.last_n)
+        target, behaviors, offsets, _, _ = lookup_behaviors(lookup, features, selected)
+        intervals = intervals_of(history_time, request_time, hist_offsets, selected[0])
+        pooled = self.attention(target, behaviors, offsets, self.time_embedding(intervals))
         return torch.cat([target, pooled], dim=1), None

@@ -11,7 +11,7 @@ from torchrec_longseq.data.batch import HIST_ITEM, TARGET_ITEM
 from torchrec_longseq.modules import derived
 from torchrec_longseq.modules.attention import DINAttention, TargetAttention
 from torchrec_longseq.modules.lookup import lookup_behaviors
-from torchrec_longseq.modules.time import TimeIntervalEmbedding
+from torchrec_longseq.modules.time import TimeIntervalEmbedding, intervals_of
 
 
 class ExactSearchUnit(nn.Module):
@@ -47,14 +47,6 @@ class ExactSearchUnit(nn.Module):
         ``[B, H * Dh]``."""
         keys = torch.cat([behaviors, self.time_embedding(intervals)], dim=1)  # [M, D + Dt]
         return self.attention(target, keys, offsets)
-
-
-@torch.fx.wrap
-def intervals_of(history_time: torch.Tensor, request_time: torch.Tensor, offsets: torch.Tensor,
-                 indices: torch.Tensor) -> torch.Tensor:
-    """``[M]`` request time minus behavior time of the selected history positions."""
-    seg = jagged.segment_ids(offsets, history_time.numel())
-    return request_time[seg[indices]] - history_time[indices]
 
 
 @torch.fx.wrap
@@ -121,5 +113,7 @@ class SearchBasedInterest(nn.Module):
                 derived.remember_items(table, touched)
         intervals = intervals_of(history_time, request_time, offsets, indices)
         long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
-        short_term = self.short_term(target, short, short_offsets)
+        short_intervals = intervals_of(history_time, request_time, offsets, recent[0])
+        short_term = self.short_term(target, short, short_offsets,
+                                     self.esu.time_embedding(short_intervals))
         return torch.cat([target, long_term, short_term], dim=1), aux

@@ -5,6 +5,8 @@ import math
 import torch
 from torch import nn
 
+from torchrec_longseq import jagged
+
 
 def log_bucket_boundaries(num_buckets: int, min_interval: float, max_interval: float) -> torch.Tensor:
     """``num_buckets - 1`` log-spaced boundaries from ``min_interval`` to ``max_interval``.
@@ -58,3 +60,11 @@ class TimeIntervalEmbedding(nn.Module):
     def forward(self, intervals: torch.Tensor) -> torch.Tensor:
         """``[N]`` intervals -> ``[N, embedding_dim]``."""
         return self.embedding(self.bucketize(intervals))
+
+
+@torch.fx.wrap
+def intervals_of(history_time: torch.Tensor, request_time: torch.Tensor, offsets: torch.Tensor,
+                 indices: torch.Tensor) -> torch.Tensor:
+    """``[M]`` request time minus behavior time of the selected history positions ``indices``."""
+    seg = jagged.segment_ids(offsets, history_time.numel())
+    return request_time[seg[indices]] - history_time[indices]
