@@ -157,7 +157,8 @@ def retrieval_recall(batch: Batch, indices: torch.Tensor, k: int):
     seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     relevant = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device)
     relevant.index_add_(0, seg, batch.relevant.double())
-    return batch.relevant[indices].double().sum(), relevant.clamp(max=k).sum()
+    hits = torch.zeros_like(relevant).index_add_(0, seg[indices], batch.relevant[indices].double())
+    return hits.clamp(max=k).sum(), relevant.clamp(max=k).sum()
 
 
 def checkpoint_state(model: DistributedModelParallel, optimizer: CombinedOptimizer, step: int) -> Dict:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from torchrec_longseq.retrieval.hard import hard_search
-from torchrec_longseq.retrieval.topk import jagged_topk, select_jagged
+from torchrec_longseq.retrieval.topk import jagged_topk, jagged_topk_smallest_int, select_jagged
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -67,6 +67,20 @@ def test_jagged_topk_matches_reference(batch, k: int, largest: bool) -> None:
     indices, kept = jagged_topk(tensor, offsets, k, largest=largest)
     expected_indices, expected_kept = reference_topk(scores, lengths, k, largest)
     assert indices.dtype == torch.long and kept.dtype == torch.long
+    assert indices.tolist() == expected_indices
+    assert kept.tolist() == expected_kept
+
+
+@SETTINGS
+@given(lengths=LENGTHS, k=K, max_score=st.integers(0, 6), data=st.data())
+def test_jagged_topk_smallest_int_matches_reference(lengths, k: int, max_score: int, data) -> None:
+    n = sum(lengths)
+    scores = data.draw(st.lists(st.integers(0, max_score), min_size=n, max_size=n))
+    offsets = torch.tensor(offsets_of(lengths), dtype=torch.long)
+    indices, kept = jagged_topk_smallest_int(
+        torch.tensor(scores, dtype=torch.long).reshape(n), offsets, k, max_score
+    )
+    expected_indices, expected_kept = reference_topk(scores, lengths, k, largest=False)
     assert indices.tolist() == expected_indices
     assert kept.tolist() == expected_kept
 

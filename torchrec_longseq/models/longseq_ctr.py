@@ -39,7 +39,7 @@ from torchrec_longseq.data.batch import (
 from torchrec_longseq.modules.attention import DINAttention, mlp
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.din import DIN
-from torchrec_longseq.modules.esu import ExactSearchUnit, SearchBasedInterest
+from torchrec_longseq.modules.esu import ExactSearchUnit, SearchBasedInterest, WholeHistory
 from torchrec_longseq.modules.eta import SimHashSearch
 from torchrec_longseq.modules.sim import SEARCH_HIST, SEARCH_TARGET, HardSearch, SoftSearch
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
@@ -201,9 +201,7 @@ def build_model(
     time = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
     if name == "din":
         seq: nn.Module = DIN(d, config.attention_hidden, time, last_n=config.short_window)
-    elif name == "din-full":
-        seq = DIN(d, config.attention_hidden, time, last_n=None)
-    elif name in ("sim-hard", "sim-soft", "eta"):
+    elif name in ("din-full", "sim-hard", "sim-soft", "eta"):
         seq = SearchBasedInterest(
             _search(name, config, table_sizes, device),
             ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim),
@@ -217,6 +215,8 @@ def build_model(
 
 def _search(name: str, config: ModelConfig, table_sizes: Dict[str, int],
             device: Optional[torch.device]) -> nn.Module:
+    if name == "din-full":
+        return WholeHistory()
     if name == "sim-hard":
         return HardSearch(config.k)
     if name == "sim-soft":

@@ -57,6 +57,21 @@ def looked_up_items(features: KeyedJaggedTensor, retrieved: torch.Tensor,
     return torch.cat([features[TARGET_ITEM].values(), hist[retrieved], hist[recent]])
 
 
+class WholeHistory(nn.Module):
+    """The search that keeps everything: every behavior goes to the ESU.
+
+    ``SearchBasedInterest(WholeHistory(), ...)`` is the full-length target attention that SIM and
+    ETA approximate: the same ESU and short-term branch, with no retrieval (O(L) lookup and
+    attention).
+    """
+
+    def forward(
+        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        indices, lengths = jagged.all_positions(features[HIST_ITEM].offsets())
+        return indices, lengths, None
+
+
 class SearchBasedInterest(nn.Module):
     """Search the whole history on ids, then attend over what was found (SIM and ETA).
 

@@ -5,8 +5,6 @@ import math
 import torch
 from torch import nn
 
-from torchrec_longseq import jagged
-
 
 def log_bucket_boundaries(num_buckets: int, min_interval: float, max_interval: float) -> torch.Tensor:
     """``num_buckets - 1`` log-spaced boundaries from ``min_interval`` to ``max_interval``.
@@ -65,6 +63,9 @@ class TimeIntervalEmbedding(nn.Module):
 @torch.fx.wrap
 def intervals_of(history_time: torch.Tensor, request_time: torch.Tensor, offsets: torch.Tensor,
                  indices: torch.Tensor) -> torch.Tensor:
-    """``[M]`` request time minus behavior time of the selected history positions ``indices``."""
-    seg = jagged.segment_ids(offsets, history_time.numel())
-    return request_time[seg[indices]] - history_time[indices]
+    """``[M]`` request time minus behavior time of the selected history positions ``indices``.
+
+    The sample of each selected position is found by binary search in ``offsets``: O(M log B),
+    not O(N)."""
+    sample = torch.searchsorted(offsets.long(), indices, right=True) - 1
+    return request_time[sample] - history_time[indices]

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchrec_longseq.jagged import segment_ids
-from torchrec_longseq.retrieval.topk import jagged_topk
+from torchrec_longseq.retrieval.topk import jagged_topk_smallest_int
 
 WORD_BITS = 64
 
@@ -241,9 +240,11 @@ def simhash_topk(
             f"{target_signatures.shape[0]} target signatures for {offsets.numel() - 1} histories"
         )
     n = history_signatures.shape[0]
-    seg = segment_ids(offsets, n)
-    distance = hamming_distance(history_signatures, target_signatures[seg])  # [N]
-    return jagged_topk(distance, offsets, k, largest=False)
+    lengths = offsets[1:] - offsets[:-1]
+    target = torch.repeat_interleave(target_signatures, lengths, dim=0, output_size=n)  # [N, W]
+    distance = hamming_distance(history_signatures, target)  # [N]
+    max_distance = history_signatures.shape[1] * WORD_BITS
+    return jagged_topk_smallest_int(distance, offsets, k, max_distance)
 
 
 class SimHash(nn.Module):

@@ -42,6 +42,61 @@ def jagged_topk(
 
 
 @torch.fx.wrap
+def jagged_topk_smallest_int(
+    scores: torch.Tensor, offsets: torch.Tensor, k: int, max_score: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``jagged_topk(scores, offsets, k, largest=False)`` for small integer scores, in O(N).
+
+    For scores in ``[0, max_score]`` (e.g. Hamming distances, ``max_score = m``) no sort over the
+    N values is needed: a per-sample histogram of the scores gives each sample's threshold score
+    ``t`` (the smallest with at least ``k`` values ``<= t``); every value below ``t`` is kept, and
+    of the values equal to ``t`` the most recent ones fill the remaining places. Only the ``<= k``
+    kept values per sample are then sorted, so the output order is exactly ``jagged_topk``'s:
+    smallest first, ties broken by recency (later position first).
+
+    Args:
+        scores (Tensor): ``[N]`` integers in ``[0, max_score]``.
+        offsets (Tensor): ``[B + 1]``.
+        k (int): at most this many per sample.
+        max_score (int): the largest possible score.
+
+    Returns:
+        ``(indices [M], lengths [B])`` with ``lengths = min(L_b, k)``.
+    """
+    n = scores.numel()
+    batch = offsets.numel() - 1
+    lengths = offsets[1:] - offsets[:-1]
+    kept = lengths.clamp(max=max(k, 0))
+    if n == 0 or k <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device), kept
+    width = max_score + 1
+    seg = segment_ids(offsets, n)
+    scores = scores.long()
+    histogram = torch.zeros(batch * width, dtype=torch.long, device=scores.device)
+    histogram.index_add_(0, seg * width + scores, torch.ones_like(scores))
+    at_most = histogram.view(batch, width).cumsum(1)  # [B, width]: values <= t
+    # threshold: first t with at_most >= k (samples shorter than k keep everything)
+    threshold = (at_most < k).sum(1).clamp(max=max_score)  # [B]
+    below = torch.where(threshold > 0,
+                        at_most.gather(1, (threshold - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
+                        torch.zeros_like(threshold))  # [B] values < t
+    t = threshold[seg]
+    below_idx = (scores < t).nonzero().squeeze(1)
+    # ties at the threshold (a small subset): keep the most recent k - below of each sample
+    tie_idx = (scores == t).nonzero().squeeze(1)  # chronological
+    tie_seg = seg[tie_idx]
+    tie_count = torch.zeros(batch, dtype=torch.long, device=scores.device).index_add_(
+        0, tie_seg, torch.ones_like(tie_seg))
+    tie_end = torch.cumsum(tie_count, 0)  # one past each sample's last tie
+    from_end = tie_end[tie_seg] - 1 - torch.arange(tie_idx.numel(), device=scores.device)
+    selected = torch.cat([below_idx, tie_idx[from_end < (k - below)[tie_seg]]])  # <= k per sample
+    # order the selection: sample asc, score asc, position desc (small: B * k values)
+    sel_seg, sel_score = seg[selected], scores[selected]
+    order = torch.argsort(sel_seg * (width * (n + 1)) + sel_score * (n + 1) + (n - selected))
+    return selected[order], kept
+
+
+@torch.fx.wrap
 def select_jagged(
     values: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
