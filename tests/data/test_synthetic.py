@@ -277,7 +277,7 @@ def test_relevant_is_old_same_category_and_same_subcluster() -> None:
     latents = item_latents(LONG)
     gen = SyntheticGenerator(LONG)
     total = 0
-    for index in range(2):
+    for index in range(4):
         batch = gen.batch("train", index, 32)
         items, cats = per_sample(batch, HIST_ITEM), per_sample(batch, HIST_CATEGORY)
         targets, target_cats = per_sample(batch, TARGET_ITEM), per_sample(batch, TARGET_CATEGORY)

@@ -187,7 +187,8 @@ def test_din_full_looks_up_the_whole_history() -> None:
     run(model, batch)
     assert len(seen) == 1
     history = per_sample(batch.features[HIST_ITEM].values(), batch.features[HIST_ITEM].lengths())
-    assert history_item_ids(seen[0]) == history
+    # the whole history for the full-length attention, then the short-term branch's window
+    assert history_item_ids(seen[0]) == [h + h[-LAST_N:] for h in history]
 
 
 def nonzero_rows(grad: torch.Tensor) -> Set[int]:

@@ -2,25 +2,30 @@
 
 The world:
 
-* ``num_items`` items in ``num_categories`` categories (item ``i`` is in category
-  ``i // items_per_category``), each category split into ``subclusters`` groups of neighbouring
-  ids. Every item has a latent vector ``center[c] + sub[c, s] + 0.3 * noise`` (unit-normalised), so
-  items of one subcluster are close (cos ~ 0.95), of one category related (cos ~ 0.5).
-* Every user has ``long_term_interests`` (category, subcluster) pairs, fixed for life, and
-  ``short_term_interests`` categories that change every week. Both are pure functions of the
+* ``num_items`` items (2,000) in ``num_categories`` categories (100; item ``i`` is in category
+  ``i // items_per_category``), each category split into ``subclusters`` (10) groups of
+  neighbouring ids. Every item has a latent vector ``center[c] + sub[c, s] + 0.3 * noise``
+  (unit-normalised), so items of one subcluster are close (cos ~ 0.95), of one category related
+  (cos ~ 0.5).
+* Every user has ``long_term_interests`` (4) (category, subcluster) pairs, fixed for life, and
+  ``short_term_interests`` (3) categories that change every week. Both are pure functions of the
   seed, the user and the week (an integer hash), so any sample can be generated alone.
 * A history is lognormal-long (median ``max_seq_len / 4``, clipped to ``[min_seq_len,
-  max_seq_len]``). Behaviors older than the ``recent_window`` come from the long-term interests
-  with probability ``long_term_share`` (mostly their subcluster) and are random otherwise; the
-  recent window comes from the short-term interests with probability ``short_term_share``. So
-  the long-term interests appear sparsely all along the history and hardly ever in the last 50.
-* Every request shows ``candidates_per_request`` candidates (the impressions that GAUC groups):
-  half from a long-term interest, a few from a short-term one, the rest random.
-* The label is Bernoulli(sigmoid(logit)) with ``logit = 2 log(1 + E) + short_match - 2.5``, where
-  the evidence ``E = sum_j relu(cos(target, j))^2 (0.5 + 0.5 exp(-age_j / 180 days))`` runs over
-  the behaviors older than the recent window with the candidate's category, and
-  ``short_match = 1`` when the candidate's category appears in the recent window. The label thus
-  depends mostly on evidence older than the last ``recent_window`` behaviors.
+  max_seq_len]``). Behaviors older than the ``recent_window`` (50) come from the long-term
+  interests with probability ``long_term_share`` (5%; 70% of those in the interest's
+  subcluster) and are random otherwise; the recent window comes from the short-term interests
+  with probability ``short_term_share`` (60%). So the long-term interests appear sparsely all
+  along the history and hardly ever in the last 50.
+* Every request shows ``candidates_per_request`` (4) candidates (the impressions that GAUC
+  groups): half from a long-term interest (half of those in its subcluster), 30% from a
+  short-term one, the rest random.
+* The label is Bernoulli(sigmoid(logit)) with ``logit = 2.5 log(1 + E) + 2 short_match - 3``,
+  where the evidence ``E = sum_j (0.3 + 0.7 relu(cos(target, j))^2) (0.5 + 0.5 exp(-age_j /
+  180 days))`` runs over the behaviors older than the recent window with the candidate's
+  category, and ``short_match = 1`` when the candidate's category appears in the recent window.
+  The label thus depends mostly on evidence older than the last ``recent_window`` behaviors
+  (measured on the test split: ranking by ``E`` alone gives AUC 0.83, by ``short_match`` alone
+  0.59).
 * Ground truth: ``relevant[j]`` marks the older behaviors with the candidate's category and
   ``cos > 0.7`` (the candidate's own subcluster), the ones that carry most of ``E``.
 
@@ -58,7 +63,7 @@ class SyntheticConfig:
     max_seq_len: int = 2000
     min_seq_len: int = 10
     num_users: int = 100_000
-    num_items: int = 10_000
+    num_items: int = 2_000
     num_categories: int = 100
     subclusters: int = 10
     latent_dim: int = 8
@@ -209,10 +214,10 @@ class SyntheticGenerator:
         # labels from the evidence older than the recent window
         cos = np.einsum("nd,nd->n", self.latents[h_item], self.latents[t_item[s_seg]])
         match = (h_cat == t_cat[s_seg]) & ~h_recent
-        contrib = np.where(match, np.maximum(cos, 0) ** 2 * (0.5 + 0.5 * np.exp(-h_age / (180 * DAY))), 0)
+        contrib = np.where(match, (0.3 + 0.7 * np.maximum(cos, 0) ** 2) * (0.5 + 0.5 * np.exp(-h_age / (180 * DAY))), 0)
         evidence = np.bincount(s_seg, weights=contrib, minlength=b)
         short_match = np.bincount(s_seg, weights=(h_recent & (h_cat == t_cat[s_seg])), minlength=b) > 0
-        logit = 2.0 * np.log1p(evidence) + 3.0 * short_match - 2.5
+        logit = 2.5 * np.log1p(evidence) + 2.0 * short_match - 3.0
         labels = (rng.random(b) < 1 / (1 + np.exp(-logit))).astype(np.float32)
         relevant = match & (cos > 0.7)
 
