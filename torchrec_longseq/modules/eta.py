@@ -17,7 +17,7 @@ from torchrec import EmbeddingCollection, KeyedJaggedTensor
 
 from torchrec_longseq.data.batch import HIST_ITEM, TARGET_ITEM
 from torchrec_longseq.modules.derived import ItemDerivedTable
-from torchrec_longseq.retrieval import simhash
+from torchrec_longseq.retrieval import kernels, simhash
 
 
 class SimHashSearch(nn.Module):
@@ -49,8 +49,22 @@ class SimHashSearch(nn.Module):
         self, features: KeyedJaggedTensor, lookup: EmbeddingCollection
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         hist = features[HIST_ITEM]
-        indices, lengths = simhash.simhash_topk(
-            self.signatures(hist.values()), hist.offsets(),
-            self.signatures(features[TARGET_ITEM].values()), self.k,
-        )
+        indices, lengths = signature_topk(self.signatures.table, hist.values(), hist.offsets(),
+                                          features[TARGET_ITEM].values(), self.k)
         return indices, lengths, None
+
+
+@torch.fx.wrap
+def signature_topk(table: torch.Tensor, items: torch.Tensor, offsets: torch.Tensor,
+                   target_items: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hamming top-k of the history against the candidate, both read from the signature table.
+
+    On CPU the compiled one-pass kernel (``retrieval.kernels``); on GPU, or with
+    ``TORCHREC_LONGSEQ_KERNELS=0``, the torch ops of ``simhash_topk``. Both give identical
+    results (tested).
+    """
+    targets = table[target_items]
+    found = kernels.hamming_topk_by_id(table, items, offsets, targets, k)
+    if found is not None:
+        return found
+    return simhash.simhash_topk(table[items], offsets, targets, k)
