@@ -143,26 +143,30 @@ def _eta_table_exact(rank: int, sharding: str, refresh_every: int) -> None:
     apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": 0.5})
     sharded = shard(model, sharding)
     ctr = next(m for m in sharded.modules() if isinstance(m, LongSeqCTR))
-    table = next(m for m in sharded.modules() if isinstance(m, ItemDerivedTable))
+    tables = [m for m in sharded.modules() if isinstance(m, ItemDerivedTable)]
+    assert {t.key for t in tables} == {"target_item", "target_category"}
     ctr.refresh_derived_tables()
-    initial = table.table.clone()
+    initial = [t.table.clone() for t in tables]
     generator = SyntheticGenerator(DATA)
     steps = 4
     for step in range(1, steps + 1):
         loss, _ = sharded(generator.batch("train", step * WORLD + rank, 32))
         loss.backward()
         ctr.refresh_derived_tables(step)
-    key = next(k for k in sharded.state_dict() if k.endswith("embedding_collection.embeddings.item.weight"))
-    weights = full_weights(sharded, key, (DATA.num_items, ModelConfig().embedding_dim))
-    expected = table.derive(weights)
-    changed = (expected != initial).any(1)
-    assert changed.any(), "training changed no signature: the test would not see a stale table"
-    # exact mode: after every step; periodic mode: right after the rebuild at step 4
-    torch.testing.assert_close(table.table, expected, rtol=0, atol=0)
-    # every rank holds the same table
-    gathered = [torch.zeros_like(table.table) for _ in range(WORLD)]
-    dist.all_gather(gathered, table.table)
-    assert torch.equal(gathered[0], gathered[1])
+    dim = ModelConfig().embedding_dim
+    for table, before in zip(tables, initial):
+        name = "item" if table.key == "target_item" else "category"
+        key = next(k for k in sharded.state_dict()
+                   if k.endswith(f"embedding_collection.embeddings.{name}.weight"))
+        weights = full_weights(sharded, key, (table.table.size(0), dim))
+        expected = table.derive(weights)
+        assert (expected != before).any(1).any(), f"{name}: training changed no signature"
+        # exact mode: after every step; periodic mode: right after the rebuild at step 4
+        torch.testing.assert_close(table.table, expected, rtol=0, atol=0)
+        # every rank holds the same table
+        gathered = [torch.zeros_like(table.table) for _ in range(WORLD)]
+        dist.all_gather(gathered, table.table)
+        assert torch.equal(gathered[0], gathered[1])
 
 
 def _all_eta_tables_exact(rank: int) -> None:

@@ -66,7 +66,7 @@ def search_of(model: LongSeqCTR) -> SimHashSearch:
 
 
 def signatures_of(model: LongSeqCTR) -> ItemDerivedTable:
-    return search_of(model).signatures
+    return search_of(model).item_signatures
 
 
 def projection_of(model: LongSeqCTR) -> torch.Tensor:
@@ -230,8 +230,13 @@ def on_the_fly_retrieval(model: LongSeqCTR, batch: Batch, k: int
     retrieve: once with ``simhash_topk``, once with a Python loop; both must agree."""
     f = batch.features
     weight, projection = item_weight(model).detach(), projection_of(model)
-    hist = simhash_signatures(weight[f[HIST_ITEM].values()], projection)
-    target = simhash_signatures(weight[f[TARGET_ITEM].values()], projection)
+    cat_weight = model.embedding_collection.embeddings["category"].weight.detach()
+    cat_projection = search_of(model).category_signatures.derive.projection
+    # the behavior embedding [item; category] hashed with diag(H_item, H_category)
+    hist = torch.cat([simhash_signatures(weight[f[HIST_ITEM].values()], projection),
+                      simhash_signatures(cat_weight[f[HIST_CATEGORY].values()], cat_projection)], 1)
+    target = torch.cat([simhash_signatures(weight[f[TARGET_ITEM].values()], projection),
+                        simhash_signatures(cat_weight[f[TARGET_CATEGORY].values()], cat_projection)], 1)
     indices, lengths = simhash_topk(hist, f[HIST_ITEM].offsets(), target, k)
 
     expected, start = [], 0
@@ -328,8 +333,8 @@ def test_state_dict_carries_table_and_projection() -> None:
     model.refresh_derived_tables(step=1)
     state = model.state_dict()
     table = signatures_of(model).table
-    assert torch.equal(state["sequence_arch.search.signatures.table"], table)
-    assert torch.equal(state["sequence_arch.search.signatures.derive.projection"],
+    assert torch.equal(state["sequence_arch.search.item_signatures.table"], table)
+    assert torch.equal(state["sequence_arch.search.item_signatures.derive.projection"],
                        projection_of(model))
 
     fresh = make_model(seed=1)

@@ -23,8 +23,14 @@ def test_kernel_equals_torch_ops(lengths, words: int, num_items: int, k: int, se
     offsets = torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist())
     items = torch.randint(0, num_items, (int(offsets[-1]),), generator=g)
     targets = table[torch.randint(0, num_items, (len(lengths),), generator=g)]
-    expected = simhash.simhash_topk(table[items], offsets, targets, k)
-    found = kernels.hamming_topk_by_id(table, items, offsets, targets, k)
+    # second table: per-"category" signatures, a different id per behavior
+    categories = table.flip(0)[: max(num_items // 2, 1)]
+    cat_ids = items % categories.size(0)
+    cat_targets = categories[torch.randint(0, categories.size(0), (len(lengths),), generator=g)]
+    expected = simhash.simhash_topk(torch.cat([table[items], categories[cat_ids]], 1), offsets,
+                                    torch.cat([targets, cat_targets], 1), k)
+    found = kernels.hamming_topk_by_id(table, items, targets, categories, cat_ids, cat_targets,
+                                       offsets, k)
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
@@ -32,12 +38,15 @@ def test_kernel_equals_torch_ops(lengths, words: int, num_items: int, k: int, se
 def test_kernel_uses_the_sign_bit() -> None:
     table = torch.tensor([[0], [-(2**63)], [1]])  # item 1 differs from item 0 in bit 63 only
     offsets = torch.tensor([0, 3])
-    indices, lengths = kernels.hamming_topk_by_id(table, torch.tensor([1, 2, 0]), offsets,
-                                                  table[:1], 3)
+    none = torch.zeros(1, 1, dtype=torch.long)  # a category table that adds distance 0
+    indices, lengths = kernels.hamming_topk_by_id(table, torch.tensor([1, 2, 0]), table[:1], none,
+                                                  torch.zeros(3, dtype=torch.long), none, offsets, 3)
     assert indices.tolist() == [2, 1, 0] and lengths.tolist() == [3]  # d = 1, 1, 0 -> 0, then 1s latest first
 
 
 def test_disabled_kernel_returns_none(monkeypatch) -> None:
     monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", "0")
     table = torch.zeros(2, 1, dtype=torch.long)
-    assert kernels.hamming_topk_by_id(table, torch.tensor([0]), torch.tensor([0, 1]), table[:1], 1) is None
+    ids = torch.tensor([0])
+    assert kernels.hamming_topk_by_id(table, ids, table[:1], table, ids, table[:1],
+                                      torch.tensor([0, 1]), 1) is None

@@ -41,7 +41,14 @@ from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import ExactSearchUnit, SearchBasedInterest, WholeHistory
 from torchrec_longseq.modules.eta import SimHashSearch
-from torchrec_longseq.modules.sim import SEARCH_HIST, SEARCH_TARGET, HardSearch, SoftSearch
+from torchrec_longseq.modules.sim import (
+    SEARCH_HIST,
+    SEARCH_HIST_CATEGORY,
+    SEARCH_TARGET,
+    SEARCH_TARGET_CATEGORY,
+    HardSearch,
+    SoftSearch,
+)
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.modules.lookup import CATEGORY_KEYS, ITEM_KEYS
 
@@ -223,9 +230,12 @@ def _search(name: str, config: ModelConfig, table_sizes: Dict[str, int],
         table = EmbeddingCollection(
             tables=[EmbeddingConfig(name="search_item", embedding_dim=config.search_dim,
                                     num_embeddings=table_sizes[HIST_ITEM],
-                                    feature_names=[SEARCH_TARGET, SEARCH_HIST])],
+                                    feature_names=[SEARCH_TARGET, SEARCH_HIST]),
+                    EmbeddingConfig(name="search_category", embedding_dim=config.search_dim,
+                                    num_embeddings=table_sizes[HIST_CATEGORY],
+                                    feature_names=[SEARCH_TARGET_CATEGORY, SEARCH_HIST_CATEGORY])],
             device=device,
         )
-        return SoftSearch(table, config.search_dim, config.k, config.attention_hidden)
-    return SimHashSearch(table_sizes[HIST_ITEM], config.embedding_dim, config.hash_bits, config.k,
-                         config.refresh_every)
+        return SoftSearch(table, 2 * config.search_dim, config.k, config.attention_hidden)
+    return SimHashSearch((table_sizes[HIST_ITEM], table_sizes[HIST_CATEGORY]), config.embedding_dim,
+                         config.hash_bits, config.k, config.refresh_every)

@@ -25,19 +25,23 @@ from torch import nn
 from torchrec import EmbeddingCollection
 
 from torchrec_longseq.data.batch import TARGET_ITEM
-from torchrec_longseq.modules.lookup import item_features
+from torchrec_longseq.modules.lookup import id_features
 
 
 class ItemDerivedTable(nn.Module):
-    """A ``[num_items, width]`` buffer with ``table[i] = derive(item_embedding[i])``.
+    """A ``[num_items, width]`` buffer with ``table[i] = derive(embedding[i])``.
+
+    The embedding table is the one the lookup key ``key`` reads (``target_item``: the item table,
+    ``target_category``: the category table), so the same mechanism serves per-category tables.
 
     Args:
-        num_items (int): rows of the item table.
+        num_items (int): rows of the embedding table.
         width (int): columns of a derived row.
         dtype (torch.dtype): e.g. ``torch.int64`` for packed signatures.
         derive (Callable[[Tensor], Tensor]): ``[N, D]`` embeddings -> ``[N, width]``.
         refresh_every (int): 1 = exact (touched rows after every step); N > 1 = whole table every
             N steps (the periodic mode, for comparison).
+        key (str): the lookup key whose table the rows come from.
 
     Example::
 
@@ -47,8 +51,10 @@ class ItemDerivedTable(nn.Module):
     """
 
     def __init__(self, num_items: int, width: int, dtype: torch.dtype,
-                 derive: Callable[[torch.Tensor], torch.Tensor], refresh_every: int = 1) -> None:
+                 derive: Callable[[torch.Tensor], torch.Tensor], refresh_every: int = 1,
+                 key: str = TARGET_ITEM) -> None:
         super().__init__()
+        self.key = key
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         self.register_buffer("table", torch.zeros(num_items, width, dtype=dtype))
@@ -96,7 +102,7 @@ class ItemDerivedTable(nn.Module):
             self.refresh(lookup)
 
     def _derive_rows(self, lookup: EmbeddingCollection, items: torch.Tensor) -> torch.Tensor:
-        embeddings = lookup(item_features(items))[TARGET_ITEM].values()
+        embeddings = lookup(id_features(items, self.key))[self.key].values()
         return self.derive(embeddings).to(self.table.dtype)
 
 

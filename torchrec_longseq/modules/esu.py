@@ -7,7 +7,7 @@ from torch import nn
 from torchrec import EmbeddingCollection, KeyedJaggedTensor
 
 from torchrec_longseq import jagged
-from torchrec_longseq.data.batch import HIST_ITEM, TARGET_ITEM
+from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules import derived
 from torchrec_longseq.modules.attention import DINAttention, TargetAttention
 from torchrec_longseq.modules.lookup import lookup_behaviors
@@ -49,12 +49,16 @@ class ExactSearchUnit(nn.Module):
         return self.attention(target, keys, offsets)
 
 
+HISTORY_KEY = {TARGET_ITEM: HIST_ITEM, TARGET_CATEGORY: HIST_CATEGORY}
+
+
 @torch.fx.wrap
-def looked_up_items(features: KeyedJaggedTensor, retrieved: torch.Tensor,
-                    recent: torch.Tensor) -> torch.Tensor:
-    """Item ids of the candidate and of the retrieved and recent positions (what was looked up)."""
-    hist = features[HIST_ITEM].values()
-    return torch.cat([features[TARGET_ITEM].values(), hist[retrieved], hist[recent]])
+def looked_up_ids(features: KeyedJaggedTensor, key: str, retrieved: torch.Tensor,
+                  recent: torch.Tensor) -> torch.Tensor:
+    """Ids of ``key``'s table (``target_item`` or ``target_category``) that this step looked up:
+    the candidate's and those of the retrieved and recent positions."""
+    hist = features[HISTORY_KEY[key]].values()
+    return torch.cat([features[key].values(), hist[retrieved], hist[recent]])
 
 
 class WholeHistory(nn.Module):
@@ -121,11 +125,9 @@ class SearchBasedInterest(nn.Module):
         target, retrieved, retrieved_offsets, short, short_offsets = lookup_behaviors(
             lookup, features, (indices, lengths), recent
         )
-        tables = [m for m in self.search.modules() if isinstance(m, derived.ItemDerivedTable)]
-        if tables:  # exact derived tables re-derive these rows after the optimizer step
-            touched = looked_up_items(features, indices, recent[0])
-            for table in tables:
-                derived.remember_items(table, touched)
+        for table in self.search.modules():
+            if isinstance(table, derived.ItemDerivedTable):  # re-derived after the optimizer step
+                derived.remember_items(table, looked_up_ids(features, table.key, indices, recent[0]))
         intervals = intervals_of(history_time, request_time, offsets, indices)
         long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
         short_intervals = intervals_of(history_time, request_time, offsets, recent[0])

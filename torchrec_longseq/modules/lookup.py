@@ -68,13 +68,13 @@ def selection_features(
 
 
 @torch.fx.wrap
-def item_features(items: torch.Tensor) -> KeyedJaggedTensor:
-    """A KJT with ``items [N]`` under ``target_item`` (one per "sample") and every other lookup
-    key empty: reads N rows of the item table, e.g. to refresh a derived per-item table."""
-    n = items.numel()
-    lengths = torch.zeros(len(LOOKUP_KEYS) * n, dtype=torch.int32, device=items.device)
-    lengths[:n] = 1
-    return KeyedJaggedTensor(keys=LOOKUP_KEYS, values=items, lengths=lengths)
+def id_features(ids: torch.Tensor, key: str) -> KeyedJaggedTensor:
+    """A KJT with ``ids [N]`` under ``key`` (one per "sample") and every other lookup key empty:
+    reads N rows of that key's table, e.g. to refresh a derived per-id table."""
+    n = ids.numel()
+    lengths = torch.zeros(len(LOOKUP_KEYS), n, dtype=torch.int32, device=ids.device)
+    lengths[LOOKUP_KEYS.index(key)] = 1
+    return KeyedJaggedTensor(keys=LOOKUP_KEYS, values=ids, lengths=lengths.flatten())
 
 
 def _concat(embeddings: Dict[str, JaggedTensor], item: str, category: str) -> torch.Tensor:
