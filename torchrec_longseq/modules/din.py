@@ -1,4 +1,4 @@
-"""DIN baselines: target attention over the most recent N behaviors, or over the whole history."""
+"""DIN baseline: target attention over the most recent N behaviors."""
 
 from typing import List, Optional, Tuple
 
@@ -16,18 +16,17 @@ from torchrec_longseq.modules.time import TimeIntervalEmbedding, intervals_of
 class DIN(nn.Module):
     """DIN (Zhou et al., KDD 2018) as a sequence module of ``LongSeqCTR``.
 
-    With ``last_n = N`` only the N most recent behaviors are looked up and attended to (the
-    short-term baseline); with ``last_n = None`` the whole history is (the quality upper bound
-    that retrieval approximates, at O(L) lookup and attention cost). A behavior is its item
-    embedding concatenated with its category embedding (width ``2 D``); the attention unit also
-    sees its time-interval embedding, the same time information SIM's and ETA's ESU get, so the
-    whole-history model can weigh recent and old behaviors differently.
+    Only the ``last_n`` most recent behaviors are looked up and attended to: the short-term
+    baseline (the whole-history upper bound is ``SearchBasedInterest`` with ``WholeHistory``). A
+    behavior is its item embedding concatenated with its category embedding (width ``2 D``); the
+    attention unit also sees its time-interval embedding, the same time information SIM's and
+    ETA's ESU get.
 
     Args:
         embedding_dim (int): D, the width of the item and category tables.
         attention_hidden (List[int]): hidden widths of DIN's attention MLP.
         time_embedding (TimeIntervalEmbedding): encoder of request time - behavior time.
-        last_n (Optional[int]): how many recent behaviors to use; ``None`` for all.
+        last_n (int): how many recent behaviors to use.
 
     Output: ``[B, 4 D]``, the candidate's embedding and the attention-pooled history.
 
@@ -39,7 +38,7 @@ class DIN(nn.Module):
 
     def __init__(
         self, embedding_dim: int, attention_hidden: List[int],
-        time_embedding: TimeIntervalEmbedding, last_n: Optional[int] = 50,
+        time_embedding: TimeIntervalEmbedding, last_n: int = 50,
     ) -> None:
         super().__init__()
         self.last_n = last_n
@@ -56,10 +55,7 @@ class DIN(nn.Module):
         lookup: EmbeddingCollection,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         hist_offsets = features[HIST_ITEM].offsets()
-        if self.last_n is None:
-            selected = jagged.all_positions(hist_offsets)
-        else:
-            selected = jagged.last_n(hist_offsets, self.last_n)
+        selected = jagged.last_n(hist_offsets, self.last_n)
         target, behaviors, offsets, _, _ = lookup_behaviors(lookup, features, selected)
         intervals = intervals_of(history_time, request_time, hist_offsets, selected[0])
         pooled = self.attention(target, behaviors, offsets, self.time_embedding(intervals))
