@@ -203,7 +203,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
                                        rank=rank, world_size=world, start=start)
     history: List[Dict[str, float]] = []
     train_time = 0.0
-    progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc=args.model)
+    progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc=args.model,
+                    mininterval=2.0)
     for step, batch in enumerate(batches(train, args.num_workers), start=start + 1):
         check_batch(batch, data.table_sizes)
         t0 = time.perf_counter()

@@ -227,13 +227,18 @@ def _search(name: str, config: ModelConfig, table_sizes: Dict[str, int],
     if name == "sim-hard":
         return HardSearch(config.k)
     if name == "sim-soft":
+        # initialised in [-0.5, 0.5] (TorchRec's default is +-1/sqrt(rows)): with tiny vectors
+        # every score is ~0, the softmax of the auxiliary task is uniform and its gradient
+        # cannot separate behaviors, so soft search would not learn to search
         table = EmbeddingCollection(
             tables=[EmbeddingConfig(name="search_item", embedding_dim=config.search_dim,
                                     num_embeddings=table_sizes[HIST_ITEM],
-                                    feature_names=[SEARCH_TARGET, SEARCH_HIST]),
+                                    feature_names=[SEARCH_TARGET, SEARCH_HIST],
+                                    weight_init_min=-0.5, weight_init_max=0.5),
                     EmbeddingConfig(name="search_category", embedding_dim=config.search_dim,
                                     num_embeddings=table_sizes[HIST_CATEGORY],
-                                    feature_names=[SEARCH_TARGET_CATEGORY, SEARCH_HIST_CATEGORY])],
+                                    feature_names=[SEARCH_TARGET_CATEGORY, SEARCH_HIST_CATEGORY],
+                                    weight_init_min=-0.5, weight_init_max=0.5)],
             device=device,
         )
         return SoftSearch(table, 2 * config.search_dim, config.k, config.attention_hidden)
