@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from torchrec_longseq.retrieval.hard import hard_search
-from torchrec_longseq.retrieval.topk import jagged_topk, jagged_topk_smallest_int, select_jagged
+from torchrec_longseq.retrieval.topk import jagged_topk, jagged_topk_smallest_int
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -94,14 +94,6 @@ def test_jagged_topk_example() -> None:
     assert kept.tolist() == [2, 0, 2]
     indices, kept = jagged_topk(scores, offsets, 2, largest=False)
     assert indices.tolist() == [3, 0, 6, 5]
-
-
-def test_select_jagged() -> None:
-    values = torch.arange(10, 17)
-    gathered, offsets = select_jagged(values, torch.tensor([2, 1, 6]), torch.tensor([2, 0, 1]))
-    assert gathered.tolist() == [12, 11, 16]
-    assert offsets.tolist() == [0, 2, 2, 3]
-
 
 def reference_hard(
     history: List[int], lengths: List[int], target: List[int], k: int

@@ -10,8 +10,8 @@ The EmbeddingCollection built by ``build_model`` serves these keys (the same two
     item       target_item      hist_item      short_item
     category   target_category  hist_category  short_category
 
-``hist_*`` carries the long-term selection (the whole history for DIN-full, the retrieved k for
-SIM and ETA), ``short_*`` the recent window of the short-term branch. Every call sends every
+``hist_*`` carries the long-term selection (the last N for DIN, everything for din-full, the
+retrieved k for SIM and ETA), ``short_*`` the recent window of the short-term branch. Every call sends every
 key, empty where unused, since a (sharded) EmbeddingCollection expects all its features.
 """
 
@@ -33,26 +33,21 @@ LOOKUP_KEYS = [TARGET_ITEM, TARGET_CATEGORY, HIST_ITEM, HIST_CATEGORY, SHORT_ITE
 @torch.fx.wrap
 def selection_features(
     features: KeyedJaggedTensor,
-    long_indices: Optional[torch.Tensor],
-    long_lengths: Optional[torch.Tensor],
+    long_indices: torch.Tensor,
+    long_lengths: torch.Tensor,
     short_indices: Optional[torch.Tensor],
     short_lengths: Optional[torch.Tensor],
 ) -> KeyedJaggedTensor:
     """The KJT sent to the EmbeddingCollection: the candidate plus two history selections.
 
     ``*_indices [M]`` are positions into the history values and ``*_lengths [B]`` their count per
-    sample (as every search returns them). ``long_indices = None`` sends the whole history;
-    ``short_indices = None`` sends no short-term window.
+    sample (as every search returns them). ``short_indices = None`` sends no short-term window.
     """
     target_item = features[TARGET_ITEM]
     target_category = features[TARGET_CATEGORY]
     hist_item = features[HIST_ITEM].values()
     hist_category = features[HIST_CATEGORY].values()
-    if long_indices is None or long_lengths is None:
-        long_item, long_category = hist_item, hist_category
-        long_lengths = features[HIST_ITEM].lengths()
-    else:
-        long_item, long_category = hist_item[long_indices], hist_category[long_indices]
+    long_item, long_category = hist_item[long_indices], hist_category[long_indices]
     if short_indices is None or short_lengths is None:
         short_item = short_category = hist_item[:0]
         short_lengths = torch.zeros_like(long_lengths)
@@ -84,7 +79,7 @@ def _concat(embeddings: Dict[str, JaggedTensor], item: str, category: str) -> to
 def lookup_behaviors(
     lookup: EmbeddingCollection,
     features: KeyedJaggedTensor,
-    long: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    long: Tuple[torch.Tensor, torch.Tensor],
     short: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embeddings of the candidate and of two history selections (item and category concatenated).
@@ -92,15 +87,14 @@ def lookup_behaviors(
     Args:
         lookup (EmbeddingCollection): the (sharded) collection with ``LOOKUP_KEYS``.
         features (KeyedJaggedTensor): the batch's features.
-        long (Optional[Tuple[Tensor, Tensor]]): ``(indices, lengths)`` of the long-term
-            selection; ``None`` for the whole history.
+        long (Tuple[Tensor, Tensor]): ``(indices, lengths)`` of the long-term selection.
         short (Optional[Tuple[Tensor, Tensor]]): the short-term selection; ``None`` for none.
 
     Returns:
         ``(target [B, 2D], long [M, 2D], long_offsets [B + 1], short [S, 2D],
         short_offsets [B + 1])``.
     """
-    long_indices, long_lengths = long if long is not None else (None, None)
+    long_indices, long_lengths = long
     short_indices, short_lengths = short if short is not None else (None, None)
     kjt = selection_features(features, long_indices, long_lengths, short_indices, short_lengths)
     embeddings = lookup(kjt)  # one all-to-all for everything this module reads

@@ -8,14 +8,13 @@ from torchrec_longseq.retrieval.simhash import (
     simhash_signatures,
     simhash_topk,
 )
-from torchrec_longseq.retrieval.topk import jagged_topk, select_jagged
+from torchrec_longseq.retrieval.topk import jagged_topk
 
 __all__ = [
     "hamming_distance",
     "hard_search",
     "jagged_topk",
     "popcount64",
-    "select_jagged",
     "SimHash",
     "simhash_signatures",
     "simhash_topk",

@@ -4,7 +4,7 @@ from typing import Tuple
 
 import torch
 
-from torchrec_longseq.jagged import lengths_to_offsets, segment_ids
+from torchrec_longseq.jagged import segment_ids
 
 
 @torch.fx.wrap
@@ -94,11 +94,3 @@ def jagged_topk_smallest_int(
     sel_seg, sel_score = seg[selected], scores[selected]
     order = torch.argsort(sel_seg * (width * (n + 1)) + sel_score * (n + 1) + (n - selected))
     return selected[order], kept
-
-
-@torch.fx.wrap
-def select_jagged(
-    values: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gather ``values[indices]`` and return it with its new ``[B + 1]`` offsets."""
-    return values[indices], lengths_to_offsets(lengths)
