@@ -19,14 +19,13 @@ The world:
 * Every request shows ``candidates_per_request`` (4) candidates (the impressions that GAUC
   groups): half from a long-term interest (half of those in its subcluster), 30% from a
   short-term one, the rest random.
-* The label is Bernoulli(sigmoid(logit)) with ``logit = 4 E + 1.5 short_match - 2.5``, where
-  the evidence ``E = max_j relu(cos(target, j))^2 (0.5 + 0.5 exp(-age_j / 180 days))`` is the
-  best match among the behaviors older than the recent window with the candidate's category (0
-  if there is none), and ``short_match = 1`` when the candidate's category appears in the recent
-  window. The label thus depends mostly on evidence older than the last ``recent_window``
-  behaviors (measured on the test split: ranking by ``E`` alone gives AUC 0.73, by
-  ``short_match`` alone 0.60). ``E`` is a best match, not a count, so a model has to find the
-  right old behavior rather than estimate how many there are.
+* The label is Bernoulli(sigmoid(logit)) with ``logit = 2.5 log(1 + E) + 2 short_match - 3``,
+  where the evidence ``E = sum_j (0.3 + 0.7 relu(cos(target, j))^2) (0.5 + 0.5 exp(-age_j /
+  180 days))`` runs over the behaviors older than the recent window with the candidate's
+  category, and ``short_match = 1`` when the candidate's category appears in the recent window.
+  The label thus depends mostly on evidence older than the last ``recent_window`` behaviors
+  (measured on the test split: ranking by ``E`` alone gives AUC 0.83, by ``short_match`` alone
+  0.59).
 * Ground truth: ``relevant[j]`` marks the older behaviors with the candidate's category and
   ``cos > 0.7`` (the candidate's own subcluster), the ones that carry most of ``E``.
 
@@ -215,12 +214,10 @@ class SyntheticGenerator:
         # labels from the evidence older than the recent window
         cos = np.einsum("nd,nd->n", self.latents[h_item], self.latents[t_item[s_seg]])
         match = (h_cat == t_cat[s_seg]) & ~h_recent
-        decay = 0.5 + 0.5 * np.exp(-h_age / (180 * DAY))
-        contrib = np.where(match, np.maximum(cos, 0) ** 2 * decay, 0.0)
-        evidence = np.zeros(b)
-        np.maximum.at(evidence, s_seg, contrib)  # the best old match, not how many
+        contrib = np.where(match, (0.3 + 0.7 * np.maximum(cos, 0) ** 2) * (0.5 + 0.5 * np.exp(-h_age / (180 * DAY))), 0)
+        evidence = np.bincount(s_seg, weights=contrib, minlength=b)
         short_match = np.bincount(s_seg, weights=(h_recent & (h_cat == t_cat[s_seg])), minlength=b) > 0
-        logit = 4.0 * evidence + 1.5 * short_match - 2.5
+        logit = 2.5 * np.log1p(evidence) + 2.0 * short_match - 3.0
         labels = (rng.random(b) < 1 / (1 + np.exp(-logit))).astype(np.float32)
         relevant = match & (cos > 0.7)
 
