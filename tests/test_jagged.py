@@ -152,33 +152,3 @@ def test_segment_softmax_all_empty() -> None:
     assert out.shape == (0, 2)
     out.sum().backward()
     assert scores.grad.shape == (0, 2)
-
-
-@settings(max_examples=40, deadline=None)
-@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=5), seed=st.integers(0, 2**31 - 1))
-def test_segment_softmax_with_null_logit_matches_padded_reference(lengths, seed) -> None:
-    """Per segment: softmax over [scores, null] (a dense padded reference), null column dropped;
-    forward and the gradient of the null logit."""
-    g = torch.Generator().manual_seed(seed)
-    n, heads = sum(lengths), 2
-    scores = (3 * torch.randn(n, heads, generator=g)).requires_grad_()
-    null = torch.randn(heads, generator=g).requires_grad_()
-    offsets = lengths_to_offsets(torch.tensor(lengths))
-    got = segment_softmax(scores, segment_ids(offsets, n), len(lengths), null)
-    expected = []
-    for b, length in enumerate(lengths):
-        block = scores[int(offsets[b]):int(offsets[b + 1])]
-        with_null = torch.cat([block, null.unsqueeze(0)], dim=0)  # [L + 1, H]
-        expected.append(torch.softmax(with_null, dim=0)[:length])
-    expected = torch.cat(expected)
-    torch.testing.assert_close(got, expected)
-    weight = torch.randn(n, heads, generator=g)
-    grad_got = torch.autograd.grad((got * weight).sum(), [scores, null], allow_unused=True)
-    grad_expected = torch.autograd.grad((expected * weight).sum(), [scores, null], allow_unused=True)
-    for a, b in zip(grad_got, grad_expected):
-        if b is None:  # every segment empty: nothing depends on the inputs
-            assert a is None or not a.abs().any()
-        else:
-            torch.testing.assert_close(a, b)
-    if n:
-        assert torch.isfinite(got).all()

@@ -15,7 +15,7 @@ Every helper here is shape-dependent and therefore wrapped for ``torch.fx`` (Tor
 ``jagged.segment_ids(...)`` (module attribute), never ``from ... import segment_ids``.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -68,26 +68,16 @@ def segment_sum(values: torch.Tensor, segments: torch.Tensor, num_segments: int)
 
 
 @torch.fx.wrap
-def segment_softmax(scores: torch.Tensor, segments: torch.Tensor, num_segments: int,
-                    null_logit: Optional[torch.Tensor] = None) -> torch.Tensor:
+def segment_softmax(scores: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Softmax of ``[N, H]`` scores within each segment (per column).
 
-    With ``null_logit`` (``[H]``), every segment also has an implicit element of that score
-    whose weight is dropped: ``w_j = exp(s_j) / (exp(null) + sum_i exp(s_i))``, so a segment
-    whose scores are all well below ``null`` puts (almost) no weight anywhere.
     Empty segments simply have no rows, so nothing is ever divided by zero and no NaN appears.
     """
     shape = (num_segments,) + tuple(scores.shape[1:])
     index = segments.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
-    if null_logit is None:
-        start = scores.new_full(shape, float("-inf"))
-    else:
-        start = null_logit.detach().expand(shape).contiguous()
-    seg_max = start.scatter_reduce(0, index, scores, reduce="amax", include_self=True).detach()
-    exp = torch.exp(scores - seg_max.gather(0, index))
-    if null_logit is None:
-        denom = scores.new_zeros(shape)
-    else:
-        denom = torch.exp(null_logit.expand(shape) - seg_max)
-    denom = denom.index_add(0, segments, exp)
+    seg_max = scores.new_full(shape, float("-inf")).scatter_reduce(
+        0, index, scores, reduce="amax", include_self=True
+    )
+    exp = torch.exp(scores - seg_max.gather(0, index).detach())
+    denom = scores.new_zeros(shape).index_add(0, segments, exp)
     return exp / denom.gather(0, index)

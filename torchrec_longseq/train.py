@@ -65,8 +65,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--hash-bits", type=int, default=64, help="ETA SimHash bits m")
     p.add_argument("--refresh-every", type=int, default=1,
                    help="ETA signature table: 1 = exact (touched rows every step), N = all rows every N steps")
-    p.add_argument("--null-slot", action="store_true",
-                   help="ESU heads get a learned 'attend to nothing' logit")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of SIM soft search's auxiliary loss")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the main CTR loss")
     p.add_argument("--dense-lr", type=float, default=3e-3)
@@ -179,8 +177,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     data = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len)
     config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, num_heads=args.heads,
                          short_window=args.short_window, time_buckets=args.time_buckets,
-                         hash_bits=args.hash_bits, refresh_every=args.refresh_every,
-                         null_slot=args.null_slot)
+                         hash_bits=args.hash_bits, refresh_every=args.refresh_every)
     model = LongSeqCTRTrain(build_model(args.model, config, data.table_sizes,
                                         device=torch.device("cpu")), args.alpha, args.beta)
     model = shard(model, device, args.sharding, args.sparse_lr)

@@ -236,21 +236,3 @@ def test_mlp_layers() -> None:
     assert [type(x) for x in m] == [nn.Linear, nn.ReLU, nn.Linear]
     m = mlp(4, [8, 2])
     assert [type(x) for x in m] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU]
-
-
-def test_target_attention_null_slot_hand_computed() -> None:
-    """The null logit joins every softmax with a zero value: weights e^s / (e^null + sum e^s)."""
-    att = TargetAttention(query_dim=2, key_dim=2, num_heads=1, head_dim=2, null_slot=True)
-    with torch.no_grad():
-        for proj in (att.q_proj, att.k_proj, att.v_proj):
-            proj.weight.copy_(torch.eye(2))
-        att.null_logit.fill_(1.0)
-    s = 2**0.5
-    query = torch.tensor([[s * 1.0, 0.0], [1.0, 1.0]])
-    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # both in sample 0; sample 1 empty
-    out = att(query, keys, torch.tensor([0, 2, 2]))
-    e = torch.e  # scores 1 and 0, null 1: weights e / (2e + 1), 1 / (2e + 1)
-    expected = torch.tensor([[e / (2 * e + 1), 1 / (2 * e + 1)], [0.0, 0.0]])
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    assert att.null_logit.grad is not None and att.null_logit.grad.item() < 0  # more null, less out

@@ -164,7 +164,6 @@ class ModelConfig:
     search_dim: int = 8
     hash_bits: int = 64
     refresh_every: int = 1
-    null_slot: bool = False
 
 
 MODELS = ["avgpool", "din", "din-full", "sim-hard", "sim-soft", "eta"]
@@ -212,7 +211,7 @@ def build_model(
     elif name in ("din-full", "sim-hard", "sim-soft", "eta"):
         seq = SearchBasedInterest(
             _search(name, config, table_sizes, device),
-            ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim, config.null_slot),
+            ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim),
             DINAttention(2 * d, config.attention_hidden, config.time_embedding_dim),
             config.short_window,
         )

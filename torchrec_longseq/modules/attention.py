@@ -73,16 +73,11 @@ class TargetAttention(nn.Module):
     ``softmax_j(q . k_j / sqrt(Dh))`` weights the ``v_j``; heads are concatenated (SIM, ETA).
     An empty retrieval yields zeros.
 
-    With ``null_slot`` each head also has a learned "attend to nothing" logit in its softmax
-    (see ``jagged.segment_softmax``): when no behavior matches the candidate the head can output
-    ~0, as an empty hard-search retrieval does, instead of averaging unrelated behaviors.
-
     Args:
         query_dim (int): width of the candidate representation ``t``.
         key_dim (int): width of a behavior representation ``z_j``.
         num_heads (int): H.
         head_dim (int): Dh; the output has ``H * Dh`` columns.
-        null_slot (bool): add the learned null logit per head (default off: the papers' MHTA).
 
     Example::
 
@@ -90,12 +85,10 @@ class TargetAttention(nn.Module):
         out = att(torch.randn(2, 8), torch.randn(5, 12), torch.tensor([0, 3, 5]))  # [2, 8]
     """
 
-    def __init__(self, query_dim: int, key_dim: int, num_heads: int, head_dim: int,
-                 null_slot: bool = False) -> None:
+    def __init__(self, query_dim: int, key_dim: int, num_heads: int, head_dim: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.null_logit = nn.Parameter(torch.zeros(num_heads)) if null_slot else None
         self.q_proj = nn.Linear(query_dim, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(key_dim, num_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(key_dim, num_heads * head_dim, bias=False)
@@ -111,6 +104,6 @@ class TargetAttention(nn.Module):
         k = self.k_proj(keys).view(-1, self.num_heads, self.head_dim)  # [N, H, Dh]
         v = self.v_proj(keys).view(-1, self.num_heads, self.head_dim)  # [N, H, Dh]
         scores = (q[seg] * k).sum(-1) / self.head_dim**0.5  # [N, H]
-        weights = jagged.segment_softmax(scores, seg, query.size(0), self.null_logit)  # [N, H]
+        weights = jagged.segment_softmax(scores, seg, query.size(0))  # [N, H]
         out = jagged.segment_sum(weights.unsqueeze(-1) * v, seg, query.size(0))  # [B, H, Dh]
         return out.flatten(1)

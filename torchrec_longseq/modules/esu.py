@@ -26,7 +26,6 @@ class ExactSearchUnit(nn.Module):
         time_embedding (TimeIntervalEmbedding): the interval encoder.
         num_heads (int): attention heads.
         head_dim (int): width per head; the output is ``num_heads * head_dim``.
-        null_slot (bool): a learned "attend to nothing" logit per head (``TargetAttention``).
 
     Example::
 
@@ -35,11 +34,11 @@ class ExactSearchUnit(nn.Module):
     """
 
     def __init__(self, behavior_dim: int, time_embedding: TimeIntervalEmbedding, num_heads: int,
-                 head_dim: int, null_slot: bool = False) -> None:
+                 head_dim: int) -> None:
         super().__init__()
         self.time_embedding = time_embedding
         key_dim = behavior_dim + time_embedding.embedding.embedding_dim
-        self.attention = TargetAttention(behavior_dim, key_dim, num_heads, head_dim, null_slot)
+        self.attention = TargetAttention(behavior_dim, key_dim, num_heads, head_dim)
         self.output_dim = self.attention.output_dim
 
     def forward(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,
