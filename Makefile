@@ -7,9 +7,6 @@ STAMP := $(VENV)/.installed
 NPROC ?= 2
 DEMO_ARGS ?= --model eta --steps 600 --batch-size 128 --eval-every 200 --out runs/demo
 
-# the venv's bin first: torch's C++ extension build (retrieval/kernels.py) looks for ninja on PATH
-export PATH := $(CURDIR)/$(BIN):$(PATH)
-
 .PHONY: demo test bench venv clean
 
 venv: $(STAMP)

@@ -16,6 +16,7 @@ lock file / Debian; about a minute, cached in ``TORCH_EXTENSIONS_DIR``). The tor
 """
 
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -99,6 +100,12 @@ def _module():
     global _MODULE
     if _MODULE is None:
         from torch.utils.cpp_extension import load_inline
+
+        # the build runs `ninja` from PATH: make the one installed next to this Python (the
+        # lock file's) findable when the virtualenv is not activated
+        bin_dir = os.path.dirname(sys.executable)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
         _MODULE = load_inline(name="torchrec_longseq_kernels_v2", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2"], verbose=False)
