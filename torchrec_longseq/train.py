@@ -95,9 +95,15 @@ def init_distributed() -> torch.device:
     return device
 
 
+def table_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The embedding tables of every EmbeddingCollection / EmbeddingBagCollection in ``model``,
+    by parameter name (``...embeddings.<table>.weight`` / ``...embedding_bags.<table>.weight``)."""
+    return {n: p for n, p in model.named_parameters() if "embeddings." in n or "embedding_bags." in n}
+
+
 def sharding_constraints(model: nn.Module, sharding: str) -> Dict[str, ParameterConstraints]:
     """Per-table sharding types for the planner: one type for all tables, or the CPU-safe set."""
-    names = [n.split(".")[-2] for n, _ in model.named_parameters() if "embeddings." in n or "embedding_bags." in n]
+    names = [n.split(".")[-2] for n in table_parameters(model)]
     if sharding == "auto":
         if torch.cuda.is_available():
             return {}
@@ -109,8 +115,8 @@ def sharding_constraints(model: nn.Module, sharding: str) -> Dict[str, Parameter
 
 def shard(model: nn.Module, device: torch.device, sharding: str, sparse_lr: float) -> DistributedModelParallel:
     """Fused row-wise Adagrad on the tables, then DistributedModelParallel with a planned plan."""
-    tables = [p for n, p in model.named_parameters() if "embeddings." in n or "embedding_bags." in n]
-    apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": sparse_lr})
+    apply_optimizer_in_backward(RowWiseAdagrad, list(table_parameters(model).values()),
+                                {"lr": sparse_lr})
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=dist.get_world_size(), compute_device=device.type),
         constraints=sharding_constraints(model, sharding),

@@ -24,6 +24,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig, build_model
 from torchrec_longseq.modules.derived import ItemDerivedTable
+from torchrec_longseq.train import table_parameters
 
 WORLD = 2
 DATA = SyntheticConfig(max_seq_len=120, min_seq_len=0, num_users=500, num_items=1000,
@@ -57,12 +58,11 @@ def spawn(fn, *args) -> None:
 
 def shard(model: torch.nn.Module, sharding: str) -> DistributedModelParallel:
     constraints = {}
-    for name, _ in model.named_parameters():
-        if "embeddings." in name or "embedding_bags." in name:
-            table = name.split(".")[-2]
-            kind = "table_wise" if (table in POOLED_TABLES or "embedding_bags." in name) and \
-                sharding == "row_wise" else sharding
-            constraints[table] = ParameterConstraints(sharding_types=[kind])
+    for name in table_parameters(model):
+        table = name.split(".")[-2]
+        kind = "table_wise" if (table in POOLED_TABLES or "embedding_bags." in name) and \
+            sharding == "row_wise" else sharding
+        constraints[table] = ParameterConstraints(sharding_types=[kind])
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"),
                                        constraints=constraints)
     plan = planner.collective_plan(model, pg=dist.GroupMember.WORLD)
@@ -139,8 +139,7 @@ def _eta_table_exact(rank: int, sharding: str, refresh_every: int) -> None:
     torch.manual_seed(0)
     config = ModelConfig(refresh_every=refresh_every)
     model = LongSeqCTRTrain(build_model("eta", config, DATA.table_sizes))
-    tables = [p for n, p in model.named_parameters() if "embeddings." in n]
-    apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": 0.5})
+    apply_optimizer_in_backward(RowWiseAdagrad, list(table_parameters(model).values()), {"lr": 0.5})
     sharded = shard(model, sharding)
     ctr = next(m for m in sharded.modules() if isinstance(m, LongSeqCTR))
     tables = [m for m in sharded.modules() if isinstance(m, ItemDerivedTable)]
