@@ -64,7 +64,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--time-buckets", type=int, default=32, help="log-spaced time-interval buckets")
     p.add_argument("--hash-bits", type=int, default=64, help="ETA SimHash bits m")
     p.add_argument("--refresh-every", type=int, default=1,
-                   help="ETA signature table: 1 = exact (touched rows every step), N = all rows every N steps")
+                   help="ETA / SDIM / TWIN per-item tables: 1 = exact, N = all rows every N steps")
+    p.add_argument("--sdim-bits", type=int, default=48, help="SDIM hash bits m")
+    p.add_argument("--sdim-tau", type=int, default=3, help="SDIM bits per signature tau")
+    p.add_argument("--twin-k", type=int, default=100, help="behaviors kept by TWIN's search")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of SIM soft search's auxiliary loss")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the main CTR loss")
     p.add_argument("--dense-lr", type=float, default=3e-3)
@@ -146,8 +149,9 @@ def evaluate(model: nn.Module, data: SyntheticConfig, split: str, args: argparse
         _, (_, logits, labels) = model(batch)
         metrics.update(batch.user_ids, logits, labels)
         if search is not None:
-            indices, _, _ = search(batch.features, ctr.embedding_collection)
-            found += torch.stack(retrieval_recall(batch, indices, args.k))
+            indices, _, _ = search(batch.features, ctr.embedding_collection, batch.history_time,
+                                    batch.request_time)
+            found += torch.stack(retrieval_recall(batch, indices, getattr(search, "k", args.k)))
     model.train()
     result = metrics.compute()
     if search is not None:
@@ -183,7 +187,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     data = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len)
     config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, num_heads=args.heads,
                          short_window=args.short_window, time_buckets=args.time_buckets,
-                         hash_bits=args.hash_bits, refresh_every=args.refresh_every)
+                         hash_bits=args.hash_bits, refresh_every=args.refresh_every,
+                         sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k)
     model = LongSeqCTRTrain(build_model(args.model, config, data.table_sizes,
                                         device=torch.device("cpu")), args.alpha, args.beta)
     model = shard(model, device, args.sharding, args.sparse_lr)

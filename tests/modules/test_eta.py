@@ -301,7 +301,7 @@ def test_inference_path_equals_training_path() -> None:
     model.eval()
     for batch in (make_batch(0), make_batch(1)):
         indices, lengths = on_the_fly_retrieval(model, batch, K)
-        found, found_lengths, _ = search_of(model)(batch.features, model.embedding_collection)
+        found, found_lengths, _ = search_of(model)(batch.features, model.embedding_collection, None, None)
         assert torch.equal(found, indices) and torch.equal(found_lengths, lengths)
         torch.testing.assert_close(run(model, batch), plain_forward(model, batch, indices, lengths))
 
@@ -373,7 +373,7 @@ def test_signature_widths_work_end_to_end(num_bits: int) -> None:
         assert param.grad is None or torch.isfinite(param.grad).all(), name
     model.eval()
     indices, lengths = on_the_fly_retrieval(model, batch, K)
-    found, found_lengths, _ = search_of(model)(batch.features, model.embedding_collection)
+    found, found_lengths, _ = search_of(model)(batch.features, model.embedding_collection, None, None)
     assert torch.equal(found, indices) and torch.equal(found_lengths, lengths)
 
 

@@ -150,7 +150,7 @@ def test_hard_search_hand_example() -> None:
     features = make_features([[10, 20, 11, 12, 21, 13], [], [30, 31], [0, 14]],
                              [[1, 2, 1, 1, 2, 1], [], [3, 3], [0, 1]],
                              [15, 16, 0, 17], [1, 1, 0, 1])
-    indices, lengths, aux = HardSearch(2)(features, None)
+    indices, lengths, aux = HardSearch(2)(features, None, None, None)
     assert indices.tolist() == [3, 5, 9]
     assert lengths.tolist() == [2, 0, 0, 1]
     assert aux is None
@@ -162,7 +162,7 @@ def test_hard_search_matches_loop_on_generated_batch(k: int) -> None:
     f = batch.features
     cats = per_sample(f[HIST_CATEGORY].values(), f[HIST_CATEGORY].lengths())
     targets = f[TARGET_CATEGORY].values().tolist()
-    indices, lengths, _ = HardSearch(k)(f, None)
+    indices, lengths, _ = HardSearch(k)(f, None, None, None)
     expected, counts = hard_reference(cats, targets, k)
     assert per_sample(indices, lengths) == expected
     assert lengths.tolist() == counts
@@ -190,7 +190,7 @@ def test_hard_search_matches_loop_random(hist_cats: List[List[int]], data, k: in
                                  max_size=len(hist_cats)))
     items = [[7] * len(h) for h in hist_cats]
     features = make_features(items, hist_cats, [0] * len(targets), targets)
-    indices, lengths, _ = HardSearch(k)(features, None)
+    indices, lengths, _ = HardSearch(k)(features, None, None, None)
     expected, counts = hard_reference(hist_cats, targets, k)
     assert per_sample(indices, lengths) == expected
     assert lengths.tolist() == counts
@@ -286,7 +286,7 @@ def test_soft_search_hand_example() -> None:
     # sample 1 empty; sample 2: items 0 0 -> scores 0 0, k = 2 keeps both, later first: 6, 5
     features = make_features([[3, 1, 2, 1, 0], [], [0, 0]], [[0] * 5, [], [0, 0]],
                              [1, 1, 1], [0, 0, 0])
-    indices, lengths, aux = search(features, None)
+    indices, lengths, aux = search(features, None, None, None)
     assert indices.tolist() == [2, 3, 6, 5]
     assert lengths.tolist() == [2, 0, 2]
     assert aux.shape == (3,) and torch.isfinite(aux).all()
@@ -308,7 +308,7 @@ def test_soft_search_matches_dense_reference_with_exact_ties(
                                  max_size=len(hist_items)))
     features = make_features(hist_items, [[0] * len(h) for h in hist_items], targets,
                              [0] * len(targets))
-    indices, lengths, aux = search(features, None)
+    indices, lengths, aux = search(features, None, None, None)
     expected, _ = soft_reference(search, hist_items, targets)
     assert per_sample(indices, lengths) == expected
     torch.testing.assert_close(aux.double(), aux_reference(search, hist_items, targets),
@@ -326,7 +326,7 @@ def test_soft_search_matches_dense_reference_on_model() -> None:
     cats = per_sample(f[HIST_CATEGORY].values(), f[HIST_CATEGORY].lengths())
     target_cats = f[TARGET_CATEGORY].values().tolist()
     assert search.with_category  # the model's search space: item and category tables
-    indices, lengths, aux = search(f, model.embedding_collection)
+    indices, lengths, aux = search(f, model.embedding_collection, None, None)
     expected, scores = soft_reference(search, items, targets, cats, target_cats)
     # float32 vs float64 scores: the order is only comparable where two different items are
     # farther apart than float32 error; make sure no such near-tie decides this batch's top k
@@ -364,7 +364,7 @@ def test_soft_search_aux_loss_trains_the_whole_search_space() -> None:
     # every behavior of every sample (not only the retrieved k) and every target gets a gradient
     expected = set(f[HIST_ITEM].values().tolist()) | set(f[TARGET_ITEM].values().tolist())
     assert nonzero_rows(table_weight(search).grad) == expected
-    retrieved = set(f[HIST_ITEM].values()[search(f, None)[0]].tolist())
+    retrieved = set(f[HIST_ITEM].values()[search(f, None, None, None)[0]].tolist())
     assert len(expected - retrieved - set(f[TARGET_ITEM].values().tolist())) > 50
     assert search.w_a.weight.grad.abs().sum() > 0
     assert search.w_b.weight.grad.abs().sum() > 0
@@ -430,7 +430,7 @@ def test_main_table_gradients_reach_exactly_the_looked_up_rows(name: str) -> Non
                            num_categories=10, subclusters=10)
     batch = make_batch(1, data=long)
     f = batch.features
-    indices, lengths, _ = model.sequence_arch.search(f, model.embedding_collection)
+    indices, lengths, _ = model.sequence_arch.search(f, model.embedding_collection, None, None)
     items = per_sample(f[HIST_ITEM].values(), f[HIST_ITEM].lengths())
     cats = per_sample(f[HIST_CATEGORY].values(), f[HIST_CATEGORY].lengths())
     assert min(len(h) for h in items) > K + WINDOW
@@ -546,7 +546,7 @@ def test_no_behavior_of_the_target_category() -> None:
     other = [[(t + 1 + j % 3) % DATA.num_categories for j in range(n)]
              for t, n in zip(targets, lengths)]
     nomatch = replace_history(batch, lengths, categories=other)
-    _, found, _ = model.sequence_arch.search(nomatch.features, None)
+    _, found, _ = model.sequence_arch.search(nomatch.features, None, None, None)
     assert found.tolist() == [0] * B
     logits, aux = run(model, nomatch)
     assert aux is None and torch.isfinite(logits).all()

@@ -1,10 +1,13 @@
-"""The compiled CPU Hamming top-k equals the torch-ops ``simhash_topk`` (and so brute force,
-which tests/retrieval/test_simhash.py checks ``simhash_topk`` against)."""
+"""The compiled CPU kernels equal their torch-ops twins (which the other tests check against
+brute force): ETA's Hamming top-k, SIM's hard search, float top-k, TWIN's search, SDIM's
+collisions."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from torchrec_longseq.retrieval import kernels, simhash
+from torchrec_longseq.modules import sdim, twin
+from torchrec_longseq.retrieval import hard, kernels, simhash, topk
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,3 +53,100 @@ def test_disabled_kernel_returns_none(monkeypatch) -> None:
     ids = torch.tensor([0])
     assert kernels.hamming_topk_by_id(table, ids, table[:1], table, ids, table[:1],
                                       torch.tensor([0, 1]), 1) is None
+
+
+JAGGED = st.lists(st.integers(0, 40), min_size=0, max_size=6)
+
+
+def offsets_of(lengths) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist())
+
+
+def torch_ops(monkeypatch_env, fn, *args):
+    """``fn(*args)`` with the kernels switched off (the torch-ops path)."""
+    monkeypatch_env.setenv("TORCHREC_LONGSEQ_KERNELS", "0")
+    try:
+        return fn(*args)
+    finally:
+        monkeypatch_env.delenv("TORCHREC_LONGSEQ_KERNELS")
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=JAGGED, num_categories=st.integers(1, 6), k=st.integers(0, 45),
+       seed=st.integers(0, 2**31 - 1))
+def test_hard_kernel_equals_torch_ops(lengths, num_categories: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    offsets = offsets_of(lengths)
+    categories = torch.randint(0, num_categories, (int(offsets[-1]),), generator=g)
+    targets = torch.randint(0, num_categories + 1, (len(lengths),), generator=g)  # may match none
+    found = kernels.hard_topk(categories, offsets, targets, k)
+    with pytest.MonkeyPatch.context() as mp:
+        expected = torch_ops(mp, hard.hard_search, categories, offsets, targets, k)
+    assert found is not None
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=JAGGED, levels=st.integers(1, 5), k=st.integers(0, 45),
+       seed=st.integers(0, 2**31 - 1))
+def test_float_topk_kernel_equals_torch_ops(lengths, levels: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    offsets = offsets_of(lengths)
+    # few distinct values: many ties, which must go to the later position
+    scores = torch.randint(0, levels, (int(offsets[-1]),), generator=g).float() - 1.5
+    found = kernels.float_topk(scores, offsets, k)
+    with pytest.MonkeyPatch.context() as mp:
+        expected = torch_ops(mp, topk.jagged_topk, scores, offsets, k)
+    assert found is not None
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=JAGGED, heads=st.sampled_from([1, 2]), k=st.integers(0, 45),
+       seed=st.integers(0, 2**31 - 1))
+def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    offsets = offsets_of(lengths)
+    n, b, width = int(offsets[-1]), len(lengths), 4 * heads  # head_dim 4: sqrt is exact
+    # small integers: the scores are exact in float32 in any summation order, and tie often
+    item_rows = torch.randint(-2, 3, (7, 2 * width), generator=g).float()
+    category_rows = torch.randint(-2, 3, (3, 2 * width), generator=g).float()
+    items = torch.randint(0, 7, (n,), generator=g)
+    categories = torch.randint(0, 3, (n,), generator=g)
+    target_items = torch.randint(0, 7, (b,), generator=g)
+    target_categories = torch.randint(0, 3, (b,), generator=g)
+    bias = torch.randint(-2, 3, (n, heads), generator=g).float()
+    args = (item_rows, category_rows, items, categories, target_items, target_categories,
+            offsets, bias, heads, k)
+    found = twin.twin_topk(*args)
+    with pytest.MonkeyPatch.context() as mp:
+        expected = torch_ops(mp, twin.twin_topk, *args)
+    assert torch.equal(found[1], expected[1])
+    assert torch.equal(found[0], expected[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=JAGGED, tau=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1))
+def test_sdim_kernel_equals_torch_ops(lengths, tau: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    offsets = offsets_of(lengths)
+    n, b = int(offsets[-1]), len(lengths)
+    groups = 6 // tau
+    item_codes = torch.randint(0, 2**6, (9, 1), generator=g)  # few bits: collisions are common
+    category_codes = torch.randint(0, 2**6, (4, 1), generator=g)
+    items = torch.randint(0, 9, (n,), generator=g)
+    categories = torch.randint(0, 4, (n,), generator=g)
+    target_items = torch.randint(0, 9, (b,), generator=g)
+    target_categories = torch.randint(0, 4, (b,), generator=g)
+    args = (item_codes, items, category_codes, categories, target_items, target_categories,
+            offsets, tau, groups)
+    found = kernels.sdim_collisions(*args)
+    with pytest.MonkeyPatch.context() as mp:
+        expected = torch_ops(mp, sdim.collisions_by_id, *args)
+    assert found is not None
+    assert torch.equal(found[1], expected[1])
+    # the same (position, weights) per sample; the kernel lists pairs by first occurrence, the
+    # torch ops by id: compare as sets
+    def rows(positions, weights):
+        return sorted(zip(positions.tolist(), map(tuple, weights.tolist())))
+    assert rows(found[0], found[2]) == rows(expected[0], expected[2])

@@ -49,7 +49,9 @@ from torchrec_longseq.modules.sim import (
     HardSearch,
     SoftSearch,
 )
+from torchrec_longseq.modules.sdim import SDIM
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
+from torchrec_longseq.modules.twin import TwinSearch
 from torchrec_longseq.modules.lookup import CATEGORY_KEYS, ITEM_KEYS
 
 
@@ -149,7 +151,9 @@ class ModelConfig:
     ``k`` behaviors are retrieved by SIM / ETA; the ESU has ``num_heads`` heads of
     ``head_dim``; intervals go to ``time_buckets`` log buckets between one minute and ~15
     months; SIM soft search uses a ``search_dim``-wide table; ETA hashes to ``hash_bits`` bits
-    and rebuilds its signature table every ``refresh_every`` steps (1 = exact).
+    and rebuilds its signature table every ``refresh_every`` steps (1 = exact; the same for
+    SDIM's code tables and TWIN's key tables); SDIM hashes to ``sdim_bits`` bits in signatures of
+    ``sdim_tau`` bits; TWIN keeps ``twin_k`` behaviors.
     """
 
     embedding_dim: int = 16
@@ -164,9 +168,12 @@ class ModelConfig:
     search_dim: int = 8
     hash_bits: int = 64
     refresh_every: int = 1
+    sdim_bits: int = 48
+    sdim_tau: int = 3
+    twin_k: int = 100
 
 
-MODELS = ["avgpool", "din", "din-full", "sim-hard", "sim-soft", "eta"]
+MODELS = ["avgpool", "din", "din-full", "sim-hard", "sim-soft", "eta", "sdim", "twin"]
 
 
 def build_model(
@@ -208,6 +215,20 @@ def build_model(
     time = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
     if name == "din":
         seq: nn.Module = DIN(d, config.attention_hidden, time, last_n=config.short_window)
+    elif name == "sdim":
+        seq = SDIM((table_sizes[HIST_ITEM], table_sizes[HIST_CATEGORY]), d,
+                   config.attention_hidden, time, config.sdim_bits, config.sdim_tau,
+                   config.short_window, config.refresh_every)
+    elif name == "twin":
+        # the interval is a cross feature: one logit bias per head, shared by GSU and ESU (and
+        # the short-term branch's time feature)
+        bias = TimeIntervalEmbedding(config.num_heads, config.time_buckets)
+        esu = ExactSearchUnit(2 * d, bias, config.num_heads, config.head_dim, time_as_bias=True)
+        search = TwinSearch((table_sizes[HIST_ITEM], table_sizes[HIST_CATEGORY]), d, esu,
+                            config.twin_k, config.refresh_every)
+        seq = SearchBasedInterest(search, esu,
+                                  DINAttention(2 * d, config.attention_hidden, config.num_heads),
+                                  config.short_window)
     elif name in ("din-full", "sim-hard", "sim-soft", "eta"):
         seq = SearchBasedInterest(
             _search(name, config, table_sizes, device),

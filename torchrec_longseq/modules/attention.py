@@ -25,6 +25,16 @@ def mlp(in_dim: int, layer_sizes: List[int], final_activation: bool = True) -> n
     return nn.Sequential(*layers)
 
 
+def head_logits(query: torch.Tensor, keys: torch.Tensor, seg: torch.Tensor, num_heads: int,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scaled dot-product logits per head: projected ``query [B, H * Dh]`` against projected
+    ``keys [N, H * Dh]`` of sample ``seg [N]``, plus ``bias [N, H]`` -> ``[N, H]``."""
+    head_dim = keys.size(1) // num_heads
+    q = query.view(-1, num_heads, head_dim)[seg]  # [N, H, Dh]
+    logits = (q * keys.view(-1, num_heads, head_dim)).sum(-1) / head_dim**0.5
+    return logits if bias is None else logits + bias
+
+
 class DINAttention(nn.Module):
     """DIN's activation unit (Zhou et al., KDD 2018) over a jagged history.
 
@@ -70,7 +80,8 @@ class TargetAttention(nn.Module):
     """Multi-head scaled dot-product attention of the candidate over its retrieved behaviors.
 
     ``q = W_q t``, ``k_j = W_k z_j``, ``v_j = W_v z_j`` split into H heads of width ``Dh``; per head
-    ``softmax_j(q . k_j / sqrt(Dh))`` weights the ``v_j``; heads are concatenated (SIM, ETA).
+    ``softmax_j(q . k_j / sqrt(Dh) + bias_j)`` weights the ``v_j``; heads are concatenated (SIM,
+    ETA). ``bias [N, H]`` is optional (TWIN's scalar biases from user-item cross features).
     An empty retrieval yields zeros.
 
     Args:
@@ -97,13 +108,13 @@ class TargetAttention(nn.Module):
     def output_dim(self) -> int:
         return self.num_heads * self.head_dim
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``query [B, Dq]``, ``keys [N, Dk]``, ``offsets [B + 1]`` -> ``[B, H * Dh]``."""
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``query [B, Dq]``, ``keys [N, Dk]``, ``offsets [B + 1]``, ``bias [N, H]`` ->
+        ``[B, H * Dh]``."""
         seg = jagged.segment_ids(offsets, keys.size(0))
-        q = self.q_proj(query).view(-1, self.num_heads, self.head_dim)  # [B, H, Dh]
-        k = self.k_proj(keys).view(-1, self.num_heads, self.head_dim)  # [N, H, Dh]
         v = self.v_proj(keys).view(-1, self.num_heads, self.head_dim)  # [N, H, Dh]
-        scores = (q[seg] * k).sum(-1) / self.head_dim**0.5  # [N, H]
+        scores = head_logits(self.q_proj(query), self.k_proj(keys), seg, self.num_heads, bias)
         weights = jagged.segment_softmax(scores, seg, query.size(0))  # [N, H]
         out = jagged.segment_sum(weights.unsqueeze(-1) * v, seg, query.size(0))  # [B, H, Dh]
         return out.flatten(1)

@@ -12,6 +12,10 @@ values live in a per-item buffer, read by id:
   sparse (fused, row-wise) optimizer only looked-up rows change, so the table then equals
   deriving from the current embeddings, at O(touched rows) cost.
 
+A derivation with trained parameters of its own (TWIN's key and query projections) changes every
+row at every step, not only the touched ones: such a table (``trained_derive=True``) is rebuilt
+whole every ``refresh_every`` steps (1 = every step, exact), an O(catalog) refresh.
+
 Rows are read through the (sharded) EmbeddingCollection itself, so this works for any sharding.
 Under DistributedModelParallel each rank derives the rows it touched and the ranks exchange
 them (all_gather), so the replicated table stays identical on every rank.
@@ -42,6 +46,8 @@ class ItemDerivedTable(nn.Module):
         refresh_every (int): 1 = exact (touched rows after every step); N > 1 = whole table every
             N steps (the periodic mode, for comparison).
         key (str): the lookup key whose table the rows come from.
+        trained_derive (bool): ``derive`` has trained parameters, so every row changes at every
+            step: rebuild the whole table every ``refresh_every`` steps.
 
     Example::
 
@@ -52,7 +58,7 @@ class ItemDerivedTable(nn.Module):
 
     def __init__(self, num_items: int, width: int, dtype: torch.dtype,
                  derive: Callable[[torch.Tensor], torch.Tensor], refresh_every: int = 1,
-                 key: str = TARGET_ITEM) -> None:
+                 key: str = TARGET_ITEM, trained_derive: bool = False) -> None:
         super().__init__()
         self.key = key
         if refresh_every < 1:
@@ -60,6 +66,7 @@ class ItemDerivedTable(nn.Module):
         self.register_buffer("table", torch.zeros(num_items, width, dtype=dtype))
         self.derive = derive
         self.refresh_every = refresh_every
+        self.trained_derive = trained_derive
         self._touched: List[torch.Tensor] = []
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
@@ -68,7 +75,7 @@ class ItemDerivedTable(nn.Module):
 
     def remember(self, items: torch.Tensor) -> None:
         """Record ids looked up in this training step (exact mode only); see ``remember_items``."""
-        if self.training and self.refresh_every == 1:
+        if self.training and self.refresh_every == 1 and not self.trained_derive:
             self._touched.append(items.detach())
 
     @torch.no_grad()
@@ -96,7 +103,7 @@ class ItemDerivedTable(nn.Module):
     @torch.no_grad()
     def after_step(self, lookup: EmbeddingCollection, step: int) -> None:
         """Call after every optimizer step: exact or periodic refresh, as configured."""
-        if self.refresh_every == 1:
+        if self.refresh_every == 1 and not self.trained_derive:
             self.refresh_touched(lookup)
         elif step % self.refresh_every == 0:
             self.refresh(lookup)

@@ -21,11 +21,16 @@ class ExactSearchUnit(nn.Module):
     time`` (log-bucketed); the candidate ``t`` queries them with ``TargetAttention``, heads
     concatenated. Zero retrieved behaviors give a zero vector.
 
+    With ``time_as_bias`` (TWIN's split of the features), ``z_j = e_j`` holds only the item-side
+    (inherent) features and the interval, a user-item cross feature, is compressed to one
+    scalar bias per head added to the logits: ``time_embedding`` is then ``num_heads`` wide.
+
     Args:
         behavior_dim (int): width of ``e_j`` and of the candidate ``t``.
         time_embedding (TimeIntervalEmbedding): the interval encoder.
         num_heads (int): attention heads.
         head_dim (int): width per head; the output is ``num_heads * head_dim``.
+        time_as_bias (bool): the interval as a per-head logit bias instead of a key feature.
 
     Example::
 
@@ -34,10 +39,15 @@ class ExactSearchUnit(nn.Module):
     """
 
     def __init__(self, behavior_dim: int, time_embedding: TimeIntervalEmbedding, num_heads: int,
-                 head_dim: int) -> None:
+                 head_dim: int, time_as_bias: bool = False) -> None:
         super().__init__()
         self.time_embedding = time_embedding
-        key_dim = behavior_dim + time_embedding.embedding.embedding_dim
+        self.time_as_bias = time_as_bias
+        time_dim = time_embedding.embedding.embedding_dim
+        if time_as_bias and time_dim != num_heads:
+            raise ValueError(f"a time bias needs one value per head: time embedding width "
+                             f"{time_dim} != num_heads {num_heads}")
+        key_dim = behavior_dim if time_as_bias else behavior_dim + time_dim
         self.attention = TargetAttention(behavior_dim, key_dim, num_heads, head_dim)
         self.output_dim = self.attention.output_dim
 
@@ -45,6 +55,8 @@ class ExactSearchUnit(nn.Module):
                 intervals: torch.Tensor) -> torch.Tensor:
         """``target [B, D]``, ``behaviors [M, D]``, ``offsets [B + 1]``, ``intervals [M]`` ->
         ``[B, H * Dh]``."""
+        if self.time_as_bias:
+            return self.attention(target, behaviors, offsets, self.time_embedding(intervals))
         keys = torch.cat([behaviors, self.time_embedding(intervals)], dim=1)  # [M, D + Dt]
         return self.attention(target, keys, offsets)
 
@@ -70,7 +82,8 @@ class WholeHistory(nn.Module):
     """
 
     def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection
+        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
+        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         indices, lengths = jagged.all_positions(features[HIST_ITEM].offsets())
         return indices, lengths, None
@@ -91,7 +104,8 @@ class SearchBasedInterest(nn.Module):
     looked up: ``<= k + short_window + 1`` item rows per sample, whatever L is.
 
     Args:
-        search (nn.Module): ``search(features, lookup) -> (indices [M], lengths [B], aux)``
+        search (nn.Module): ``search(features, lookup, history_time, request_time) -> (indices [M],
+            lengths [B], aux)``
             (``HardSearch``, ``SoftSearch``, ``SimHashSearch``); ``aux`` is an auxiliary logit
             ``[B]`` or ``None``.
         esu (ExactSearchUnit): attention over the retrieved behaviors.
@@ -120,7 +134,7 @@ class SearchBasedInterest(nn.Module):
         lookup: EmbeddingCollection,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         offsets = features[HIST_ITEM].offsets()
-        indices, lengths, aux = self.search(features, lookup)
+        indices, lengths, aux = self.search(features, lookup, history_time, request_time)
         recent = jagged.last_n(offsets, self.short_window)
         target, retrieved, retrieved_offsets, short, short_offsets = lookup_behaviors(
             lookup, features, (indices, lengths), recent

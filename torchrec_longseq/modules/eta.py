@@ -32,7 +32,7 @@ class SimHashSearch(nn.Module):
     Args:
         table_sizes (Tuple[int, int]): rows of the item and of the category table.
         embedding_dim (int): width of the item and category embeddings.
-        num_bits (int): m, signature bits per block (32 or a multiple of 64): ``2 m`` in all.
+        num_bits (int): m, signature bits per block (1 to 64 or a multiple of 64): ``2 m`` in all.
         k (int): behaviors kept per sample; ties go to the more recent behavior.
         refresh_every (int): 1 = exact signature tables (default), N = re-hash all every N steps.
 
@@ -41,7 +41,7 @@ class SimHashSearch(nn.Module):
         search = SimHashSearch((10_000, 100), 16, num_bits=64, k=50)
         search.item_signatures.refresh(embedding_collection)
         search.category_signatures.refresh(embedding_collection)
-        indices, lengths, _ = search(features, embedding_collection)
+        indices, lengths, _ = search(features, embedding_collection, history_time, request_time)
     """
 
     def __init__(self, table_sizes: Tuple[int, int], embedding_dim: int, num_bits: int, k: int,
@@ -57,7 +57,8 @@ class SimHashSearch(nn.Module):
             refresh_every, key=TARGET_CATEGORY)
 
     def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection
+        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
+        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         hist_item, hist_category = features[HIST_ITEM], features[HIST_CATEGORY]
         indices, lengths = signature_topk(

@@ -49,7 +49,8 @@ class HardSearch(nn.Module):
         self.k = k
 
     def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection
+        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
+        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         hist = features[HIST_CATEGORY]
         indices, lengths = hard.hard_search(
@@ -111,7 +112,8 @@ class SoftSearch(nn.Module):
         self.aux = nn.Sequential(mlp(2 * search_dim, aux_hidden), nn.Linear(aux_hidden[-1], 1))
 
     def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection
+        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
+        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         embeddings = self.search_table(search_features(features, self.with_category))
         target = search_vectors(embeddings, SEARCH_TARGET, SEARCH_TARGET_CATEGORY,

@@ -5,6 +5,7 @@ from typing import Tuple
 import torch
 
 from torchrec_longseq.jagged import segment_ids
+from torchrec_longseq.retrieval import kernels
 
 
 @torch.fx.wrap
@@ -27,8 +28,14 @@ def hard_search(
         (so the last one is the most recent match). A sample with no behavior of the target's
         category (or an empty history) gets length 0.
 
-    One compare and one cumulative sum over the N behaviors: O(N), no sort, no padding.
+    On CPU a compiled kernel scans each sample from its most recent behavior backwards and stops
+    at the ``k``-th match (``retrieval.kernels.hard_topk``); elsewhere (and with
+    ``TORCHREC_LONGSEQ_KERNELS=0``) one compare and one cumulative sum over the N behaviors:
+    O(N), no sort, no padding. Both give identical results (tested).
     """
+    found = kernels.hard_topk(history_category, offsets, target_category, k)
+    if found is not None:
+        return found
     n = history_category.numel()
     batch = target_category.numel()
     seg = segment_ids(offsets, n)

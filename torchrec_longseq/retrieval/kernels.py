@@ -1,4 +1,8 @@
-"""A small compiled CPU kernel for ETA's retrieval: Hamming top-k straight from the signature table.
+"""Small compiled CPU kernels for the O(L) scans: ETA's Hamming top-k straight from the signature
+tables, SIM's hard search, float top-k per segment (SIM soft search), TWIN's search and SDIM's
+collisions. Each has a torch-ops twin that the tests compare it with and that GPU tensors use.
+
+ETA's kernel:
 
 ``simhash_topk`` in torch ops makes ~15 passes over the N history values (gather the
 signatures, expand the targets, xor, popcount, histogram, threshold, select). On CPU each pass
@@ -25,7 +29,21 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <unordered_map>
 #include <vector>
+
+// per-segment selections -> (indices [M], lengths [B])
+static std::vector<torch::Tensor> concat_segments(const std::vector<std::vector<int64_t>>& found) {
+  const int64_t B = found.size();
+  auto lengths = torch::empty({B}, torch::kInt64);
+  int64_t* len = lengths.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += (len[b] = found[b].size());
+  auto indices = torch::empty({total}, torch::kInt64);
+  int64_t* out = indices.data_ptr<int64_t>();
+  for (const auto& f : found) out = std::copy(f.begin(), f.end(), out);
+  return {indices, lengths};
+}
 
 // distance of behavior p = popcount(A[a_ids[p]] ^ a_target) + popcount(C[c_ids[p]] ^ c_target):
 // the Hamming distance of the concatenated signature, read from two per-id tables.
@@ -84,8 +102,154 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   return {indices, lengths};
 }
 
+// SIM hard search: the k most recent positions whose category equals the target's, returned
+// chronological per segment. Scans each segment backwards and stops at the k-th match.
+std::vector<torch::Tensor> hard_topk(torch::Tensor cats, torch::Tensor targets,
+                                     torch::Tensor offsets, int64_t k) {
+  cats = cats.to(torch::kInt64).contiguous(); targets = targets.to(torch::kInt64).contiguous();
+  offsets = offsets.to(torch::kInt64).contiguous();
+  const int64_t B = offsets.numel() - 1;
+  const int64_t *c = cats.data_ptr<int64_t>(), *t = targets.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> found(B);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      auto& f = found[b];
+      for (int64_t p = off[b + 1] - 1; p >= off[b] && (int64_t)f.size() < k; --p)
+        if (c[p] == t[b]) f.push_back(p);
+      std::reverse(f.begin(), f.end());
+    }
+  });
+  return concat_segments(found);
+}
+
+// indices of the k largest values of s[0..n) (ties: larger position first), best first
+static void select_largest(const float* s, int64_t n, int64_t k, std::vector<int64_t>& idx) {
+  idx.resize(n);
+  for (int64_t i = 0; i < n; ++i) idx[i] = n - 1 - i;
+  auto better = [s](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a > b); };
+  const int64_t want = std::min(n, k);
+  std::partial_sort(idx.begin(), idx.begin() + want, idx.end(), better);
+  idx.resize(want);
+}
+
+// top-k of float scores per segment, best first, ties to the more recent position
+std::vector<torch::Tensor> float_topk(torch::Tensor scores, torch::Tensor offsets, int64_t k) {
+  scores = scores.to(torch::kFloat32).contiguous(); offsets = offsets.to(torch::kInt64).contiguous();
+  const int64_t B = offsets.numel() - 1;
+  const float* s = scores.data_ptr<float>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> found(B);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> idx;
+    for (int64_t b = begin; b < end; ++b) {
+      select_largest(s + off[b], off[b + 1] - off[b], k, idx);
+      for (int64_t i : idx) found[b].push_back(off[b] + i);
+    }
+  });
+  return concat_segments(found);
+}
+
+// TWIN's search: score of p = scale * q_b . (I[items[p], w:2w] + C[cats[p], w:2w]) + bias[p],
+// top k per segment (best first, ties to the more recent position).
+std::vector<torch::Tensor> twin_topk_by_id(
+    torch::Tensor item_rows, torch::Tensor items, torch::Tensor cat_rows, torch::Tensor cats,
+    torch::Tensor queries, torch::Tensor bias, torch::Tensor offsets, int64_t k, double scale) {
+  item_rows = item_rows.to(torch::kFloat32).contiguous();
+  cat_rows = cat_rows.to(torch::kFloat32).contiguous();
+  queries = queries.to(torch::kFloat32).contiguous(); bias = bias.to(torch::kFloat32).contiguous();
+  items = items.to(torch::kInt64).contiguous(); cats = cats.to(torch::kInt64).contiguous();
+  offsets = offsets.to(torch::kInt64).contiguous();
+  const int64_t B = offsets.numel() - 1, w = queries.size(1), W = item_rows.size(1);
+  TORCH_CHECK(W == 2 * w && cat_rows.size(1) == W, "rows must be [*, 2 w] for queries [B, w]");
+  const float *I = item_rows.data_ptr<float>(), *C = cat_rows.data_ptr<float>();
+  const float *q = queries.data_ptr<float>(), *bi = bias.data_ptr<float>();
+  const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> found(B);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score;
+    std::vector<int64_t> idx;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t lo = off[b], n = off[b + 1] - lo;
+      const float* qb = q + b * w;
+      score.resize(n);
+      for (int64_t p = 0; p < n; ++p) {
+        const float *ki = I + it[lo + p] * W + w, *kc = C + ca[lo + p] * W + w;
+        float dot = 0.f;
+        for (int64_t j = 0; j < w; ++j) dot += qb[j] * (ki[j] + kc[j]);
+        score[p] = (float)(scale * dot) + bi[lo + p];
+      }
+      select_largest(score.data(), n, k, idx);
+      for (int64_t i : idx) found[b].push_back(lo + i);
+    }
+  });
+  return concat_segments(found);
+}
+
+// SDIM: per segment, the distinct (item, category) pairs whose codes collide with the target's
+// in at least one tau-bit group; first position, and per group count-if-collides.
+std::vector<torch::Tensor> sdim_collisions(
+    torch::Tensor item_codes, torch::Tensor items, torch::Tensor cat_codes, torch::Tensor cats,
+    torch::Tensor target_items, torch::Tensor target_cats, torch::Tensor offsets, int64_t tau,
+    int64_t groups_per_word) {
+  item_codes = item_codes.to(torch::kInt64).contiguous();
+  cat_codes = cat_codes.to(torch::kInt64).contiguous();
+  items = items.to(torch::kInt64).contiguous(); cats = cats.to(torch::kInt64).contiguous();
+  target_items = target_items.to(torch::kInt64).contiguous();
+  target_cats = target_cats.to(torch::kInt64).contiguous();
+  offsets = offsets.to(torch::kInt64).contiguous();
+  TORCH_CHECK(item_codes.size(1) == 1 && cat_codes.size(1) == 1, "one code word per id");
+  const int64_t B = offsets.numel() - 1, G = 2 * groups_per_word;
+  const int64_t *IC = item_codes.data_ptr<int64_t>(), *CC = cat_codes.data_ptr<int64_t>();
+  const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
+  const int64_t *ti = target_items.data_ptr<int64_t>(), *tc = target_cats.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const uint64_t group_mask = (tau >= 64) ? ~0ULL : ((1ULL << tau) - 1);
+  std::vector<std::vector<int64_t>> found(B);
+  std::vector<std::vector<float>> weights(B);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::unordered_map<int64_t, int64_t> slot;  // item * C + category -> index in found[b]
+    std::vector<int64_t> count, mask;
+    for (int64_t b = begin; b < end; ++b) {
+      slot.clear(); count.clear(); mask.clear();
+      const uint64_t target_i = IC[ti[b]], target_c = CC[tc[b]];
+      for (int64_t p = off[b]; p < off[b + 1]; ++p) {
+        const uint64_t di = (uint64_t)IC[it[p]] ^ target_i, dc = (uint64_t)CC[ca[p]] ^ target_c;
+        int64_t m = 0;
+        for (int64_t g = 0; g < groups_per_word; ++g) {
+          if (((di >> (g * tau)) & group_mask) == 0) m |= 1LL << g;
+          if (((dc >> (g * tau)) & group_mask) == 0) m |= 1LL << (groups_per_word + g);
+        }
+        if (m == 0) continue;
+        auto ins = slot.emplace(it[p] * (int64_t)(1LL << 31) + ca[p], (int64_t)count.size());
+        if (ins.second) { found[b].push_back(p); count.push_back(0); mask.push_back(m); }
+        count[ins.first->second] += 1;
+      }
+      auto& wb = weights[b];
+      wb.assign(count.size() * G, 0.f);
+      for (size_t u = 0; u < count.size(); ++u)
+        for (int64_t g = 0; g < G; ++g)
+          if ((mask[u] >> g) & 1) wb[u * G + g] = (float)count[u];
+    }
+  });
+  auto out = concat_segments(found);
+  auto w = torch::empty({out[0].numel(), G}, torch::kFloat32);
+  float* wp = w.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    std::copy(weights[b].begin(), weights[b].end(), wp);
+    wp += weights[b].size();
+  }
+  out.push_back(w);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hamming_topk_by_id", &hamming_topk_by_id, "Hamming top-k per jagged segment");
+  m.def("hard_topk", &hard_topk, "SIM hard search per jagged segment");
+  m.def("float_topk", &float_topk, "float top-k per jagged segment");
+  m.def("twin_topk_by_id", &twin_topk_by_id, "TWIN search per jagged segment");
+  m.def("sdim_collisions", &sdim_collisions, "SDIM collisions per jagged segment");
 }
 """
 
@@ -107,7 +271,7 @@ def _module():
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v2", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v3", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2"], verbose=False)
     return _MODULE
 
@@ -143,3 +307,62 @@ def hamming_topk_by_id(
                                                     category_table, category_ids,
                                                     category_targets, offsets, int(k))
     return indices, lengths
+
+
+def _applies(t: torch.Tensor) -> bool:
+    return kernels_enabled() and t.device.type == "cpu"
+
+
+def hard_topk(history_category: torch.Tensor, offsets: torch.Tensor,
+              target_category: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``retrieval.hard.hard_search`` compiled (or ``None``): each segment is scanned from its
+    most recent behavior backwards and the scan stops at the ``k``-th match, so the cost is the
+    distance back to the ``k``-th match, not L."""
+    if not _applies(history_category):
+        return None
+    indices, lengths = _module().hard_topk(history_category, target_category, offsets, int(k))
+    return indices, lengths
+
+
+def float_topk(scores: torch.Tensor, offsets: torch.Tensor,
+               k: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``retrieval.topk.jagged_topk(scores, offsets, k)`` (largest first, ties to the later
+    position) compiled: a partial sort per segment, O(L log k). ``None`` where it does not apply;
+    scores must not be NaN."""
+    if not _applies(scores):
+        return None
+    indices, lengths = _module().float_topk(scores.detach(), offsets, int(k))
+    return indices, lengths
+
+
+def twin_topk_by_id(item_rows: torch.Tensor, items: torch.Tensor, category_rows: torch.Tensor,
+                    categories: torch.Tensor, queries: torch.Tensor, bias: torch.Tensor,
+                    offsets: torch.Tensor, k: int,
+                    scale: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """TWIN's search in one pass per sample: score ``scale * q_b . (item_rows[i, w:] +
+    category_rows[c, w:]) + bias`` for every behavior, read by id (``queries [B, w]``, rows
+    ``[*, 2 w]``, ``bias [N]``), then the top ``k`` as ``float_topk``. ``None`` where it does not
+    apply."""
+    if not _applies(item_rows):
+        return None
+    indices, lengths = _module().twin_topk_by_id(item_rows, items, category_rows, categories,
+                                                 queries.detach(), bias.detach(), offsets,
+                                                 int(k), float(scale))
+    return indices, lengths
+
+
+def sdim_collisions(item_codes: torch.Tensor, items: torch.Tensor, category_codes: torch.Tensor,
+                    categories: torch.Tensor, target_items: torch.Tensor,
+                    target_categories: torch.Tensor, offsets: torch.Tensor, tau: int,
+                    groups_per_word: int
+                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """SDIM's ``collision_weights`` read from the code tables (``[rows, 1]`` int64) by id, with a
+    hash map per sample instead of a sort: ``(positions [U], lengths [B], weights [U, G])``, the
+    distinct pairs in order of first occurrence. Ids must be below 2^31. ``None`` where it does
+    not apply."""
+    if not _applies(item_codes):
+        return None
+    positions, lengths, weights = _module().sdim_collisions(
+        item_codes, items, category_codes, categories, target_items, target_categories, offsets,
+        int(tau), int(groups_per_word))
+    return positions, lengths, weights

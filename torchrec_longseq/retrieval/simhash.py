@@ -50,15 +50,15 @@ def _is_compiling() -> bool:
 def check_num_bits(num_bits: int) -> int:
     """Validate a signature width and return its number of int64 words.
 
-    ``num_bits`` must be 32 or a positive multiple of 64 (the packing unit); anything else raises
-    ``ValueError`` naming the value.
+    ``num_bits`` must fit one word (1 to 64; the unused high bits are 0) or be a multiple of 64
+    (the packing unit); anything else raises ``ValueError`` naming the value.
     """
     if isinstance(num_bits, bool) or not isinstance(num_bits, int):
         raise ValueError(
-            f"num_bits must be an int (32 or a positive multiple of 64), got {num_bits!r}"
+            f"num_bits must be an int (1 to 64 or a multiple of 64), got {num_bits!r}"
         )
-    if num_bits != 32 and (num_bits <= 0 or num_bits % WORD_BITS != 0):
-        raise ValueError(f"num_bits must be 32 or a positive multiple of 64, got {num_bits}")
+    if num_bits <= 0 or (num_bits > WORD_BITS and num_bits % WORD_BITS != 0):
+        raise ValueError(f"num_bits must be 1 to 64 or a multiple of 64, got {num_bits}")
     return (num_bits + WORD_BITS - 1) // WORD_BITS
 
 
@@ -151,12 +151,12 @@ def simhash_signatures(embeddings: torch.Tensor, projection: torch.Tensor) -> to
 
     Args:
         embeddings (Tensor): ``[N, d]`` float embeddings (detached here: no gradient).
-        projection (Tensor): ``[d, m]`` the fixed random hyperplanes ``H``; ``m`` is 32 or a
-            positive multiple of 64.
+        projection (Tensor): ``[d, m]`` the fixed random hyperplanes ``H``; ``m`` is 1 to 64 or
+            a multiple of 64.
 
     Returns:
         ``[N, W]`` int64, ``W = ceil(m / 64)``: bit ``i`` (``e . H[:, i] > 0``) is bit ``i % 64``
-        of word ``i // 64``; for ``m = 32`` the high 32 bits are 0. A projection of exactly 0
+        of word ``i // 64``; for ``m < 64`` the high bits are 0. A projection of exactly 0
         gives bit 0 (strict ``>``). ``N = 0`` gives a ``[0, W]`` tensor.
 
     Example::
@@ -180,7 +180,7 @@ def simhash_signatures(embeddings: torch.Tensor, projection: torch.Tensor) -> to
     with torch.no_grad():
         proj = embeddings.detach().to(projection.dtype) @ projection.detach()  # [N, m]
         bits = (proj > 0).to(torch.uint8)
-        if num_bits < num_words * WORD_BITS:  # m = 32: high half of the word is 0
+        if num_bits < num_words * WORD_BITS:  # m < 64: the high bits of the word are 0
             bits = torch.cat([bits, bits.new_zeros(n, num_words * WORD_BITS - num_bits)], dim=1)
         # pack 8 bits per byte first, then 8 bytes per word: the widest temporary stays at
         # one byte per bit instead of eight
@@ -257,7 +257,7 @@ class SimHash(nn.Module):
 
     Args:
         embedding_dim (int): ``d``, the embedding dimension.
-        num_bits (int): ``m``, signature bits: 32 or a positive multiple of 64 (ETA finds AUC
+        num_bits (int): ``m``, signature bits: 1 to 64 or a multiple of 64 (ETA finds AUC
             levels off near ``m = 2 d``).
         seed (int): seed of the projection.
         device (Optional[torch.device]): where the buffer lives.

@@ -5,6 +5,7 @@ from typing import Tuple
 import torch
 
 from torchrec_longseq.jagged import segment_ids
+from torchrec_longseq.retrieval import kernels
 
 
 @torch.fx.wrap
@@ -24,8 +25,14 @@ def jagged_topk(
         ``lengths = min(L_b, k)``. Ties are broken by recency: the later position wins.
 
     A segmented sort (segment asc, score best-first, position desc), done as stable sorts over the
-    N values: O(N log N) work, memory O(N), whatever the longest segment is.
+    N values: O(N log N) work, memory O(N), whatever the longest segment is. For float scores on
+    CPU (largest first) a compiled partial sort per segment runs instead
+    (``retrieval.kernels.float_topk``, O(N log k), identical results); scores must not be NaN.
     """
+    if largest and scores.is_floating_point():
+        found = kernels.float_topk(scores, offsets, k)
+        if found is not None:
+            return found
     n = scores.numel()
     lengths = offsets[1:] - offsets[:-1]
     kept = lengths.clamp(max=k)
