@@ -19,13 +19,13 @@ The world:
 * Every request shows ``candidates_per_request`` (4) candidates (the impressions that GAUC
   groups): half from a long-term interest (half of those in its subcluster), 30% from a
   short-term one, the rest random.
-* The label is Bernoulli(sigmoid(logit)) with ``logit = 2.5 log(1 + E) + 2 short_match - 3``,
+* The label is Bernoulli(sigmoid(logit)) with ``logit = 2.5 log(1 + E) + short_match - 3``,
   where the evidence ``E = sum_j (0.3 + 0.7 relu(cos(target, j))^2) (0.5 + 0.5 exp(-age_j /
   180 days))`` runs over the behaviors older than the recent window with the candidate's
   category, and ``short_match = 1`` when the candidate's category appears in the recent window.
   The label thus depends mostly on evidence older than the last ``recent_window`` behaviors
-  (measured on the test split: ranking by ``E`` alone gives AUC 0.83, by ``short_match`` alone
-  0.59).
+  (measured on the test split, 15,360 samples: ranking by ``E`` alone gives AUC 0.863, by
+  ``short_match`` alone 0.518, by the true logit 0.873, the best any model can do).
 * Ground truth: ``relevant[j]`` marks the older behaviors with the candidate's category and
   ``cos > 0.7`` (the candidate's own subcluster), the ones that carry most of ``E``.
 
@@ -217,7 +217,7 @@ class SyntheticGenerator:
         contrib = np.where(match, (0.3 + 0.7 * np.maximum(cos, 0) ** 2) * (0.5 + 0.5 * np.exp(-h_age / (180 * DAY))), 0)
         evidence = np.bincount(s_seg, weights=contrib, minlength=b)
         short_match = np.bincount(s_seg, weights=(h_recent & (h_cat == t_cat[s_seg])), minlength=b) > 0
-        logit = 2.5 * np.log1p(evidence) + 2.0 * short_match - 3.0
+        logit = 2.5 * np.log1p(evidence) + 1.0 * short_match - 3.0
         labels = (rng.random(b) < 1 / (1 + np.exp(-logit))).astype(np.float32)
         relevant = match & (cos > 0.7)
 

@@ -50,22 +50,22 @@ static std::vector<torch::Tensor> concat_segments(const std::vector<std::vector<
 std::vector<torch::Tensor> hamming_topk_by_id(
     torch::Tensor a_table, torch::Tensor a_ids, torch::Tensor a_targets,
     torch::Tensor c_table, torch::Tensor c_ids, torch::Tensor c_targets,
-    torch::Tensor offsets, int64_t k) {
+    torch::Tensor starts, torch::Tensor ends, int64_t k) {
   for (auto* t : {&a_table, &a_targets, &c_table, &c_targets}) {
     TORCH_CHECK(t->dtype() == torch::kInt64 && t->dim() == 2, "signatures must be int64 [rows, W]");
     *t = t->contiguous();
   }
   a_ids = a_ids.to(torch::kInt64).contiguous(); c_ids = c_ids.to(torch::kInt64).contiguous();
-  offsets = offsets.to(torch::kInt64).contiguous();
-  const int64_t WA = a_table.size(1), WC = c_table.size(1), B = offsets.numel() - 1;
+  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  const int64_t WA = a_table.size(1), WC = c_table.size(1), B = starts.numel();
   const int64_t max_d = 64 * (WA + WC);
   const int64_t *A = a_table.data_ptr<int64_t>(), *C = c_table.data_ptr<int64_t>();
   const int64_t *ai = a_ids.data_ptr<int64_t>(), *ci = c_ids.data_ptr<int64_t>();
   const int64_t *at = a_targets.data_ptr<int64_t>(), *ct = c_targets.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   auto lengths = torch::empty({B}, torch::kInt64);
   int64_t* len = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) len[b] = std::max<int64_t>(0, std::min(off[b + 1] - off[b], k));
+  for (int64_t b = 0; b < B; ++b) len[b] = std::max<int64_t>(0, std::min(en[b] - st[b], k));
   std::vector<int64_t> out_off(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) out_off[b + 1] = out_off[b] + len[b];
   auto indices = torch::empty({out_off[B]}, torch::kInt64);
@@ -74,7 +74,7 @@ std::vector<torch::Tensor> hamming_topk_by_id(
     std::vector<int64_t> hist(max_d + 1), dist;
     std::vector<std::pair<int64_t, int64_t>> picked;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t lo = off[b], hi = off[b + 1], want = len[b];
+      const int64_t lo = st[b], hi = en[b], want = len[b];
       if (want == 0) continue;
       dist.resize(hi - lo);
       std::fill(hist.begin(), hist.end(), 0);
@@ -105,17 +105,17 @@ std::vector<torch::Tensor> hamming_topk_by_id(
 // SIM hard search: the k most recent positions whose category equals the target's, returned
 // chronological per segment. Scans each segment backwards and stops at the k-th match.
 std::vector<torch::Tensor> hard_topk(torch::Tensor cats, torch::Tensor targets,
-                                     torch::Tensor offsets, int64_t k) {
+                                     torch::Tensor starts, torch::Tensor ends, int64_t k) {
   cats = cats.to(torch::kInt64).contiguous(); targets = targets.to(torch::kInt64).contiguous();
-  offsets = offsets.to(torch::kInt64).contiguous();
-  const int64_t B = offsets.numel() - 1;
+  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  const int64_t B = starts.numel();
   const int64_t *c = cats.data_ptr<int64_t>(), *t = targets.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   std::vector<std::vector<int64_t>> found(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       auto& f = found[b];
-      for (int64_t p = off[b + 1] - 1; p >= off[b] && (int64_t)f.size() < k; --p)
+      for (int64_t p = en[b] - 1; p >= st[b] && (int64_t)f.size() < k; --p)
         if (c[p] == t[b]) f.push_back(p);
       std::reverse(f.begin(), f.end());
     }
@@ -134,17 +134,19 @@ static void select_largest(const float* s, int64_t n, int64_t k, std::vector<int
 }
 
 // top-k of float scores per segment, best first, ties to the more recent position
-std::vector<torch::Tensor> float_topk(torch::Tensor scores, torch::Tensor offsets, int64_t k) {
-  scores = scores.to(torch::kFloat32).contiguous(); offsets = offsets.to(torch::kInt64).contiguous();
-  const int64_t B = offsets.numel() - 1;
+std::vector<torch::Tensor> float_topk(torch::Tensor scores, torch::Tensor starts, torch::Tensor ends,
+                                      int64_t k) {
+  scores = scores.to(torch::kFloat32).contiguous();
+  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  const int64_t B = starts.numel();
   const float* s = scores.data_ptr<float>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   std::vector<std::vector<int64_t>> found(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> idx;
     for (int64_t b = begin; b < end; ++b) {
-      select_largest(s + off[b], off[b + 1] - off[b], k, idx);
-      for (int64_t i : idx) found[b].push_back(off[b] + i);
+      select_largest(s + st[b], en[b] - st[b], k, idx);
+      for (int64_t i : idx) found[b].push_back(st[b] + i);
     }
   });
   return concat_segments(found);
@@ -154,24 +156,25 @@ std::vector<torch::Tensor> float_topk(torch::Tensor scores, torch::Tensor offset
 // top k per segment (best first, ties to the more recent position).
 std::vector<torch::Tensor> twin_topk_by_id(
     torch::Tensor item_rows, torch::Tensor items, torch::Tensor cat_rows, torch::Tensor cats,
-    torch::Tensor queries, torch::Tensor bias, torch::Tensor offsets, int64_t k, double scale) {
+    torch::Tensor queries, torch::Tensor bias, torch::Tensor starts, torch::Tensor ends, int64_t k,
+    double scale) {
   item_rows = item_rows.to(torch::kFloat32).contiguous();
   cat_rows = cat_rows.to(torch::kFloat32).contiguous();
   queries = queries.to(torch::kFloat32).contiguous(); bias = bias.to(torch::kFloat32).contiguous();
   items = items.to(torch::kInt64).contiguous(); cats = cats.to(torch::kInt64).contiguous();
-  offsets = offsets.to(torch::kInt64).contiguous();
-  const int64_t B = offsets.numel() - 1, w = queries.size(1), W = item_rows.size(1);
+  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  const int64_t B = starts.numel(), w = queries.size(1), W = item_rows.size(1);
   TORCH_CHECK(W == 2 * w && cat_rows.size(1) == W, "rows must be [*, 2 w] for queries [B, w]");
   const float *I = item_rows.data_ptr<float>(), *C = cat_rows.data_ptr<float>();
   const float *q = queries.data_ptr<float>(), *bi = bias.data_ptr<float>();
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   std::vector<std::vector<int64_t>> found(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score;
     std::vector<int64_t> idx;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t lo = off[b], n = off[b + 1] - lo;
+      const int64_t lo = st[b], n = en[b] - lo;
       const float* qb = q + b * w;
       score.resize(n);
       for (int64_t p = 0; p < n; ++p) {
@@ -191,20 +194,20 @@ std::vector<torch::Tensor> twin_topk_by_id(
 // in at least one tau-bit group; first position, and per group count-if-collides.
 std::vector<torch::Tensor> sdim_collisions(
     torch::Tensor item_codes, torch::Tensor items, torch::Tensor cat_codes, torch::Tensor cats,
-    torch::Tensor target_items, torch::Tensor target_cats, torch::Tensor offsets, int64_t tau,
-    int64_t groups_per_word) {
+    torch::Tensor target_items, torch::Tensor target_cats, torch::Tensor starts, torch::Tensor ends,
+    int64_t tau, int64_t groups_per_word) {
   item_codes = item_codes.to(torch::kInt64).contiguous();
   cat_codes = cat_codes.to(torch::kInt64).contiguous();
   items = items.to(torch::kInt64).contiguous(); cats = cats.to(torch::kInt64).contiguous();
   target_items = target_items.to(torch::kInt64).contiguous();
   target_cats = target_cats.to(torch::kInt64).contiguous();
-  offsets = offsets.to(torch::kInt64).contiguous();
+  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
   TORCH_CHECK(item_codes.size(1) == 1 && cat_codes.size(1) == 1, "one code word per id");
-  const int64_t B = offsets.numel() - 1, G = 2 * groups_per_word;
+  const int64_t B = starts.numel(), G = 2 * groups_per_word;
   const int64_t *IC = item_codes.data_ptr<int64_t>(), *CC = cat_codes.data_ptr<int64_t>();
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
   const int64_t *ti = target_items.data_ptr<int64_t>(), *tc = target_cats.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   const uint64_t group_mask = (tau >= 64) ? ~0ULL : ((1ULL << tau) - 1);
   std::vector<std::vector<int64_t>> found(B);
   std::vector<std::vector<float>> weights(B);
@@ -214,7 +217,7 @@ std::vector<torch::Tensor> sdim_collisions(
     for (int64_t b = begin; b < end; ++b) {
       slot.clear(); count.clear(); mask.clear();
       const uint64_t target_i = IC[ti[b]], target_c = CC[tc[b]];
-      for (int64_t p = off[b]; p < off[b + 1]; ++p) {
+      for (int64_t p = st[b]; p < en[b]; ++p) {
         const uint64_t di = (uint64_t)IC[it[p]] ^ target_i, dc = (uint64_t)CC[ca[p]] ^ target_c;
         int64_t m = 0;
         for (int64_t g = 0; g < groups_per_word; ++g) {
@@ -271,7 +274,7 @@ def _module():
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v3", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v4", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2"], verbose=False)
     return _MODULE
 
@@ -279,7 +282,7 @@ def _module():
 def hamming_topk_by_id(
     item_table: torch.Tensor, item_ids: torch.Tensor, item_targets: torch.Tensor,
     category_table: torch.Tensor, category_ids: torch.Tensor, category_targets: torch.Tensor,
-    offsets: torch.Tensor, k: int,
+    offsets: Optional[torch.Tensor], k: int,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """The compiled Hamming top-k, or ``None`` where it does not apply (GPU tensors, disabled).
 
@@ -294,7 +297,8 @@ def hamming_topk_by_id(
         category_table (Tensor): ``[C, Wc]`` int64 packed signatures per category.
         category_ids (Tensor): ``[N]`` history category ids.
         category_targets (Tensor): ``[B, Wc]`` candidate category signatures.
-        offsets (Tensor): ``[B + 1]`` history offsets.
+        offsets (Optional[Tensor]): ``[B + 1]`` history offsets, or ``None``: one history shared
+            by all B candidates (serving).
         k (int): at most this many per sample.
 
     Returns:
@@ -303,24 +307,37 @@ def hamming_topk_by_id(
     """
     if not kernels_enabled() or item_table.device.type != "cpu":
         return None
+    starts, ends = segments(offsets, item_ids.numel(), item_targets.size(0))
     indices, lengths = _module().hamming_topk_by_id(item_table, item_ids, item_targets,
                                                     category_table, category_ids,
-                                                    category_targets, offsets, int(k))
+                                                    category_targets, starts, ends, int(k))
     return indices, lengths
+
+
+def segments(offsets: Optional[torch.Tensor], num_values: int,
+             batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(starts [B], ends [B])`` of the jagged segments: from ``offsets [B + 1]``, or, for
+    ``offsets=None``, every one of the ``batch`` candidates reading all ``num_values`` values (one
+    user's history shared by its candidates, as in serving)."""
+    if offsets is None:
+        return (torch.zeros(batch, dtype=torch.long),
+                torch.full((batch,), num_values, dtype=torch.long))
+    return offsets[:-1], offsets[1:]
 
 
 def _applies(t: torch.Tensor) -> bool:
     return kernels_enabled() and t.device.type == "cpu"
 
 
-def hard_topk(history_category: torch.Tensor, offsets: torch.Tensor,
+def hard_topk(history_category: torch.Tensor, offsets: Optional[torch.Tensor],
               target_category: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``retrieval.hard.hard_search`` compiled (or ``None``): each segment is scanned from its
     most recent behavior backwards and the scan stops at the ``k``-th match, so the cost is the
     distance back to the ``k``-th match, not L."""
     if not _applies(history_category):
         return None
-    indices, lengths = _module().hard_topk(history_category, target_category, offsets, int(k))
+    starts, ends = segments(offsets, history_category.numel(), target_category.numel())
+    indices, lengths = _module().hard_topk(history_category, target_category, starts, ends, int(k))
     return indices, lengths
 
 
@@ -331,13 +348,13 @@ def float_topk(scores: torch.Tensor, offsets: torch.Tensor,
     scores must not be NaN."""
     if not _applies(scores):
         return None
-    indices, lengths = _module().float_topk(scores.detach(), offsets, int(k))
+    indices, lengths = _module().float_topk(scores.detach(), offsets[:-1], offsets[1:], int(k))
     return indices, lengths
 
 
 def twin_topk_by_id(item_rows: torch.Tensor, items: torch.Tensor, category_rows: torch.Tensor,
                     categories: torch.Tensor, queries: torch.Tensor, bias: torch.Tensor,
-                    offsets: torch.Tensor, k: int,
+                    offsets: Optional[torch.Tensor], k: int,
                     scale: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """TWIN's search in one pass per sample: score ``scale * q_b . (item_rows[i, w:] +
     category_rows[c, w:]) + bias`` for every behavior, read by id (``queries [B, w]``, rows
@@ -345,15 +362,16 @@ def twin_topk_by_id(item_rows: torch.Tensor, items: torch.Tensor, category_rows:
     apply."""
     if not _applies(item_rows):
         return None
+    starts, ends = segments(offsets, items.numel(), queries.size(0))
     indices, lengths = _module().twin_topk_by_id(item_rows, items, category_rows, categories,
-                                                 queries.detach(), bias.detach(), offsets,
+                                                 queries.detach(), bias.detach(), starts, ends,
                                                  int(k), float(scale))
     return indices, lengths
 
 
 def sdim_collisions(item_codes: torch.Tensor, items: torch.Tensor, category_codes: torch.Tensor,
                     categories: torch.Tensor, target_items: torch.Tensor,
-                    target_categories: torch.Tensor, offsets: torch.Tensor, tau: int,
+                    target_categories: torch.Tensor, offsets: Optional[torch.Tensor], tau: int,
                     groups_per_word: int
                     ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """SDIM's ``collision_weights`` read from the code tables (``[rows, 1]`` int64) by id, with a
@@ -363,6 +381,6 @@ def sdim_collisions(item_codes: torch.Tensor, items: torch.Tensor, category_code
     if not _applies(item_codes):
         return None
     positions, lengths, weights = _module().sdim_collisions(
-        item_codes, items, category_codes, categories, target_items, target_categories, offsets,
-        int(tau), int(groups_per_word))
+        item_codes, items, category_codes, categories, target_items, target_categories,
+        *segments(offsets, items.numel(), target_items.numel()), int(tau), int(groups_per_word))
     return positions, lengths, weights
