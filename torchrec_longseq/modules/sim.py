@@ -109,6 +109,12 @@ class SoftSearch(nn.Module):
         self.k = k
         self.w_a = nn.Linear(search_dim, projection_dim, bias=False)
         self.w_b = nn.Linear(search_dim, projection_dim, bias=False)
+        if projection_dim == search_dim:
+            # start as plain inner-product search in the search space (the paper leaves the
+            # initialisation open): a behavior then scores highest with the candidate's own
+            # item and category vectors, and the auxiliary task refines the space from there
+            nn.init.eye_(self.w_a.weight)
+            nn.init.eye_(self.w_b.weight)
         self.aux = nn.Sequential(mlp(2 * search_dim, aux_hidden), nn.Linear(aux_hidden[-1], 1))
 
     def forward(

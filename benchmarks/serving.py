@@ -1,0 +1,124 @@
+"""Serving latency: one user with L behaviors and C candidates, history searched once vs per candidate.
+
+For every model, one request (a synthetic user's history of exactly L behaviors, C candidates) is
+scored, repeatedly, three ways in the same process, interleaved so that machine noise hits all:
+
+* ``shared``: ``torchrec_longseq.serving.score_request`` (the history searched once for all
+  candidates, then a compact batch of at most k + 50 behaviors per candidate);
+* ``batched``: the C candidates as C independent samples in one batch, each with its own copy of
+  the history (``request_batch``: the training layout);
+* ``one by one``: C separate one-sample calls (only ``--one-by-one-reps`` times: it is slow).
+
+Each time includes building the model input from the request. Prints p50 / p99 in ms and the
+speed-up of ``shared`` over the others; writes ``OUT/serving.json``::
+
+    .venv/bin/python benchmarks/serving.py --length 10000 --candidates 200 --reps 30
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+from torchrec_longseq import serving
+from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.data.batch import CONTEXT_HOUR, HIST_CATEGORY, HIST_ITEM, USER_ID
+from torchrec_longseq.models.longseq_ctr import MODELS, ModelConfig, build_model
+
+
+def make_request(length: int, candidates: int, seed: int = 0) -> serving.Request:
+    """A generated user with exactly ``length`` behaviors and ``candidates`` random items."""
+    data = SyntheticConfig(seed=seed, max_seq_len=length, min_seq_len=length)
+    batch = SyntheticGenerator(data).batch("test", 0, data.candidates_per_request)
+    f = batch.features
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, data.num_items, (candidates,), generator=g)
+    return serving.Request(
+        user_id=int(f[USER_ID].values()[0]), context_hour=int(f[CONTEXT_HOUR].values()[0]),
+        request_time=int(batch.request_time[0]),
+        history_item=f[HIST_ITEM].values()[:length], history_category=f[HIST_CATEGORY].values()[:length],
+        history_time=batch.history_time[:length], candidate_item=items,
+        candidate_category=items // data.items_per_category)
+
+
+def percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def timed(fn: Callable[[], torch.Tensor]) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--length", type=int, default=10_000)
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--one-by-one-reps", type=int, default=2)
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--out", default="runs/serving")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    request = make_request(args.length, args.candidates)
+    data = SyntheticConfig(max_seq_len=args.length)
+    rows: List[Dict] = []
+    print(f"one user, L = {args.length}, C = {args.candidates} candidates, {args.reps} requests; ms")
+    print("| model | shared p50 | shared p99 | batched p50 | batched p99 | one by one p50 | "
+          "batched / shared | one by one / shared |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build_model(name, ModelConfig(embedding_dim=args.embedding_dim), data.table_sizes)
+        model.eval()
+        model.refresh_derived_tables()
+
+        def shared() -> torch.Tensor:
+            return serving.score_request(model, request)
+
+        def batched() -> torch.Tensor:
+            batch = serving.request_batch(request)
+            return model(batch.features, batch.history_time, batch.request_time)[0]
+
+        def one_by_one() -> torch.Tensor:
+            out = []
+            for c in range(request.num_candidates):
+                single = serving.Request(**{**request.__dict__,
+                                            "candidate_item": request.candidate_item[c:c + 1],
+                                            "candidate_category": request.candidate_category[c:c + 1]})
+                batch = serving.request_batch(single)
+                out.append(model(batch.features, batch.history_time, batch.request_time)[0])
+            return torch.cat(out)
+
+        torch.testing.assert_close(shared(), batched(), rtol=1e-4, atol=1e-5)  # and warm-up
+        times: Dict[str, List[float]] = {"shared": [], "batched": [], "one_by_one": []}
+        for rep in range(args.reps):
+            times["shared"].append(timed(shared))
+            times["batched"].append(timed(batched))
+            if rep < args.one_by_one_reps:
+                times["one_by_one"].append(timed(one_by_one))
+        row = {"model": name, "L": args.length, "C": args.candidates}
+        for way, values in times.items():
+            row[f"{way}_p50_ms"] = statistics.median(values)
+            row[f"{way}_p99_ms"] = percentile(values, 0.99)
+        row["batched_over_shared"] = row["batched_p50_ms"] / row["shared_p50_ms"]
+        row["one_by_one_over_shared"] = row["one_by_one_p50_ms"] / row["shared_p50_ms"]
+        rows.append(row)
+        print(f"| {name} | {row['shared_p50_ms']:.1f} | {row['shared_p99_ms']:.1f} | "
+              f"{row['batched_p50_ms']:.1f} | {row['batched_p99_ms']:.1f} | "
+              f"{row['one_by_one_p50_ms']:.0f} | {row['batched_over_shared']:.1f}x | "
+              f"{row['one_by_one_over_shared']:.1f}x |", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

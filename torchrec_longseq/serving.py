@@ -1,0 +1,196 @@
+"""Serving one request: one user, many candidates, the history searched once.
+
+A request is one user with a history of L behaviors and C candidates (hundreds). Scoring it as C
+independent samples (``request_batch``, the training layout) copies the history C times and
+every O(L) step runs over C copies. ``score_request`` instead:
+
+1. searches the one history for all C candidates at once (``shared_search``): the compiled
+   kernels read a single copy (``offsets=None``: every candidate's segment is the whole history),
+   and per-user work (reading the history's signatures or search vectors, bucketing its time
+   intervals) is done once, not C times;
+2. builds a compact batch (``compact_batch``): candidate ``c`` keeps only its retrieved positions
+   and the recent window, at most ``k + short_window`` behaviors, in history order;
+3. runs the unchanged model on it. The model's own search on a compact history picks exactly the
+   same behaviors (they are the top k of the whole history, hence of any subset holding them,
+   and the recent window is a suffix), so the logits equal scoring C independent samples
+   (tested for every model with a search).
+
+This covers the models whose sequence module looks at a bounded selection: DIN (last N), SIM hard
+and soft, ETA and TWIN. Average pooling, the whole-history model and SDIM read every behavior per
+candidate; they are scored through ``request_batch`` (``score_request`` does it for them).
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+from torchrec_longseq import jagged
+from torchrec_longseq.data.batch import FEATURE_KEYS, Batch
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR
+from torchrec_longseq.modules.din import DIN
+from torchrec_longseq.modules.esu import SearchBasedInterest
+from torchrec_longseq.modules.eta import SimHashSearch
+from torchrec_longseq.modules.sim import (
+    SEARCH_HIST,
+    SEARCH_HIST_CATEGORY,
+    SEARCH_TARGET,
+    SEARCH_TARGET_CATEGORY,
+    HardSearch,
+    SoftSearch,
+    search_features,
+    search_vectors,
+)
+from torchrec_longseq.modules.twin import TwinSearch, twin_scores
+from torchrec_longseq.retrieval import hard, kernels, simhash, topk
+
+
+@dataclass
+class Request:
+    """One user's request: the history once, and the candidates to score.
+
+    ``history_* [L]`` oldest first (times strictly before ``request_time``), ``candidate_* [C]``.
+    """
+
+    user_id: int
+    context_hour: int
+    request_time: int
+    history_item: torch.Tensor
+    history_category: torch.Tensor
+    history_time: torch.Tensor
+    candidate_item: torch.Tensor
+    candidate_category: torch.Tensor
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidate_item.numel()
+
+
+def request_batch(request: Request, selection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                  ) -> Batch:
+    """The request as C independent samples in the training layout.
+
+    ``selection = (positions [M], lengths [C])`` gives each candidate only those history positions
+    (chronological per candidate); ``None`` gives every candidate the whole history (C copies).
+    """
+    c, n = request.num_candidates, request.history_item.numel()
+    if selection is None:
+        positions = torch.arange(n).repeat(c)
+        lengths = torch.full((c,), n, dtype=torch.long)
+    else:
+        positions, lengths = selection
+    ones = torch.ones(c, dtype=torch.long)
+    values = [torch.full((c,), request.user_id), torch.full((c,), request.context_hour),
+              request.candidate_item, request.candidate_category,
+              request.history_item[positions], request.history_category[positions]]
+    features = KeyedJaggedTensor(
+        keys=FEATURE_KEYS, values=torch.cat([v.long() for v in values]),
+        lengths=torch.cat([ones, ones, ones, ones, lengths, lengths]).int())
+    return Batch(features=features, history_time=request.history_time[positions],
+                 request_time=torch.full((c,), request.request_time),
+                 labels=torch.zeros(c), relevant=torch.zeros(positions.numel(), dtype=torch.bool))
+
+
+def _repeat(values: torch.Tensor, times: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``times`` copies of a history and their offsets: the torch-ops fallback of a shared search
+    (GPU, or kernels off)."""
+    n = values.numel()
+    return values.repeat(times), torch.arange(times + 1) * n
+
+
+def _unrepeat(found: Tuple[torch.Tensor, torch.Tensor], n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    indices, lengths = found
+    return indices % max(n, 1), lengths
+
+
+@torch.no_grad()
+def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(positions [M], lengths [C])``: what ``search`` retrieves for each candidate, as positions
+    into the one history, computed without copying the history per candidate."""
+    n, c = request.history_item.numel(), request.num_candidates
+    if isinstance(search, HardSearch):
+        found = kernels.hard_topk(request.history_category, None, request.candidate_category,
+                                  search.k)
+        if found is None:
+            values, offsets = _repeat(request.history_category, c)
+            found = _unrepeat(hard.hard_search(values, offsets, request.candidate_category,
+                                               search.k), n)
+        return found
+    if isinstance(search, SimHashSearch):
+        items, cats = search.item_signatures.table, search.category_signatures.table
+        item_targets, cat_targets = items[request.candidate_item], cats[request.candidate_category]
+        found = kernels.hamming_topk_by_id(items, request.history_item, item_targets, cats,
+                                           request.history_category, cat_targets, None, search.k)
+        if found is None:
+            history = torch.cat([items[request.history_item], cats[request.history_category]], 1)
+            targets = torch.cat([item_targets, cat_targets], dim=1)
+            found = _unrepeat(simhash.simhash_topk(history.repeat(c, 1), torch.arange(c + 1) * n,
+                                                   targets, search.k), n)
+        return found
+    if isinstance(search, TwinSearch):
+        intervals = request.request_time - request.history_time
+        bias = search.time_bias(intervals)  # [L, H]: bucketed once for all candidates
+        items, cats = search.item_rows.table, search.category_rows.table
+        width = items.size(1) // 2
+        queries = items[request.candidate_item, :width] + cats[request.candidate_category, :width]
+        head_dim = width // search.num_heads
+        found = kernels.twin_topk_by_id(items, request.history_item, cats,
+                                        request.history_category, queries, bias.mean(dim=1), None,
+                                        search.k, 1.0 / (search.num_heads * head_dim**0.5))
+        if found is None:
+            offsets = torch.arange(c + 1) * n
+            scores = twin_scores(items, cats, request.history_item.repeat(c),
+                                 request.history_category.repeat(c), request.candidate_item,
+                                 request.candidate_category, offsets, bias.repeat(c, 1),
+                                 search.num_heads)
+            found = _unrepeat(topk.jagged_topk(scores, offsets, search.k), n)
+        return found
+    if isinstance(search, SoftSearch):
+        # the history's search vectors are looked up and projected once: [L, P] (a batch whose
+        # first candidate carries the history and the others none)
+        once = torch.zeros(c, dtype=torch.long)
+        once[0] = n
+        batch = request_batch(request, (torch.arange(n), once))
+        embeddings = search.search_table(search_features(batch.features, search.with_category))
+        behaviors = search.w_b(search_vectors(embeddings, SEARCH_HIST, SEARCH_HIST_CATEGORY,
+                                              search.with_category))  # [L, P]
+        targets = search.w_a(search_vectors(embeddings, SEARCH_TARGET, SEARCH_TARGET_CATEGORY,
+                                            search.with_category))  # [C, P]
+        scores = (targets @ behaviors.t()).flatten()  # [C L]
+        return _unrepeat(topk.jagged_topk(scores, torch.arange(c + 1) * n, search.k), n)
+    raise TypeError(f"no shared search for {type(search).__name__}")
+
+
+def compact_batch(model: LongSeqCTR, request: Request) -> Optional[Batch]:
+    """The request with each candidate's history cut to what the model reads (retrieved +
+    recent window), or ``None`` if the model reads every behavior (avg-pool, whole history,
+    SDIM)."""
+    arch = model.sequence_arch
+    n, c = request.history_item.numel(), request.num_candidates
+    if isinstance(arch, DIN):
+        window = min(n, arch.last_n)
+        positions = torch.arange(n - window, n).repeat(c)
+        return request_batch(request, (positions, torch.full((c,), window, dtype=torch.long)))
+    if not isinstance(arch, SearchBasedInterest) or not isinstance(
+            arch.search, (HardSearch, SimHashSearch, TwinSearch, SoftSearch)):
+        return None
+    indices, lengths = shared_search(arch.search, request)
+    window = min(n, arch.short_window)
+    # keep = retrieved or recent, per candidate: one [C, L] mask (booleans, no per-candidate loop)
+    keep = torch.zeros(c, n, dtype=torch.bool)
+    keep[jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel()), indices] = True
+    keep[:, n - window:] = True
+    rows, positions = keep.nonzero(as_tuple=True)  # row-major: candidate, then position
+    return request_batch(request, (positions, keep.sum(1)))
+
+
+@torch.no_grad()
+def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
+    """``[C]`` logits of the request's candidates, the history searched once (see the module
+    docstring); equal to ``model`` on ``request_batch(request)``."""
+    batch = compact_batch(model, request)
+    if batch is None:
+        batch = request_batch(request)
+    logits, _ = model(batch.features, batch.history_time, batch.request_time)
+    return logits
