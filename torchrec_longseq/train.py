@@ -40,6 +40,7 @@ from torchrec_longseq.data.validation import check_batch
 from torchrec_longseq.data.batch import HIST_ITEM
 from torchrec_longseq.metrics import CTRMetrics
 from torchrec_longseq.modules.esu import SearchBasedInterest
+from torchrec_longseq.modules.twin import TwinSearch, full_attention_topk
 from torchrec_longseq.models.longseq_ctr import (
     MODELS,
     LongSeqCTR,
@@ -142,6 +143,7 @@ def evaluate(model: nn.Module, data: SyntheticConfig, split: str, args: argparse
     ctr = next(m for m in model.modules() if isinstance(m, LongSeqCTR))
     search = next((m.search for m in model.modules() if isinstance(m, SearchBasedInterest)), None)
     found = torch.zeros(2, dtype=torch.float64, device=device)  # retrieved relevant, achievable
+    overlap = torch.zeros(2, dtype=torch.float64, device=device)  # TWIN: in both top-k, in dense
     ds = SyntheticLifelongSequences(data, split, args.batch_size, num_batches=args.eval_batches,
                                     rank=dist.get_rank(), world_size=dist.get_world_size())
     for batch in batches(ds, args.num_workers):
@@ -152,12 +154,29 @@ def evaluate(model: nn.Module, data: SyntheticConfig, split: str, args: argparse
             indices, _, _ = search(batch.features, ctr.embedding_collection, batch.history_time,
                                     batch.request_time)
             found += torch.stack(retrieval_recall(batch, indices, getattr(search, "k", args.k)))
+        if isinstance(search, TwinSearch):
+            dense, _ = full_attention_topk(ctr.sequence_arch.esu, ctr.embedding_collection,
+                                           batch.features, batch.history_time,
+                                           batch.request_time, search.k)
+            overlap += torch.stack(set_overlap(indices, dense, batch.history_time.numel()))
     model.train()
     result = metrics.compute()
     if search is not None:
         dist.all_reduce(found)
         result["recall"] = float(found[0] / found[1].clamp(min=1))
+    if isinstance(search, TwinSearch):
+        dist.all_reduce(overlap)
+        result["gsu_overlap"] = float(overlap[0] / overlap[1].clamp(min=1))
     return result
+
+
+def set_overlap(found: torch.Tensor, reference: torch.Tensor, num_values: int):
+    """``(positions in both, positions in reference)``: both are selections of distinct positions
+    into the same jagged history (``num_values`` long)."""
+    marked = torch.zeros(num_values, dtype=torch.bool, device=found.device)
+    marked[reference] = True
+    return marked[found].sum().double(), torch.tensor(float(reference.numel()), dtype=torch.float64,
+                                                      device=found.device)
 
 
 def retrieval_recall(batch: Batch, indices: torch.Tensor, k: int):
@@ -249,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         "val_auc": val["auc"],
         "val_gauc": val["gauc"],
         "val_logloss": val["logloss"],
-        **({"recall": test["recall"]} if "recall" in test else {}),
+        **{key: test[key] for key in ("recall", "gsu_overlap") if key in test},
         "samples_per_sec": steps_run * args.batch_size * world / max(train_time, 1e-9),
         "steps": args.steps,
         "batch_size": args.batch_size,

@@ -35,6 +35,7 @@ from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGOR
 from torchrec_longseq.modules.attention import TargetAttention, head_logits
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.esu import ExactSearchUnit
+from torchrec_longseq.modules.lookup import lookup_behaviors
 from torchrec_longseq.retrieval import kernels, topk
 
 
@@ -146,3 +147,21 @@ def twin_topk(item_rows: torch.Tensor, category_rows: torch.Tensor, items: torch
     scores = twin_scores(item_rows, category_rows, items, categories, target_items,
                          target_categories, offsets, bias, num_heads)
     return topk.jagged_topk(scores, offsets, k)
+
+
+@torch.no_grad()
+def full_attention_topk(esu: ExactSearchUnit, lookup: EmbeddingCollection,
+                        features: KeyedJaggedTensor, history_time: torch.Tensor,
+                        request_time: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference TWIN's search approximates: the top ``k`` of the ESU's logits (mean over
+    heads) over *every* behavior, computed from embeddings looked up now (O(L) lookup; for
+    measuring the search, e.g. its overlap with this, not for training)."""
+    offsets = features[HIST_ITEM].offsets()
+    everything = jagged.all_positions(offsets)
+    target, behaviors, _, _, _ = lookup_behaviors(lookup, features, everything)
+    seg = jagged.segment_ids(offsets, behaviors.size(0))
+    attention = esu.attention
+    bias = esu.time_embedding(request_time[seg] - history_time)
+    logits = head_logits(attention.q_proj(target), attention.k_proj(behaviors), seg,
+                         attention.num_heads, bias).mean(dim=1)
+    return topk.jagged_topk(logits, offsets, k)
