@@ -23,5 +23,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# the speed / memory suite (README "Benchmarks"); the quality table is benchmarks/quality.py
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): requirements-bench.lock $(STAMP)
+	$(BIN)/pip install -q --no-deps -r requirements-bench.lock
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/throughput.py --lengths 100 1000 10000 100000 --threads 1
+	$(BIN)/python benchmarks/retrieval.py --threads 1
+	$(BIN)/python benchmarks/fuxictr_anchor.py --threads 1
+	$(BIN)/python benchmarks/serving.py
+
 clean:
 	rm -rf $(VENV) runs

@@ -1,89 +1,153 @@
-"""Training cost per sample against history length, every model, one process, one run.
+"""Training cost per sample and peak memory against history length, every model.
 
 Batches are pre-generated (fixed length L for every sample) so only the model's work is timed,
 on the training path of ``torchrec_longseq.train`` with one rank: DistributedModelParallel
-tables with the fused row-wise Adagrad in backward, Adam on dense parameters, and for ETA the
-refresh of the touched signature rows. Prints a markdown table of ms per sample and samples/s,
-and the cost ratio of each length to the first, and writes ``OUT/throughput.json`` and
-``OUT/throughput.png`` (samples/s against L, log axes)::
+tables with the fused row-wise Adagrad in backward, Adam on dense parameters, and the refresh of
+the derived per-item tables (ETA, SDIM, TWIN). Every (model, L) runs in a fresh process with an
+address-space limit (``--memory-gib``), so its peak RSS is its own and a run that does not fit
+says so. Prints a markdown table of ms per sample, samples/s, the cost ratio of each length to
+L = 1,000 and the peak RSS, and writes ``OUT/throughput.json`` and ``OUT/throughput.png``
+(samples/s against L, log axes)::
 
-    .venv/bin/python benchmarks/throughput.py --models eta sim-hard --lengths 1000 10000 \
-        --batch-size 64 --embedding-dim 64 --hash-bits 64 --k 50
+    .venv/bin/python benchmarks/throughput.py --lengths 100 1000 10000 100000 --threads 1
 """
 
 import argparse
 import json
+import os
 import resource
+import socket
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.data.batch import Batch
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig, build_model
+from torchrec_longseq.models.longseq_ctr import (
+    MODELS,
+    LongSeqCTR,
+    LongSeqCTRTrain,
+    ModelConfig,
+    build_model,
+)
 from torchrec_longseq.train import init_distributed, shard
 
 
-def measure(model_name: str, length: int, args: argparse.Namespace) -> Dict[str, float]:
+def synthetic_batches(length: int, batch_size: int, count: int) -> Tuple[SyntheticConfig, List[Batch]]:
+    """``count`` training batches in which every sample has exactly ``length`` behaviors."""
     data = SyntheticConfig(seed=0, max_seq_len=length, min_seq_len=length)
     generator = SyntheticGenerator(data)
-    batches = [generator.batch("train", i, args.batch_size) for i in range(args.warmup + args.steps)]
+    return data, [generator.batch("train", i, batch_size) for i in range(count)]
+
+
+def time_steps(step: Callable[[int, Batch], None], batches: List[Batch], warmup: int) -> List[float]:
+    """Seconds of each ``step(i, batch)`` (i from 1) after the first ``warmup`` batches."""
+    times = []
+    for i, batch in enumerate(batches, start=1):
+        start = time.perf_counter()
+        step(i, batch)
+        if i > warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def train_step(model_name: str, data: SyntheticConfig,
+               args: argparse.Namespace) -> Callable[[int, Batch], None]:
+    """One training step of ``model_name`` on the path of train.py with one rank: DMP, fused
+    sparse row-wise Adagrad in backward, Adam on dense parameters, refresh of derived tables
+    (needs ``init_distributed()`` first)."""
     torch.manual_seed(0)
     config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, hash_bits=args.hash_bits)
     model = LongSeqCTRTrain(build_model(model_name, config, data.table_sizes))
-    # the training path of train.py: DMP (one rank), fused sparse row-wise Adagrad, Adam
     model = shard(model, torch.device("cpu"), "auto", sparse_lr=0.05)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=1e-3))
     ctr = next(m for m in model.modules() if isinstance(m, LongSeqCTR))
     ctr.refresh_derived_tables()
-    elapsed = 0.0
-    for step, batch in enumerate(batches, start=1):
-        start = time.perf_counter()
+
+    def step(i: int, batch: Batch) -> None:
         loss, _ = model(batch)
         loss.backward()
         dense.step()
         dense.zero_grad()
-        ctr.refresh_derived_tables(step)
-        if step > args.warmup:
-            elapsed += time.perf_counter() - start
+        ctr.refresh_derived_tables(i)
+
+    return step
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure(model_name: str, length: int, args: argparse.Namespace) -> Dict[str, float]:
+    """Train ``model_name`` at ``length`` in this process (meant to be a fresh one, see ``main``)
+    under an address-space limit of ``--memory-gib``: a run that needs more reports it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limit = int(args.memory_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    row: Dict[str, float] = {"model": model_name, "L": length}
+    try:
+        with socket.socket() as sock:  # a free port for this process's one-rank gloo group
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        init_distributed()
+        data, batches = synthetic_batches(length, args.batch_size, args.warmup + args.steps)
+        times = time_steps(train_step(model_name, data, args), batches, args.warmup)
+    except (MemoryError, RuntimeError) as e:
+        if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        row["error"] = f"out of memory (> {args.memory_gib:g} GiB address space)"
+        return row
     samples = args.steps * args.batch_size
-    return {"model": model_name, "L": length, "ms_per_sample": 1000 * elapsed / samples,
-            "samples_per_sec": samples / elapsed,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    elapsed = sum(times)
+    row.update({"ms_per_sample": 1000 * elapsed / samples, "samples_per_sec": samples / elapsed,
+                "ms_per_sample_fastest_step": 1000 * min(times) / args.batch_size,
+                "peak_rss_gib": peak_rss_gib()})
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["avgpool", "din", "din-full", "sim-hard",
-                                                    "sim-soft", "eta"])
-    p.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10000])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10000, 100000])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--hash-bits", type=int, default=64)
     p.add_argument("--k", type=int, default=50)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--memory-gib", type=float, default=20.0, help="address-space limit per run")
     p.add_argument("--out", default="runs/throughput")
     args = p.parse_args()
-    init_distributed()  # a one-rank gloo group, as `python -m torchrec_longseq.train` makes
 
     results: List[Dict[str, float]] = []
-    print("| model | L | ms / sample | samples/s | cost vs first L |")
-    print("|---|---|---|---|---|")
+    print("| model | L | ms / sample | samples/s | cost vs L = 1,000 | peak RSS (GiB) |")
+    print("|---|---|---|---|---|---|")
     for model_name in args.models:
-        first = None
         for length in args.lengths:
-            r = measure(model_name, length, args)
-            first = first or r["ms_per_sample"]
-            r["ratio_to_first"] = r["ms_per_sample"] / first
+            # a fresh process per run: its own peak RSS and memory limit, nothing shared
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                r = pool.submit(measure, model_name, length, args).result()
             results.append(r)
-            print(f"| {model_name} | {length} | {r['ms_per_sample']:.3f} | {r['samples_per_sec']:.0f} "
-                  f"| {r['ratio_to_first']:.2f}x |", flush=True)
+            if "error" in r:
+                print(f"| {model_name} | {length:,} | {r['error']} | | | |", flush=True)
+                continue
+            base = next((x for x in results if x["model"] == model_name and x["L"] == 1000
+                         and "error" not in x), None)
+            r["cost_vs_1000"] = r["ms_per_sample"] / base["ms_per_sample"] if base else None
+            ratio = f"{r['cost_vs_1000']:.2f}x" if base else ""
+            print(f"| {model_name} | {length:,} | {r['ms_per_sample']:.3f} | "
+                  f"{r['samples_per_sec']:.0f} | {ratio} | {r['peak_rss_gib']:.2f} |", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
@@ -95,7 +159,7 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for model_name in args.models:
-            rows = [r for r in results if r["model"] == model_name]
+            rows = [r for r in results if r["model"] == model_name and "error" not in r]
             ax.plot([r["L"] for r in rows], [r["samples_per_sec"] for r in rows], marker="o",
                     label=model_name)
         ax.set_xscale("log")

@@ -127,7 +127,7 @@ def bucket_mean(behaviors: torch.Tensor, offsets: torch.Tensor,
     seg = jagged.segment_ids(offsets, behaviors.size(0))
     u, g = weights.nonzero(as_tuple=True)
     sums = jagged.segment_sum(weights[u, g].unsqueeze(1) * behaviors[u], seg[u] * num_groups + g,
-                              b * num_groups).view(b, num_groups, -1)  # [B, G, D]
+                              b * num_groups).view(b, num_groups, behaviors.size(1))  # [B, G, D]
     return nn.functional.normalize(sums, dim=-1).mean(dim=1)
 
 
@@ -140,7 +140,7 @@ class SDIM(nn.Module):
         attention_hidden (List[int]): hidden widths of the short-term DIN unit.
         time_embedding (TimeIntervalEmbedding): the short-term branch's time feature.
         num_bits (int): m, hash bits in all (``m / 2`` per table); ``m / 2`` must be a multiple
-            of ``tau`` and at most 64.
+            of ``tau`` and at most 64, and ``m / tau`` at most 64.
         tau (int): bits per signature.
         short_window (int): recent behaviors of the short-term branch.
         refresh_every (int): 1 = exact code tables, N = re-hash all every N steps.
@@ -159,9 +159,9 @@ class SDIM(nn.Module):
                  refresh_every: int = 1) -> None:
         super().__init__()
         block = num_bits // 2
-        if num_bits % 2 or block % tau or not 0 < block <= 64:
-            raise ValueError(f"SDIM needs num_bits / 2 in [1, 64] and a multiple of tau; got "
-                             f"num_bits={num_bits}, tau={tau}")
+        if tau <= 0 or num_bits % 2 or block % tau or not 0 < block <= 64 or block // tau > 32:
+            raise ValueError(f"SDIM needs tau >= 1, num_bits / 2 in [1, 64], a multiple of tau, "
+                             f"and at most 64 signatures; got num_bits={num_bits}, tau={tau}")
         self.tau, self.groups_per_word = tau, block // tau
         self.item_codes = ItemDerivedTable(table_sizes[0], 1, torch.int64,
                                            SimHash(embedding_dim, block, seed=2),

@@ -203,6 +203,7 @@ std::vector<torch::Tensor> sdim_collisions(
   target_cats = target_cats.to(torch::kInt64).contiguous();
   starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
   TORCH_CHECK(item_codes.size(1) == 1 && cat_codes.size(1) == 1, "one code word per id");
+  TORCH_CHECK(groups_per_word >= 1 && groups_per_word <= 32, "at most 64 signatures");
   const int64_t B = starts.numel(), G = 2 * groups_per_word;
   const int64_t *IC = item_codes.data_ptr<int64_t>(), *CC = cat_codes.data_ptr<int64_t>();
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
@@ -274,7 +275,7 @@ def _module():
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v4", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v5", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2"], verbose=False)
     return _MODULE
 

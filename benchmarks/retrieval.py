@@ -1,0 +1,176 @@
+"""Retrieval alone: cost per candidate against history length, forward only, one process.
+
+Every candidate has its own history of exactly L behaviors (the synthetic generator's, as in
+``benchmarks/throughput.py``); at most ``--max-behaviors`` behaviors per call, so long histories
+get fewer than ``--batch-size`` candidates (the table says how many). Timed, per call:
+
+* ``hard``: SIM's hard search on category ids (``retrieval.hard.hard_search``, on CPU its
+  compiled kernel where it has one); ``hard torch ops``: the same with
+  ``TORCHREC_LONGSEQ_KERNELS=0`` (its torch-ops path, what runs off CPU).
+* ``simhash kernel``: ETA's Hamming top-k read from the per-item and per-category signature
+  tables by id (``modules.eta.signature_topk``: the compiled one-pass CPU kernel).
+* ``simhash torch ops``: the same top-k in torch ops (the signatures gathered from the tables,
+  ``retrieval.simhash.simhash_topk``, ``TORCHREC_LONGSEQ_KERNELS=0``; what runs off CPU).
+* ``full attention``: no retrieval, what ``din-full`` does instead: the L behaviors' item and
+  category embeddings gathered from the tables (``2 d`` wide) and
+  ``modules.attention.TargetAttention`` over all of them.
+
+The retrievals keep ``k``; the signatures are SimHash of random tables (``m`` bits per block).
+Each method runs once untimed, then ``--repeats`` times; the table and the plot give the
+fastest call (the CPU is shared: the fastest is the least disturbed), the JSON also the median,
+in microseconds per candidate. Prints a markdown table, writes ``OUT/retrieval.json`` and
+``OUT/retrieval.png`` (log-log). On a CPU shared with other jobs use ``--threads 1`` (see ``fuxictr_anchor.py``)::
+
+    .venv/bin/python benchmarks/retrieval.py --lengths 100 1000 10000 100000 --batch-size 64 \\
+        --embedding-dim 64 --hash-bits 64 --k 50 --repeats 5 --threads 1
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import torch
+
+from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
+from torchrec_longseq.modules.attention import TargetAttention
+from torchrec_longseq.modules.eta import signature_topk
+from torchrec_longseq.retrieval import simhash
+from torchrec_longseq.retrieval.hard import hard_search
+
+METHODS = ["hard", "hard torch ops", "simhash kernel", "simhash torch ops", "full attention"]
+
+
+def seconds(fn: Callable[[], object], repeats: int) -> List[float]:
+    """Wall time of ``repeats`` calls of ``fn`` after one untimed call (the kernels' first load)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@contextmanager
+def kernels_off() -> Iterator[None]:
+    """Run the torch-ops paths (``retrieval.kernels`` reads the variable at every call)."""
+    old = os.environ.get("TORCHREC_LONGSEQ_KERNELS")
+    os.environ["TORCHREC_LONGSEQ_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TORCHREC_LONGSEQ_KERNELS"]
+        else:
+            os.environ["TORCHREC_LONGSEQ_KERNELS"] = old
+
+
+@torch.no_grad()
+def measure(length: int, args: argparse.Namespace) -> Dict[str, object]:
+    batch_size = max(1, min(args.batch_size, args.max_behaviors // length))
+    data = SyntheticConfig(seed=0, max_seq_len=length, min_seq_len=length)
+    f = SyntheticGenerator(data).batch("train", 0, batch_size).features
+    items, categories = f[HIST_ITEM].values(), f[HIST_CATEGORY].values()
+    offsets = f[HIST_ITEM].offsets()
+    target_items, target_categories = f[TARGET_ITEM].values(), f[TARGET_CATEGORY].values()
+
+    torch.manual_seed(0)
+    d, k = args.embedding_dim, args.k
+    item_emb = torch.randn(data.table_sizes[HIST_ITEM], d)
+    category_emb = torch.randn(data.table_sizes[HIST_CATEGORY], d)
+    item_sig = simhash.SimHash(d, args.hash_bits, seed=0)(item_emb)  # [items, W] int64
+    category_sig = simhash.SimHash(d, args.hash_bits, seed=1)(category_emb)
+    attention = TargetAttention(2 * d, 2 * d, args.heads, args.head_dim)
+
+    def kernel() -> Tuple[torch.Tensor, torch.Tensor]:
+        return signature_topk(item_sig, items, target_items, category_sig, categories,
+                              target_categories, offsets, k)
+
+    def torch_ops() -> Tuple[torch.Tensor, torch.Tensor]:
+        history = torch.cat([item_sig[items], category_sig[categories]], dim=1)
+        targets = torch.cat([item_sig[target_items], category_sig[target_categories]], dim=1)
+        with kernels_off():
+            return simhash.simhash_topk(history, offsets, targets, k)
+
+    def hard() -> Tuple[torch.Tensor, torch.Tensor]:
+        return hard_search(categories, offsets, target_categories, k)
+
+    def hard_torch_ops() -> Tuple[torch.Tensor, torch.Tensor]:
+        with kernels_off():
+            return hard()
+
+    def full_attention() -> torch.Tensor:
+        query = torch.cat([item_emb[target_items], category_emb[target_categories]], dim=1)
+        keys = torch.cat([item_emb[items], category_emb[categories]], dim=1)  # [B L, 2 d]
+        return attention(query, keys, offsets)
+
+    fns = {"hard": hard, "hard torch ops": hard_torch_ops, "simhash kernel": kernel,
+           "simhash torch ops": torch_ops, "full attention": full_attention}
+    row: Dict[str, object] = {"L": length, "candidates": batch_size}
+    for name, fn in fns.items():
+        times = [1e6 * t / batch_size for t in seconds(fn, args.repeats)]  # us per candidate
+        row[name], row[f"{name} median"] = min(times), statistics.median(times)
+    # the compiled paths return what the torch ops return
+    pairs = ((kernel, torch_ops), (hard, hard_torch_ops))
+    row["same_results"] = all(torch.equal(a, b) for fast, slow in pairs for a, b in zip(fast(), slow()))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10000, 100000])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-behaviors", type=int, default=3_200_000,
+                   help="at most this many behaviors per call (fewer candidates at long L)")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--hash-bits", type=int, default=64)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="runs/retrieval")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print("microseconds per candidate (fastest of --repeats calls, forward, no grad)\n")
+    print(f"| L | candidates | {' | '.join(METHODS)} | full attention / kernel |")
+    print("|---|---|" + "---|" * (len(METHODS) + 1))
+    results: List[Dict[str, object]] = []
+    for length in args.lengths:
+        r = measure(length, args)
+        results.append(r)
+        cells = " | ".join(f"{r[m]:.2f}" for m in METHODS)
+        print(f"| {length:,} | {r['candidates']} | {cells} | "
+              f"{r['full attention'] / r['simhash kernel']:.0f}x |", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "retrieval.json").write_text(json.dumps(
+        {"args": vars(args), "unit": "microseconds per candidate", "results": results}, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in METHODS:
+        ax.plot([r["L"] for r in results], [r[m] for r in results], marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("history length L")
+    ax.set_ylabel("µs per candidate (forward, no grad)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "retrieval.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

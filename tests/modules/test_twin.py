@@ -1,0 +1,446 @@
+"""TWIN: the consistency-preserving search (CP-GSU), its per-item tables, the ESU's time bias.
+
+The search is checked against the full attention logits computed densely from the embedding
+tables and the ESU's own projections (padded ``[B, L]`` tensors, float64, nothing read from the
+per-item tables); the tables against recomputing ``[e W_q^T, e W_k^T]`` per block from the
+current weights after Adam steps; ``ExactSearchUnit(time_as_bias=True)`` against a hand-written
+per-head softmax.
+"""
+
+import math
+from typing import List, Tuple
+
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+from torchrec_longseq.data.batch import (
+    FEATURE_KEYS,
+    HIST_CATEGORY,
+    HIST_ITEM,
+    TARGET_CATEGORY,
+    TARGET_ITEM,
+    Batch,
+)
+from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.data.validation import check_batch
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR, ModelConfig, build_model
+from torchrec_longseq.modules.esu import ExactSearchUnit
+from torchrec_longseq.modules.time import TimeIntervalEmbedding
+from torchrec_longseq.modules.twin import TwinSearch
+
+DATA = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
+                       subclusters=10)
+TABLES = DATA.table_sizes
+B = 16
+D = 8
+K = 5
+WINDOW = 3
+HEADS, HEAD_DIM = 2, 4
+GAP = 1e-4  # float32 search vs float64 reference: orders closer than this are not compared
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def model_config(**overrides) -> ModelConfig:
+    kwargs = dict(embedding_dim=D, over_arch_layers=[16, 8], attention_hidden=[8],
+                  short_window=WINDOW, num_heads=HEADS, head_dim=HEAD_DIM, twin_k=K)
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+def make_model(seed: int = 0, **overrides) -> LongSeqCTR:
+    """Embeddings ~ N(0, 1), so that q . k spreads as much as the time bias (TorchRec's default
+    init makes every q . k ~1e-3 and the ranking a matter of time buckets and near-ties)."""
+    torch.manual_seed(seed)
+    model = build_model("twin", model_config(**overrides), TABLES)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for table in model.embedding_collection.embeddings.values():
+            table.weight.copy_(torch.randn(table.weight.shape, generator=g))
+    model.refresh_derived_tables()
+    assert isinstance(model.sequence_arch.search, TwinSearch)
+    return model
+
+
+def make_batch(index: int = 0) -> Batch:
+    return SyntheticGenerator(DATA).batch("train", index, B)
+
+
+def per_sample(values: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
+    out, start = [], 0
+    for n in lengths.tolist():
+        out.append(values[start:start + n].tolist())
+        start += n
+    return out
+
+
+def with_histories(batch: Batch, keep: List[int]) -> Batch:
+    """``batch`` with sample b's history cut to its last ``keep[b]`` behaviors (0: empty)."""
+    features = batch.features.to_dict()
+    offsets = features[HIST_ITEM].offsets()
+    positions = [p for b, k in enumerate(keep)
+                 for p in range(int(offsets[b + 1]) - k, int(offsets[b + 1]))]
+    index = torch.tensor(positions, dtype=torch.long)
+    new_lengths = torch.tensor(keep, dtype=torch.int32)
+    assert (new_lengths <= features[HIST_ITEM].lengths()).all()
+    values, lengths = [], []
+    for key in FEATURE_KEYS:
+        jt = features[key]
+        if key in (HIST_ITEM, HIST_CATEGORY):
+            values.append(jt.values()[index])
+            lengths.append(new_lengths)
+        else:
+            values.append(jt.values())
+            lengths.append(jt.lengths().int())
+    out = Batch(features=KeyedJaggedTensor(keys=FEATURE_KEYS, values=torch.cat(values),
+                                           lengths=torch.cat(lengths)),
+                history_time=batch.history_time[index], request_time=batch.request_time,
+                labels=batch.labels, relevant=batch.relevant[index])
+    check_batch(out, TABLES)
+    return out
+
+
+def run(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    logits, aux = model(batch.features, batch.history_time, batch.request_time)
+    assert aux is None
+    return logits
+
+
+def search(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    indices, lengths, aux = model.sequence_arch.search(
+        batch.features, model.embedding_collection, batch.history_time, batch.request_time)
+    assert aux is None
+    return indices, lengths
+
+
+# ----------------------------------------------------------------------------- dense reference
+
+def dense_scores(model: LongSeqCTR, batch: Batch, bias_sign: float = 1.0,
+                 with_dot: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ESU's attention logits of every behavior, mean over heads, from the embedding tables
+    and the ESU's weights: padded ``[B, Lmax]`` float64 (padding -inf) and the mask."""
+    f = batch.features
+    att, time_bias = model.sequence_arch.esu.attention, model.sequence_arch.esu.time_embedding
+    h, dh = att.num_heads, att.head_dim
+    weights = model.embedding_collection.embeddings
+    item_w = weights["item"].weight.detach().double()
+    cat_w = weights["category"].weight.detach().double()
+    lengths = f[HIST_ITEM].lengths().tolist()
+    b, lmax = len(lengths), max(lengths + [1])
+    items = torch.zeros(b, lmax, dtype=torch.long)
+    cats = torch.zeros(b, lmax, dtype=torch.long)
+    times = torch.zeros(b, lmax, dtype=torch.long)
+    mask = torch.zeros(b, lmax, dtype=torch.bool)
+    start = 0
+    for s, n in enumerate(lengths):
+        items[s, :n] = f[HIST_ITEM].values()[start:start + n]
+        cats[s, :n] = f[HIST_CATEGORY].values()[start:start + n]
+        times[s, :n] = batch.history_time[start:start + n]
+        mask[s, :n] = True
+        start += n
+    behaviors = torch.cat([item_w[items], cat_w[cats]], dim=-1)  # [B, L, 2D]
+    target = torch.cat([item_w[f[TARGET_ITEM].values()], cat_w[f[TARGET_CATEGORY].values()]], 1)
+    q = (target @ att.q_proj.weight.detach().double().T).view(b, 1, h, dh)
+    k = (behaviors @ att.k_proj.weight.detach().double().T).view(b, lmax, h, dh)
+    dots = (q * k).sum(-1) / math.sqrt(dh)  # [B, L, H]
+    intervals = torch.where(mask, batch.request_time[:, None] - times, 0)
+    bias = time_bias(intervals).detach().double()  # [B, L, H]
+    assert bias.shape == (b, lmax, h)
+    logits = (dots if with_dot else 0 * dots) + bias_sign * bias
+    scores = logits.mean(-1).masked_fill(~mask, float("-inf"))
+    # behaviors with the same (item, category, time bucket) have the same logit: make the
+    # reference's ties exact, as they are in the search
+    buckets = time_bias.bucketize(intervals)
+    for s, n in enumerate(lengths):
+        seen = {}
+        for p in range(n):
+            key = (int(items[s, p]), int(cats[s, p]), int(buckets[s, p]))
+            if key in seen:
+                scores[s, p] = scores[s, seen[key]]
+            else:
+                seen[key] = p
+    return scores, mask
+
+
+def reference_topk(scores: torch.Tensor, mask: torch.Tensor, k: int
+                   ) -> Tuple[List[List[int]], List[bool]]:
+    """Per sample: global positions of the top ``k`` (best first, ties to the later position),
+    and whether no near-tie (distinct scores closer than ``GAP``) decides them."""
+    chosen, clear, start = [], [], 0
+    for s in range(scores.size(0)):
+        n = int(mask[s].sum())
+        sc = scores[s, :n].tolist()
+        order = sorted(range(n), key=lambda p: (-sc[p], -p))
+        chosen.append([start + p for p in order[:k]])
+        best = sorted(set(sc), reverse=True)[:k + 1]  # the distinct values the top k reads
+        clear.append(all(a - b > GAP for a, b in zip(best, best[1:])))
+        start += n
+    return chosen, clear
+
+
+# ----------------------------------------------------------------------------- GSU = top-k of the ESU logits
+
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "torch-ops"])
+def test_search_is_the_top_k_of_the_full_attention_logits(monkeypatch: pytest.MonkeyPatch,
+                                                          kernels: str) -> None:
+    """``kernels``: "1" the compiled CPU search (the default on CPU), "0" the torch ops."""
+    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
+    model = make_model()
+    model.eval()
+    full = make_batch()
+    lengths = full.features[HIST_ITEM].lengths().tolist()
+    cut = with_histories(make_batch(1), [(0, 1, 4, 5, 6, 9)[b % 6]
+                                         for b in range(B)])  # empty, shorter and longer than K
+    compared = 0
+    for batch in (full, cut):
+        indices, found = search(model, batch)
+        f = batch.features
+        lengths = f[HIST_ITEM].lengths()
+        assert found.tolist() == lengths.clamp(max=K).tolist()
+        scores, mask = dense_scores(model, batch)
+        expected, clear = reference_topk(scores, mask, K)
+        got = per_sample(indices, found)
+        for s in range(B):
+            if clear[s]:
+                assert got[s] == expected[s], s  # the same behaviors, in the same order
+                compared += 1
+            else:
+                # a float near-tie inside the top k: the kept set is still sure when the k-th
+                # and (k+1)-th scores are apart
+                sc = sorted(scores[s, :int(lengths[s])].tolist(), reverse=True)
+                if len(sc) <= K or sc[K - 1] - sc[K] > GAP:
+                    assert set(got[s]) == set(expected[s]), s
+        # non-vacuous: the search is neither "the most recent K" nor the q . k or bias ranking
+        if batch is full:
+            assert all(n > K for n in lengths.tolist())
+            recent = [list(range(int(o) - 1, int(o) - 1 - K, -1))
+                      for o in f[HIST_ITEM].offsets()[1:]]
+            assert sum(g != r for g, r in zip(got, recent)) > B // 2
+            for variant in (dict(bias_sign=-1.0), dict(bias_sign=0.0), dict(with_dot=False)):
+                other, _ = reference_topk(*dense_scores(model, batch, **variant), K)
+                assert sum(set(g) != set(o) for g, o in zip(got, other)) > B // 4, variant
+    assert compared >= 3 * B // 2
+
+
+def make_features(hist_items: List[List[int]], hist_cats: List[List[int]],
+                  target_items: List[int], target_cats: List[int]) -> KeyedJaggedTensor:
+    """A batch's KJT (layout of ``data.batch``) from per-sample Python lists."""
+    b = len(target_items)
+    columns = {
+        "user_id": [[0]] * b,
+        "context_hour": [[0]] * b,
+        TARGET_ITEM: [[t] for t in target_items],
+        TARGET_CATEGORY: [[c] for c in target_cats],
+        HIST_ITEM: hist_items,
+        HIST_CATEGORY: hist_cats,
+    }
+    values = [v for key in FEATURE_KEYS for sample in columns[key] for v in sample]
+    lengths = [len(sample) for key in FEATURE_KEYS for sample in columns[key]]
+    return KeyedJaggedTensor(keys=FEATURE_KEYS, values=torch.tensor(values, dtype=torch.long),
+                             lengths=torch.tensor(lengths, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "torch-ops"])
+def test_exact_ties_go_to_the_more_recent_behavior(monkeypatch: pytest.MonkeyPatch,
+                                                   kernels: str) -> None:
+    """Repeats of one (item, category) in one time bucket have equal logits: the most recent
+    ones are kept, most recent first."""
+    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
+    model = make_model(twin_k=2)
+    model.eval()
+    hist_items = [[7, 300, 7, 7, 300, 300], [300, 300, 300], []]
+    hist_cats = [[0, 3, 0, 0, 3, 3], [3, 3, 3], []]
+    request = 10**7
+    history_time = torch.tensor([request - 10**6 + j for j in range(9)])
+    batch = Batch(features=make_features(hist_items, hist_cats, [7, 7, 7], [0, 0, 0]),
+                  history_time=history_time, request_time=torch.full((3,), request),
+                  labels=torch.zeros(3), relevant=torch.zeros(9, dtype=torch.bool))
+    buckets = model.sequence_arch.esu.time_embedding.bucketize(request - history_time)
+    assert len(set(buckets.tolist())) == 1  # one bucket: only the ids decide
+    scores, mask = dense_scores(model, batch)
+    item7, item300 = float(scores[0, 0]), float(scores[0, 1])
+    assert abs(item7 - item300) > GAP
+    indices, lengths = search(model, batch)
+    assert lengths.tolist() == [2, 2, 0]
+    first = [3, 2] if item7 > item300 else [5, 4]
+    assert per_sample(indices, lengths) == [first, [8, 7], []]
+
+
+def test_search_tables_are_the_projected_embeddings() -> None:
+    model = make_model()
+    expected = expected_rows(model)
+    for name in ("item", "category"):
+        table = rows_of(model, name).table
+        assert table.shape == (TABLES[f"hist_{name}"], 2 * HEADS * HEAD_DIM)
+        torch.testing.assert_close(table, expected[name], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- table refresh
+
+def rows_of(model: LongSeqCTR, name: str):
+    search_module = model.sequence_arch.search
+    return search_module.item_rows if name == "item" else search_module.category_rows
+
+
+def expected_rows(model: LongSeqCTR):
+    """``[e W_q[:, block]^T, e W_k[:, block]^T]`` from the current weights, per table."""
+    att = model.sequence_arch.esu.attention
+    wq, wk = att.q_proj.weight.detach(), att.k_proj.weight.detach()
+    assert wq.shape == (HEADS * HEAD_DIM, 2 * D) and wk.shape == (HEADS * HEAD_DIM, 2 * D)
+    weights = model.embedding_collection.embeddings
+    out = {}
+    for name, block in (("item", slice(0, D)), ("category", slice(D, 2 * D))):
+        e = weights[name].weight.detach()
+        out[name] = torch.cat([e @ wq[:, block].T, e @ wk[:, block].T], dim=1)
+    return out
+
+
+def max_staleness(model: LongSeqCTR) -> float:
+    expected = expected_rows(model)
+    return max(float((rows_of(model, n).table - expected[n]).abs().max()) for n in expected)
+
+
+def adam_step(model: LongSeqCTR, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    torch.nn.functional.binary_cross_entropy_with_logits(run(model, batch), batch.labels).backward()
+    optimizer.step()
+
+
+def test_tables_follow_the_trained_projections_and_embeddings() -> None:
+    model = make_model()
+    model.train()
+    att = model.sequence_arch.esu.attention
+    weights = model.embedding_collection.embeddings
+    initial = {"q": att.q_proj.weight.detach().clone(), "k": att.k_proj.weight.detach().clone(),
+               "item": weights["item"].weight.detach().clone()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    assert max_staleness(model) < 1e-5
+    for step in range(1, 4):
+        adam_step(model, make_batch(step), optimizer)
+        assert max_staleness(model) > 1e-3  # the step moved the rows: stale until refreshed
+        model.refresh_derived_tables(step)
+        assert max_staleness(model) < 1e-5, step
+    # non-vacuous: both the projections and the embeddings were trained
+    assert (att.q_proj.weight - initial["q"]).abs().max() > 1e-2
+    assert (att.k_proj.weight - initial["k"]).abs().max() > 1e-2
+    assert (weights["item"].weight - initial["item"]).abs().max() > 1e-2
+    # every row moved, looked up or not (W_q, W_k changed): the whole table is rebuilt
+    table = rows_of(model, "item").table
+    fresh = make_model()
+    assert (table != rows_of(fresh, "item").table).any(1).all()
+
+
+def test_periodic_refresh_every_three_steps() -> None:
+    model = make_model(refresh_every=3)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    tables = [rows_of(model, "item").table, rows_of(model, "category").table]
+    for step in range(1, 7):
+        before = [t.clone() for t in tables]
+        adam_step(model, make_batch(step), optimizer)
+        model.refresh_derived_tables(step)
+        if step % 3 == 0:
+            assert max_staleness(model) < 1e-5, step
+        else:
+            assert all(torch.equal(t, b) for t, b in zip(tables, before)), step
+            assert max_staleness(model) > 1e-3, step
+
+
+# ----------------------------------------------------------------------------- ESU with a time bias
+
+def test_esu_time_bias_hand_computed() -> None:
+    torch.manual_seed(0)
+    time = TimeIntervalEmbedding(2, num_buckets=8)  # dt < 60 s: bucket 0; dt >= 4e7 s: bucket 7
+    esu = ExactSearchUnit(3, time, num_heads=2, head_dim=2, time_as_bias=True)
+    att = esu.attention
+    assert att.k_proj.in_features == 3 and att.v_proj.in_features == 3  # no time in the keys
+    with torch.no_grad():
+        time.embedding.weight[0] = torch.tensor([2.0, -1.0])
+        time.embedding.weight[7] = torch.tensor([-3.0, 0.5])
+    target = torch.tensor([[0.5, -1.0, 2.0], [1.0, 1.0, 1.0]], requires_grad=True)
+    behaviors = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [-1.0, 1.0, 1.0]],
+                             requires_grad=True)
+    intervals = torch.tensor([10, 10**9, 30])  # buckets 0, 7, 0
+    bucket = [0, 7, 0]
+    out = esu(target, behaviors, torch.tensor([0, 3, 3]), intervals)  # sample 1: no behavior
+    assert out.shape == (2, 4)
+
+    wq, wk, wv = (w.detach().tolist() for w in (att.q_proj.weight, att.k_proj.weight,
+                                               att.v_proj.weight))
+    bias = time.embedding.weight.detach().tolist()
+    t, z = target.detach().tolist()[0], behaviors.detach().tolist()
+
+    def matvec(w: List[List[float]], x: List[float]) -> List[float]:
+        return [sum(a * b for a, b in zip(row, x)) for row in w]
+
+    q = matvec(wq, t)
+    keys, values = [matvec(wk, x) for x in z], [matvec(wv, x) for x in z]
+    expected = []
+    for h in range(2):
+        cols = [2 * h, 2 * h + 1]
+        logits = [sum(q[c] * k[c] for c in cols) / math.sqrt(2) + bias[bucket[j]][h]
+                  for j, k in enumerate(keys)]
+        top = max(logits)
+        e = [math.exp(x - top) for x in logits]
+        w = [x / sum(e) for x in e]
+        expected += [sum(w[j] * values[j][c] for j in range(3)) for c in cols]
+    torch.testing.assert_close(out[0], torch.tensor(expected), atol=1e-6, rtol=1e-5)
+    assert torch.equal(out[1], torch.zeros(4))  # zero behaviors: zero output, no NaN
+
+    out.sum().backward()
+    for grad in (target.grad, behaviors.grad, time.embedding.weight.grad):
+        assert torch.isfinite(grad).all()
+    assert torch.equal(target.grad[1], torch.zeros(3))
+    # the bias is a logit term: its gradient reaches exactly the buckets used
+    assert time.embedding.weight.grad.abs().sum(1).nonzero().flatten().tolist() == [0, 7]
+
+    # the sign of the bias matters: a larger bias for bucket 7 moves weight to behavior 1
+    with torch.no_grad():
+        time.embedding.weight[7] = torch.tensor([10.0, 10.0])
+        assert torch.allclose(esu(target, behaviors, torch.tensor([0, 3, 3]), intervals)[0],
+                              att.v_proj.weight @ behaviors[1], atol=1e-3)
+
+
+def test_esu_time_bias_width_must_equal_heads() -> None:
+    with pytest.raises(ValueError, match="num_heads"):
+        ExactSearchUnit(6, TimeIntervalEmbedding(3), num_heads=2, head_dim=4, time_as_bias=True)
+    ExactSearchUnit(6, TimeIntervalEmbedding(3), num_heads=2, head_dim=4)  # a feature: any width
+
+
+def test_twin_search_needs_a_bias_esu_and_times() -> None:
+    esu = ExactSearchUnit(2 * D, TimeIntervalEmbedding(4), num_heads=HEADS, head_dim=HEAD_DIM)
+    with pytest.raises(ValueError, match="time_as_bias"):
+        TwinSearch((TABLES[HIST_ITEM], TABLES[HIST_CATEGORY]), D, esu, k=K)
+    model = make_model()
+    batch = make_batch()
+    with pytest.raises(ValueError, match="history_time"):
+        model.sequence_arch.search(batch.features, model.embedding_collection, None,
+                                   batch.request_time)
+
+
+# ----------------------------------------------------------------------------- empty histories
+
+@pytest.mark.parametrize("pattern", ["all", "some"])
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "torch-ops"])
+def test_empty_histories_give_finite_logits_and_gradients(
+    monkeypatch: pytest.MonkeyPatch, kernels: str, pattern: str
+) -> None:
+    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
+    model = make_model()
+    model.train()
+    keep = [0] * B if pattern == "all" else [0 if b % 3 == 0 else 2 + b % 5 for b in range(B)]
+    batch = with_histories(make_batch(), keep)
+    indices, found = search(model, batch)
+    assert found.tolist() == [min(n, K) for n in keep]
+    logits = run(model, batch)
+    assert logits.shape == (B,) and torch.isfinite(logits).all()
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
+    esu = model.sequence_arch.esu
+    v_grad = esu.attention.v_proj.weight.grad
+    if pattern == "all":  # nothing retrieved: the ESU gets no gradient
+        assert v_grad is None or not v_grad.any()
+    else:
+        assert v_grad.abs().sum() > 0
