@@ -61,14 +61,16 @@ def main() -> None:
         for model in args.models:
             results = [run(model, max_seq_len, seed, args) for seed in args.seeds]
             raw += results
+            recall = [r["recall"] for r in results if "recall" in r]
             rows.append(
                 f"| {model} | {max_seq_len} | {len(results)} | "
                 + " | ".join(summary([r[k] for r in results]) for k in ("auc", "gauc", "logloss"))
+                + (f" | {statistics.mean(recall):.3f}" if recall else " |")
                 + f" | {statistics.mean(r['samples_per_sec'] for r in results):.0f} |"
             )
     table = "\n".join(
-        ["| model | max L | seeds | test AUC | test GAUC | test log loss | train samples/s (2 ranks) |",
-         "|---|---|---|---|---|---|---|", *rows]
+        ["| model | max L | seeds | test AUC | test GAUC | test log loss | recall@k | "
+         "train samples/s (2 ranks) |", "|---|---|---|---|---|---|---|---|", *rows]
     )
     print(table)
     out = Path(args.out)

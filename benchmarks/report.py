@@ -1,0 +1,147 @@
+"""Renders ``benchmarks/RESULTS.md`` from the JSON files the benchmark scripts wrote.
+
+Every table is read from a run's own output (nothing typed by hand), under the command that
+produced it and the machine, versions and date of this run::
+
+    .venv/bin/python benchmarks/report.py --quality runs/q-L1k runs/q-L2k runs/q-L10k \\
+        --throughput runs/throughput --retrieval runs/retrieval --anchor runs/anchor \\
+        --serving runs/serving --out benchmarks/RESULTS.md
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+from importlib.metadata import version
+from pathlib import Path
+from typing import Dict, List
+
+
+def load(directory: str, name: str):
+    path = Path(directory) / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def mean_std(values: List[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def quality_table(runs: List[Dict]) -> List[str]:
+    by: Dict = {}
+    for r in runs:
+        by.setdefault((r["max_seq_len"], r["model"]), []).append(r)
+    lines = ["| max L | model | seeds | steps | test AUC | test GAUC | test log loss | recall@k | "
+             "GSU overlap | train samples/s (2 ranks) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (length, model), rs in sorted(by.items(), key=lambda kv: kv[0][0]):
+        cells = [mean_std([r[k] for r in rs]) for k in ("auc", "gauc", "logloss")]
+        recall = [r["recall"] for r in rs if "recall" in r]
+        overlap = [r["gsu_overlap"] for r in rs if "gsu_overlap" in r]
+        lines.append(
+            f"| {length:,} | {model} | {len(rs)} | {rs[0]['steps']} | " + " | ".join(cells)
+            + (f" | {statistics.mean(recall):.3f} |" if recall else " | |")
+            + (f" {statistics.mean(overlap):.3f} |" if overlap else " |")
+            + f" {statistics.mean(r['samples_per_sec'] for r in rs):.0f} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quality", nargs="*", default=[])
+    p.add_argument("--throughput")
+    p.add_argument("--retrieval")
+    p.add_argument("--anchor")
+    p.add_argument("--serving")
+    p.add_argument("--out", default="benchmarks/RESULTS.md")
+    args = p.parse_args()
+    out: List[str] = [
+        "# Benchmark results", "",
+        f"Rendered by `benchmarks/report.py` on {datetime.date.today()} from the runs' JSON files.",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"no GPU, Linux {platform.release()}, Python {platform.python_version()}; torch "
+        f"{version('torch')}, torchrec {version('torchrec')}, fbgemm-gpu-cpu "
+        f"{version('fbgemm-gpu-cpu')}.", "",
+        "Ratios compare numbers taken in the same run; absolute times on this shared 2-core "
+        "machine move by 1.5x between runs.", ""]
+    quality = [r for d in args.quality for r in (load(d, "quality.json") or [])]
+    if quality:
+        out += ["## Quality against history length", "",
+                "`benchmarks/quality.py --max-seq-len L --seeds ... --steps S` (torchrun, 2 ranks, "
+                "batch 128 per rank, test = 40 batches x 128 x 2 ranks of days 90-100); mean ± "
+                "standard deviation over seeds. recall@k: relevant behaviors retrieved / "
+                "sum of min(k, relevant); GSU overlap (TWIN): share of the full-attention top-k "
+                "that the search returns.", "", *quality_table(quality), "",
+                "![AUC against L](auc_vs_length.png)", ""]
+    throughput = args.throughput and load(args.throughput, "throughput.json")
+    if throughput:
+        a = throughput["args"]
+        out += ["## Training cost and memory against L", "",
+                f"`benchmarks/throughput.py --lengths {' '.join(map(str, a['lengths']))} "
+                f"--threads {a['threads']}`: one process per (model, L), the training path of "
+                f"train.py with one rank, B = {a['batch_size']}, d = {a['embedding_dim']}, "
+                f"m = {a['hash_bits']}, k = {a['k']}, {a['steps']} timed steps after "
+                f"{a['warmup']} warm-up; every sample has exactly L behaviors; peak RSS of the "
+                "run's process (data included).", "",
+                "| model | L | ms / sample | samples/s | cost vs L = 1,000 | peak RSS (GiB) |",
+                "|---|---|---|---|---|---|"]
+        for r in throughput["results"]:
+            if "error" in r:
+                out.append(f"| {r['model']} | {r['L']:,} | {r['error']} | | | |")
+                continue
+            base = next((x for x in throughput["results"] if x["model"] == r["model"]
+                         and x["L"] == 1000 and "error" not in x), None)
+            ratio = f"{r['ms_per_sample'] / base['ms_per_sample']:.2f}x" if base else ""
+            out.append(f"| {r['model']} | {r['L']:,} | {r['ms_per_sample']:.3f} | "
+                       f"{r['samples_per_sec']:.0f} | {ratio} | {r['peak_rss_gib']:.2f} |")
+        out += ["", "![samples/s against L](throughput.png)", ""]
+    anchor = args.anchor and load(args.anchor, "anchor.json")
+    if anchor:
+        a = anchor["args"]
+        out += ["## ETA against FuxiCTR's ETA (same harness, same run)", "",
+                f"`benchmarks/fuxictr_anchor.py --threads {a['threads']}` (B = {a['batch_size']}, "
+                f"d = {a['embedding_dim']}, m = {a['hash_bits']}, k = {a['k']}); fastest of "
+                f"{a['steps']} timed training steps per sample; mean-step ratio in brackets.", "",
+                "| L | ours ms / sample | FuxiCTR ms / sample | FuxiCTR / ours | peak RSS ours | "
+                "peak RSS FuxiCTR |", "|---|---|---|---|---|---|"]
+        for r in anchor["results"]:
+            out.append(f"| {r['L']:,} | {r['ours_ms_per_sample']:.3f} | "
+                       f"{r['fuxictr_ms_per_sample']:.3f} | **{r['speedup']:.1f}x** "
+                       f"({r['speedup_mean']:.1f}x) | {r['ours_peak_rss_gib']:.2f} GiB | "
+                       f"{r['fuxictr_peak_rss_gib']:.2f} GiB |")
+        out.append("")
+    retrieval = args.retrieval and load(args.retrieval, "retrieval.json")
+    if retrieval:
+        out += ["## Retrieval alone against L", "",
+                "`benchmarks/retrieval.py`: µs per candidate, forward only (see the script's "
+                "docstring for the exact operations).", ""]
+        rows = retrieval["results"]
+        keys = [k for k, v in rows[0].items() if isinstance(v, float) and "median" not in k]
+        out += ["| L | candidates | " + " | ".join(keys) + " | same results |",
+                "|---|---|" + "---|" * (len(keys) + 1)]
+        for r in rows:
+            out.append(f"| {r['L']:,} | {r['candidates']} | "
+                       + " | ".join(f"{r[k]:.2f}" for k in keys) + f" | {r['same_results']} |")
+        out += ["", "![retrieval cost against L](retrieval.png)", ""]
+    serving = args.serving and load(args.serving, "serving.json")
+    if serving:
+        a = serving["args"]
+        out += ["## Serving one user", "",
+                f"`benchmarks/serving.py --length {a['length']} --candidates {a['candidates']} "
+                f"--reps {a['reps']}`: one request, the three ways interleaved; ms.", "",
+                "| model | shared p50 | shared p99 | batched p50 | batched p99 | one by one p50 | "
+                "batched / shared | one by one / shared |", "|---|---|---|---|---|---|---|---|"]
+        for r in serving["results"]:
+            out.append(f"| {r['model']} | {r['shared_p50_ms']:.1f} | {r['shared_p99_ms']:.1f} | "
+                       f"{r['batched_p50_ms']:.1f} | {r['batched_p99_ms']:.1f} | "
+                       f"{r['one_by_one_p50_ms']:.0f} | {r['batched_over_shared']:.1f}x | "
+                       f"{r['one_by_one_over_shared']:.1f}x |")
+        out.append("")
+    Path(args.out).write_text("\n".join(out))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
