@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader
 
+from helpers import DATA
 from torchrec_longseq.data.batch import (
     CONTEXT_HOUR,
     FEATURE_KEYS,
@@ -31,8 +32,7 @@ from torchrec_longseq.data.synthetic import (
 )
 from torchrec_longseq.data.validation import check_batch
 
-SMALL = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
-                        subclusters=10)
+SMALL = DATA  # the small data of the model and module tests
 # histories longer than the recent window, so that ``relevant`` behaviors exist
 LONG = SyntheticConfig(max_seq_len=1000, num_users=1000)
 TINY = SyntheticConfig(max_seq_len=3, min_seq_len=1, num_users=2, num_items=4, num_categories=2,

@@ -1,90 +1,24 @@
 """LongSeqCTR for "avgpool", "din", "din-full": forward, empty histories, what is looked up,
 which embedding rows get gradients, fx tracing, and that training reduces the loss."""
 
-from typing import Dict, List, Set
+from typing import Dict, List
 
 import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.fx import symbolic_trace
 
-from torchrec_longseq.data.batch import (
-    FEATURE_KEYS,
-    HIST_CATEGORY,
-    HIST_ITEM,
-    TARGET_CATEGORY,
-    TARGET_ITEM,
-    Batch,
-)
-from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.data.validation import check_batch
-from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig, build_model
+from helpers import (B, build_small_model, capture, make_batch, nonzero_rows, per_sample, run,
+                     with_histories)
+from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain
 
-DATA = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
-                       subclusters=10)
-TABLES = DATA.table_sizes
 LAST_N = 4  # histories have >= 10 behaviors, so DIN(last_n=4) must drop most of them
 NAMES = ["avgpool", "din", "din-full"]
-B = 16
-
-
-def model_config() -> ModelConfig:
-    return ModelConfig(embedding_dim=8, over_arch_layers=[16, 8], attention_hidden=[8],
-                       short_window=LAST_N)
 
 
 def make_model(name: str, seed: int = 0) -> LongSeqCTR:
-    torch.manual_seed(seed)
-    return build_model(name, model_config(), TABLES)
-
-
-def make_batch(index: int = 0) -> Batch:
-    return SyntheticGenerator(DATA).batch("train", index, B)
-
-
-def per_sample(values: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
-    out, start = [], 0
-    for n in lengths.tolist():
-        out.append(values[start:start + n].tolist())
-        start += n
-    return out
-
-
-def with_histories(batch: Batch, keep: List[int]) -> Batch:
-    """``batch`` with sample b's history cut to its last ``keep[b]`` behaviors (0: empty)."""
-    features = batch.features.to_dict()
-    lengths = features[HIST_ITEM].lengths()
-    offsets = features[HIST_ITEM].offsets()
-    positions = [p for b, k in enumerate(keep) for p in range(int(offsets[b + 1]) - k,
-                                                             int(offsets[b + 1]))]
-    index = torch.tensor(positions, dtype=torch.long)
-    new_lengths = torch.tensor(keep, dtype=torch.int32)
-    assert (new_lengths <= lengths).all()
-    values, all_lengths = [], []
-    for key in FEATURE_KEYS:
-        jt = features[key]
-        if key in (HIST_ITEM, HIST_CATEGORY):
-            values.append(jt.values()[index])
-            all_lengths.append(new_lengths)
-        else:
-            values.append(jt.values())
-            all_lengths.append(jt.lengths().int())
-    out = Batch(
-        features=KeyedJaggedTensor(keys=FEATURE_KEYS, values=torch.cat(values),
-                                   lengths=torch.cat(all_lengths)),
-        history_time=batch.history_time[index],
-        request_time=batch.request_time,
-        labels=batch.labels,
-        relevant=batch.relevant[index],
-    )
-    check_batch(out, TABLES)
-    return out
-
-
-def run(model: LongSeqCTR, batch: Batch) -> torch.Tensor:
-    logits, aux = model(batch.features, batch.history_time, batch.request_time)
-    assert aux is None
-    return logits
+    return build_small_model(name, seed, refresh=False, short_window=LAST_N)
 
 
 def embedding_weights(model: LongSeqCTR) -> Dict[str, torch.Tensor]:
@@ -129,12 +63,6 @@ def test_empty_histories_give_finite_logits_and_gradients(name: str, pattern: st
             assert param.grad is None or not param.grad.any(), pname
 
 
-def capture_lookups(model: LongSeqCTR) -> List[KeyedJaggedTensor]:
-    seen: List[KeyedJaggedTensor] = []
-    model.embedding_collection.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    return seen
-
-
 def history_item_ids(kjt: KeyedJaggedTensor) -> List[List[int]]:
     """Item ids per sample under every history key of a lookup KJT (everything but the target)."""
     out = [[] for _ in range(B)]
@@ -158,7 +86,7 @@ def history_ids_total(kjt: KeyedJaggedTensor) -> List[int]:
 
 def test_din_last_n_looks_up_only_the_last_n() -> None:
     model = make_model("din")
-    seen = capture_lookups(model)
+    seen = capture(model.embedding_collection)
     batch = make_batch()
     run(model, batch)
     assert len(seen) == 1  # one EmbeddingCollection call for candidate and history
@@ -182,17 +110,13 @@ def test_din_last_n_looks_up_only_the_last_n() -> None:
 
 def test_din_full_looks_up_the_whole_history() -> None:
     model = make_model("din-full")
-    seen = capture_lookups(model)
+    seen = capture(model.embedding_collection)
     batch = make_batch()
     run(model, batch)
     assert len(seen) == 1
     history = per_sample(batch.features[HIST_ITEM].values(), batch.features[HIST_ITEM].lengths())
     # the whole history for the full-length attention, then the short-term branch's window
     assert history_item_ids(seen[0]) == [h + h[-LAST_N:] for h in history]
-
-
-def nonzero_rows(grad: torch.Tensor) -> Set[int]:
-    return set(grad.abs().sum(1).nonzero().flatten().tolist())
 
 
 @pytest.mark.parametrize("name", ["din", "din-full"])

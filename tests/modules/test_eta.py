@@ -13,50 +13,21 @@ import pytest
 import torch
 from torchrec.fx import symbolic_trace
 
-from torchrec_longseq.data.batch import (
-    HIST_CATEGORY,
-    HIST_ITEM,
-    TARGET_CATEGORY,
-    TARGET_ITEM,
-    Batch,
-)
-from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.models.longseq_ctr import LongSeqCTR, ModelConfig, build_model
+from helpers import B, DATA, WINDOW, build_small_model, make_batch, per_sample, run
+from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
+                                         Batch)
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.eta import SimHashSearch
 from torchrec_longseq.retrieval.simhash import simhash_signatures, simhash_topk
 
-DATA = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
-                       subclusters=10)
-B = 16
 K = 4
-WINDOW = 3
 LR = 200.0  # item embeddings start at ~0.03 and get ~1e-4 gradients: move them visibly
-
-
-def model_config(**overrides) -> ModelConfig:
-    kwargs = dict(embedding_dim=8, over_arch_layers=[16, 8], attention_hidden=[8],
-                  short_window=WINDOW, k=K, num_heads=2, head_dim=4, hash_bits=64)
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)
+MODEL = dict(k=K, num_heads=2, head_dim=4, hash_bits=64)  # on top of helpers.model_config
 
 
 def make_model(seed: int = 0, refresh: bool = True, **overrides) -> LongSeqCTR:
-    torch.manual_seed(seed)
-    model = build_model("eta", model_config(**overrides), DATA.table_sizes)
-    if refresh:
-        model.refresh_derived_tables()
-    return model
-
-
-def make_batch(index: int = 0) -> Batch:
-    return SyntheticGenerator(DATA).batch("train", index, B)
-
-
-def run(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    logits, aux = model(batch.features, batch.history_time, batch.request_time)
-    assert aux is None
-    return logits
+    return build_small_model("eta", seed, refresh=refresh, **{**MODEL, **overrides})
 
 
 def search_of(model: LongSeqCTR) -> SimHashSearch:
@@ -80,14 +51,6 @@ def item_weight(model: LongSeqCTR) -> torch.nn.Parameter:
 def rehash(model: LongSeqCTR) -> torch.Tensor:
     """The signature table as it should be: the current item table hashed from scratch."""
     return simhash_signatures(item_weight(model).detach(), projection_of(model))
-
-
-def per_sample(values: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
-    out, start = [], 0
-    for n in lengths.tolist():
-        out.append(values[start:start + n].tolist())
-        start += n
-    return out
 
 
 def sgd_step(model: LongSeqCTR, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
@@ -378,5 +341,5 @@ def test_signature_widths_work_end_to_end(num_bits: int) -> None:
 
 
 def test_invalid_signature_width_raises() -> None:
-    with pytest.raises(ValueError, match="48"):
-        make_model(refresh=False, hash_bits=48)
+    with pytest.raises(ValueError, match="96"):
+        make_model(refresh=False, hash_bits=96)

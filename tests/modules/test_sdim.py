@@ -14,36 +14,27 @@ matching signatures in one 64-bit mask.
 import os
 import random
 import sys
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Tuple
 from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from torchrec import KeyedJaggedTensor
 
-from torchrec_longseq.data.batch import (
-    FEATURE_KEYS,
-    HIST_CATEGORY,
-    HIST_ITEM,
-    TARGET_CATEGORY,
-    TARGET_ITEM,
-    Batch,
-)
-from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.models.longseq_ctr import LongSeqCTR, ModelConfig, build_model
+from helpers import (B, D, DATA, WINDOW, build_small_model, capture, make_batch, make_features,
+                     nonzero_rows, per_sample)
+from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
+                                         Batch)
+from torchrec_longseq.data.synthetic import SyntheticConfig
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.lookup import SHORT_CATEGORY, SHORT_ITEM
 from torchrec_longseq.modules.sdim import SDIM, bucket_mean, collision_weights, collisions_by_id
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 
-DATA = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
-                       subclusters=10)
-B = 16
-D = 8
-WINDOW = 3
 SETTINGS = settings(max_examples=40, deadline=None)
 ATOL, RTOL = 1e-5, 1e-4
 MASK64 = (1 << 64) - 1
+MODEL = dict(sdim_bits=48, sdim_tau=3)  # on top of helpers.model_config
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -108,14 +99,6 @@ def offsets_of(lengths: List[int]) -> torch.Tensor:
     for n in lengths:
         out.append(out[-1] + n)
     return torch.tensor(out, dtype=torch.long)
-
-
-def per_sample(values: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
-    out, start = [], 0
-    for n in lengths.tolist():
-        out.append(values[start:start + n].tolist())
-        start += n
-    return out
 
 
 def random_words(rng: random.Random, num_words: int, tau: int, groups_per_word: int,
@@ -237,13 +220,6 @@ def test_collision_weights_and_bucket_mean_match_brute_force(
     got, expected_grad = grad_of(out, upstream, table), grad_of(ref, upstream, table)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected_grad, atol=ATOL, rtol=RTOL)
-
-
-@pytest.fixture(params=["1", "0"], ids=["kernels", "torch-ops"])
-def kernels(request, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run with the compiled CPU kernels (the default on CPU) and with the torch ops."""
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "torch-ops"])
@@ -401,23 +377,10 @@ def test_valid_bits_and_tau(num_bits: int, tau: int) -> None:
 
 # ----------------------------------------------------------------------------- whole module
 
-def model_config(**overrides) -> ModelConfig:
-    kwargs = dict(embedding_dim=D, over_arch_layers=[16, 8], attention_hidden=[8],
-                  short_window=WINDOW, sdim_bits=48, sdim_tau=3)
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)
-
-
 def make_model(seed: int = 0, data: SyntheticConfig = DATA, **overrides) -> LongSeqCTR:
-    torch.manual_seed(seed)
-    model = build_model("sdim", model_config(**overrides), data.table_sizes)
-    model.refresh_derived_tables()
+    model = build_small_model("sdim", seed, data, **{**MODEL, **overrides})
     assert isinstance(model.sequence_arch, SDIM)
     return model
-
-
-def make_batch(index: int = 0, data: SyntheticConfig = DATA, batch_size: int = B) -> Batch:
-    return SyntheticGenerator(data).batch("train", index, batch_size)
 
 
 def sequence_output(model: LongSeqCTR, batch: Batch) -> torch.Tensor:
@@ -497,18 +460,6 @@ def test_reference_sees_a_wrong_group_shift(monkeypatch: pytest.MonkeyPatch) -> 
     assert not torch.allclose(out, shifted, atol=1e-3)
 
 
-def capture(module: torch.nn.Module) -> List[KeyedJaggedTensor]:
-    seen: List[KeyedJaggedTensor] = []
-    module.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    return seen
-
-
-def nonzero_rows(grad: Optional[torch.Tensor]) -> Set[int]:
-    if grad is None:
-        return set()
-    return set(grad.abs().sum(1).nonzero().flatten().tolist())
-
-
 @pytest.mark.parametrize("bits,tau", [(48, 3), (48, 6)])
 def test_lookup_is_distinct_colliding_behaviors_and_gradients_reach_exactly_them(
     kernels: str, bits: int, tau: int
@@ -559,24 +510,6 @@ def test_lookup_is_distinct_colliding_behaviors_and_gradients_reach_exactly_them
         assert colliding_items - set(items[s][-WINDOW:]) - {targets[0][s]}
         left_out += len(set(items[s]) - expected_items)
     assert left_out > 20
-
-
-def make_features(hist_items: List[List[int]], hist_cats: List[List[int]],
-                  target_items: List[int], target_cats: List[int]) -> KeyedJaggedTensor:
-    """A batch's KJT (layout of ``data.batch``) from per-sample Python lists."""
-    b = len(target_items)
-    columns = {
-        "user_id": [[0]] * b,
-        "context_hour": [[0]] * b,
-        TARGET_ITEM: [[t] for t in target_items],
-        TARGET_CATEGORY: [[c] for c in target_cats],
-        HIST_ITEM: hist_items,
-        HIST_CATEGORY: hist_cats,
-    }
-    values = [v for key in FEATURE_KEYS for sample in columns[key] for v in sample]
-    lengths = [len(sample) for key in FEATURE_KEYS for sample in columns[key]]
-    return KeyedJaggedTensor(keys=FEATURE_KEYS, values=torch.tensor(values, dtype=torch.long),
-                             lengths=torch.tensor(lengths, dtype=torch.int32))
 
 
 def test_repeated_behaviors_are_merged_with_their_count(kernels: str) -> None:

@@ -7,7 +7,7 @@ reaches the main EmbeddingCollection (ids and gradients), empty retrievals, and 
 """
 
 import copy
-from typing import List, Optional, Set, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 import torch
@@ -15,111 +15,32 @@ from hypothesis import given, settings, strategies as st
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.fx import symbolic_trace
 
-from torchrec_longseq.data.batch import (
-    FEATURE_KEYS,
-    HIST_CATEGORY,
-    HIST_ITEM,
-    TARGET_CATEGORY,
-    TARGET_ITEM,
-    Batch,
-)
-from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.data.validation import check_batch
-from torchrec_longseq.models.longseq_ctr import LongSeqCTR, ModelConfig, build_model
+from helpers import (B, DATA, WINDOW, build_small_model, capture, make_batch, make_features,
+                     nonzero_rows, per_sample, with_histories)
+from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
+                                         Batch)
+from torchrec_longseq.data.synthetic import SyntheticConfig
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.esu import ExactSearchUnit
 from torchrec_longseq.modules.lookup import SHORT_CATEGORY, SHORT_ITEM
 from torchrec_longseq.modules.sim import SEARCH_HIST, SEARCH_TARGET, HardSearch, SoftSearch
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 
-DATA = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
-                       subclusters=10)
-TABLES = DATA.table_sizes
-B = 16
 K = 4
-WINDOW = 3
 SEARCH_MODELS = ["sim-hard", "sim-soft", "eta"]
 SETTINGS = settings(max_examples=40, deadline=None)
+MODEL = dict(k=K, num_heads=2, head_dim=4, search_dim=4)  # on top of helpers.model_config
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def model_config(**overrides) -> ModelConfig:
-    kwargs = dict(embedding_dim=8, over_arch_layers=[16, 8], attention_hidden=[8],
-                  short_window=WINDOW, k=K, num_heads=2, head_dim=4, search_dim=4)
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)
-
-
 def make_model(name: str, seed: int = 0, data: SyntheticConfig = DATA, **overrides) -> LongSeqCTR:
-    torch.manual_seed(seed)
-    model = build_model(name, model_config(**overrides), data.table_sizes)
-    model.refresh_derived_tables()  # ETA's signatures from the initial embeddings; no-op for SIM
-    return model
-
-
-def make_batch(index: int = 0, data: SyntheticConfig = DATA, batch_size: int = B) -> Batch:
-    return SyntheticGenerator(data).batch("train", index, batch_size)
-
-
-def per_sample(values: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
-    out, start = [], 0
-    for n in lengths.tolist():
-        out.append(values[start:start + n].tolist())
-        start += n
-    return out
-
-
-def make_features(hist_items: List[List[int]], hist_cats: List[List[int]],
-                  target_items: List[int], target_cats: List[int]) -> KeyedJaggedTensor:
-    """A batch's KJT (layout of ``data.batch``) from per-sample Python lists."""
-    b = len(target_items)
-    columns = {
-        "user_id": [[0]] * b,
-        "context_hour": [[0]] * b,
-        TARGET_ITEM: [[t] for t in target_items],
-        TARGET_CATEGORY: [[c] for c in target_cats],
-        HIST_ITEM: hist_items,
-        HIST_CATEGORY: hist_cats,
-    }
-    values = [v for key in FEATURE_KEYS for sample in columns[key] for v in sample]
-    lengths = [len(sample) for key in FEATURE_KEYS for sample in columns[key]]
-    return KeyedJaggedTensor(keys=FEATURE_KEYS, values=torch.tensor(values, dtype=torch.long),
-                             lengths=torch.tensor(lengths, dtype=torch.int32))
-
-
-def replace_history(batch: Batch, keep: List[int],
-                    categories: Optional[List[List[int]]] = None) -> Batch:
-    """``batch`` with sample b's history cut to its last ``keep[b]`` behaviors (0: empty) and,
-    if given, the history categories replaced by ``categories``."""
-    f = batch.features
-    offsets = f[HIST_ITEM].offsets()
-    positions = [p for b, k in enumerate(keep)
-                 for p in range(int(offsets[b + 1]) - k, int(offsets[b + 1]))]
-    index = torch.tensor(positions, dtype=torch.long)
-    items = per_sample(f[HIST_ITEM].values()[index], torch.tensor(keep))
-    cats = categories or per_sample(f[HIST_CATEGORY].values()[index], torch.tensor(keep))
-    features = make_features(items, cats, f[TARGET_ITEM].values().tolist(),
-                             f[TARGET_CATEGORY].values().tolist())
-    # keep the real user and hour ids
-    values = features.values().clone()
-    b = len(keep)
-    values[:2 * b] = torch.cat([f["user_id"].values(), f["context_hour"].values()])
-    features = KeyedJaggedTensor(keys=FEATURE_KEYS, values=values, lengths=features.lengths())
-    out = Batch(features=features, history_time=batch.history_time[index],
-                request_time=batch.request_time, labels=batch.labels,
-                relevant=batch.relevant[index])
-    check_batch(out, TABLES)
-    return out
+    return build_small_model(name, seed, data, **{**MODEL, **overrides})
 
 
 def run(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Logits and the auxiliary output (SIM soft's), unlike ``helpers.run``."""
     return model(batch.features, batch.history_time, batch.request_time)
-
-
-def nonzero_rows(grad: Optional[torch.Tensor]) -> Set[int]:
-    if grad is None:
-        return set()
-    return set(grad.abs().sum(1).nonzero().flatten().tolist())
 
 
 def no_grad(param: torch.nn.Parameter) -> bool:
@@ -348,7 +269,7 @@ def test_soft_search_aux_loss_trains_the_whole_search_space() -> None:
     full = make_batch()
     lengths = full.features[HIST_ITEM].lengths().tolist()
     keep = [0 if b == 5 else n for b, n in enumerate(lengths)]
-    batch = replace_history(full, keep)  # one empty history among full ones
+    batch = with_histories(full, keep)  # one empty history among full ones
     f = batch.features
     logits, aux = run(model, batch)
 
@@ -373,12 +294,6 @@ def test_soft_search_aux_loss_trains_the_whole_search_space() -> None:
 
 
 # ----------------------------------------------------------------------------- lookup volume
-
-def capture(module: torch.nn.Module) -> List[KeyedJaggedTensor]:
-    seen: List[KeyedJaggedTensor] = []
-    module.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    return seen
-
 
 def ids_per_sample(kjt: KeyedJaggedTensor, keys: List[str]) -> List[int]:
     counts = None
@@ -516,7 +431,7 @@ def total_loss(logits: torch.Tensor, aux: Optional[torch.Tensor], labels: torch.
 def test_empty_histories_give_finite_logits_and_gradients(name: str, pattern: str) -> None:
     model = make_model(name)
     keep = [0] * B if pattern == "all" else [0 if b % 3 == 0 else 2 + b % 5 for b in range(B)]
-    batch = replace_history(make_batch(), keep)
+    batch = with_histories(make_batch(), keep)
     logits, aux = run(model, batch)
     assert logits.shape == (B,) and torch.isfinite(logits).all()
     assert (aux is not None) == (name == "sim-soft")
@@ -545,7 +460,7 @@ def test_no_behavior_of_the_target_category() -> None:
     # every behavior of sample b gets a category other than the target's
     other = [[(t + 1 + j % 3) % DATA.num_categories for j in range(n)]
              for t, n in zip(targets, lengths)]
-    nomatch = replace_history(batch, lengths, categories=other)
+    nomatch = with_histories(batch, lengths, categories=other)
     _, found, _ = model.sequence_arch.search(nomatch.features, None, None, None)
     assert found.tolist() == [0] * B
     logits, aux = run(model, nomatch)
@@ -566,7 +481,7 @@ def test_fx_trace_matches_eager(name: str) -> None:
     model = make_model(name)
     model.eval()
     traced = symbolic_trace(model)
-    batches = [make_batch(2), replace_history(make_batch(3), [b % 4 for b in range(B)])]
+    batches = [make_batch(2), with_histories(make_batch(3), [b % 4 for b in range(B)])]
     for batch in batches:
         eager, eager_aux = run(model, batch)
         logits, aux = traced(batch.features, batch.history_time, batch.request_time)

@@ -12,48 +12,28 @@ from typing import List, Tuple
 
 import pytest
 import torch
-from torchrec import KeyedJaggedTensor
 
-from torchrec_longseq.data.batch import (
-    FEATURE_KEYS,
-    HIST_CATEGORY,
-    HIST_ITEM,
-    TARGET_CATEGORY,
-    TARGET_ITEM,
-    Batch,
-)
-from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.data.validation import check_batch
-from torchrec_longseq.models.longseq_ctr import LongSeqCTR, ModelConfig, build_model
+from helpers import (B, D, TABLES, build_small_model, make_batch, make_features, per_sample, run,
+                     with_histories)
+from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
+                                         Batch)
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.esu import ExactSearchUnit
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.modules.twin import TwinSearch
 
-DATA = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
-                       subclusters=10)
-TABLES = DATA.table_sizes
-B = 16
-D = 8
 K = 5
-WINDOW = 3
 HEADS, HEAD_DIM = 2, 4
 GAP = 1e-4  # float32 search vs float64 reference: orders closer than this are not compared
+MODEL = dict(num_heads=HEADS, head_dim=HEAD_DIM, twin_k=K)  # on top of helpers.model_config
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def model_config(**overrides) -> ModelConfig:
-    kwargs = dict(embedding_dim=D, over_arch_layers=[16, 8], attention_hidden=[8],
-                  short_window=WINDOW, num_heads=HEADS, head_dim=HEAD_DIM, twin_k=K)
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)
-
-
 def make_model(seed: int = 0, **overrides) -> LongSeqCTR:
     """Embeddings ~ N(0, 1), so that q . k spreads as much as the time bias (TorchRec's default
     init makes every q . k ~1e-3 and the ranking a matter of time buckets and near-ties)."""
-    torch.manual_seed(seed)
-    model = build_model("twin", model_config(**overrides), TABLES)
+    model = build_small_model("twin", seed, refresh=False, **{**MODEL, **overrides})
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for table in model.embedding_collection.embeddings.values():
@@ -61,50 +41,6 @@ def make_model(seed: int = 0, **overrides) -> LongSeqCTR:
     model.refresh_derived_tables()
     assert isinstance(model.sequence_arch.search, TwinSearch)
     return model
-
-
-def make_batch(index: int = 0) -> Batch:
-    return SyntheticGenerator(DATA).batch("train", index, B)
-
-
-def per_sample(values: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
-    out, start = [], 0
-    for n in lengths.tolist():
-        out.append(values[start:start + n].tolist())
-        start += n
-    return out
-
-
-def with_histories(batch: Batch, keep: List[int]) -> Batch:
-    """``batch`` with sample b's history cut to its last ``keep[b]`` behaviors (0: empty)."""
-    features = batch.features.to_dict()
-    offsets = features[HIST_ITEM].offsets()
-    positions = [p for b, k in enumerate(keep)
-                 for p in range(int(offsets[b + 1]) - k, int(offsets[b + 1]))]
-    index = torch.tensor(positions, dtype=torch.long)
-    new_lengths = torch.tensor(keep, dtype=torch.int32)
-    assert (new_lengths <= features[HIST_ITEM].lengths()).all()
-    values, lengths = [], []
-    for key in FEATURE_KEYS:
-        jt = features[key]
-        if key in (HIST_ITEM, HIST_CATEGORY):
-            values.append(jt.values()[index])
-            lengths.append(new_lengths)
-        else:
-            values.append(jt.values())
-            lengths.append(jt.lengths().int())
-    out = Batch(features=KeyedJaggedTensor(keys=FEATURE_KEYS, values=torch.cat(values),
-                                           lengths=torch.cat(lengths)),
-                history_time=batch.history_time[index], request_time=batch.request_time,
-                labels=batch.labels, relevant=batch.relevant[index])
-    check_batch(out, TABLES)
-    return out
-
-
-def run(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    logits, aux = model(batch.features, batch.history_time, batch.request_time)
-    assert aux is None
-    return logits
 
 
 def search(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -181,11 +117,8 @@ def reference_topk(scores: torch.Tensor, mask: torch.Tensor, k: int
 
 # ----------------------------------------------------------------------------- GSU = top-k of the ESU logits
 
-@pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "torch-ops"])
-def test_search_is_the_top_k_of_the_full_attention_logits(monkeypatch: pytest.MonkeyPatch,
-                                                          kernels: str) -> None:
+def test_search_is_the_top_k_of_the_full_attention_logits(kernels: str) -> None:
     """``kernels``: "1" the compiled CPU search (the default on CPU), "0" the torch ops."""
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
     model = make_model()
     model.eval()
     full = make_batch()
@@ -223,30 +156,9 @@ def test_search_is_the_top_k_of_the_full_attention_logits(monkeypatch: pytest.Mo
     assert compared >= 3 * B // 2
 
 
-def make_features(hist_items: List[List[int]], hist_cats: List[List[int]],
-                  target_items: List[int], target_cats: List[int]) -> KeyedJaggedTensor:
-    """A batch's KJT (layout of ``data.batch``) from per-sample Python lists."""
-    b = len(target_items)
-    columns = {
-        "user_id": [[0]] * b,
-        "context_hour": [[0]] * b,
-        TARGET_ITEM: [[t] for t in target_items],
-        TARGET_CATEGORY: [[c] for c in target_cats],
-        HIST_ITEM: hist_items,
-        HIST_CATEGORY: hist_cats,
-    }
-    values = [v for key in FEATURE_KEYS for sample in columns[key] for v in sample]
-    lengths = [len(sample) for key in FEATURE_KEYS for sample in columns[key]]
-    return KeyedJaggedTensor(keys=FEATURE_KEYS, values=torch.tensor(values, dtype=torch.long),
-                             lengths=torch.tensor(lengths, dtype=torch.int32))
-
-
-@pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "torch-ops"])
-def test_exact_ties_go_to_the_more_recent_behavior(monkeypatch: pytest.MonkeyPatch,
-                                                   kernels: str) -> None:
+def test_exact_ties_go_to_the_more_recent_behavior(kernels: str) -> None:
     """Repeats of one (item, category) in one time bucket have equal logits: the most recent
     ones are kept, most recent first."""
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
     model = make_model(twin_k=2)
     model.eval()
     hist_items = [[7, 300, 7, 7, 300, 300], [300, 300, 300], []]
@@ -422,11 +334,7 @@ def test_twin_search_needs_a_bias_esu_and_times() -> None:
 # ----------------------------------------------------------------------------- empty histories
 
 @pytest.mark.parametrize("pattern", ["all", "some"])
-@pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "torch-ops"])
-def test_empty_histories_give_finite_logits_and_gradients(
-    monkeypatch: pytest.MonkeyPatch, kernels: str, pattern: str
-) -> None:
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
+def test_empty_histories_give_finite_logits_and_gradients(kernels: str, pattern: str) -> None:
     model = make_model()
     model.train()
     keep = [0] * B if pattern == "all" else [0 if b % 3 == 0 else 2 + b % 5 for b in range(B)]

@@ -1,0 +1,22 @@
+"""Fixtures shared by the tests; the shared helper functions are in ``tests/helpers.py``.
+
+``tests/`` has no ``__init__.py``: test modules are imported by basename, and this conftest puts
+``tests/`` on ``sys.path`` (whatever ``--import-mode``) so that they can ``import helpers``.
+"""
+
+import os
+import sys
+
+import pytest
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+
+@pytest.fixture(params=["1", "0"], ids=["kernels", "torch-ops"])
+def kernels(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run with the compiled CPU kernels (``TORCHREC_LONGSEQ_KERNELS=1``, the default on CPU)
+    and with the torch ops (``=0``)."""
+    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", request.param)
+    return request.param
