@@ -157,9 +157,11 @@ def test_avgpool_gradients_reach_the_whole_history() -> None:
     assert len(rows) >= 0.8 * len(used)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["sdim", "twin"])
 def test_fx_trace_matches_eager(name: str) -> None:
+    """(SIM and ETA: in their own test files.) Histories cut to 0-2 behaviors included."""
     model = make_model(name)
+    model.refresh_derived_tables()
     model.eval()
     traced = symbolic_trace(model)
     for batch in (make_batch(1), with_histories(make_batch(2), [b % 3 for b in range(B)])):
