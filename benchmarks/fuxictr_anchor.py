@@ -156,21 +156,24 @@ class FuxiETA(nn.Module, FuxiRetrieval):
         self.reuse_hash, self.hash_bits, self.topk = True, hash_bits, config.k
         self.short_seq_len = short_seq_len
         self.random_rotations = nn.Parameter(torch.randn(1, width, hash_bits), requires_grad=False)
-        self.dnn = nn.Sequential(mlp(2 * d + 3 * width, config.over_arch_layers),
+        branches = 3 if short_seq_len else 2  # target, (short-term,) long-term
+        self.dnn = nn.Sequential(mlp(2 * d + branches * width, config.over_arch_layers),
                                  nn.Linear(config.over_arch_layers[-1], 1))
 
     def forward(self, user: torch.Tensor, hour: torch.Tensor, items: torch.Tensor,
                 categories: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         item_feat_emb = torch.cat([self.item(items), self.category(categories)], dim=-1)
         target_emb = item_feat_emb[:, -1, :]
-        short_seq_emb = item_feat_emb[:, -self.short_seq_len:-1, :]
-        short_mask = mask[:, -self.short_seq_len:-1]
-        short_interest_emb = self.short_attention(target_emb, short_seq_emb, short_mask)
+        interests = [target_emb]
+        if self.short_seq_len:  # --long-path-only: no short-term branch
+            short_seq_emb = item_feat_emb[:, -self.short_seq_len:-1, :]
+            short_mask = mask[:, -self.short_seq_len:-1]
+            interests.append(self.short_attention(target_emb, short_seq_emb, short_mask))
         long_seq_emb = item_feat_emb[:, 0:-1, :]
         topk_emb, topk_mask = self.topk_retrieval(self.random_rotations, target_emb, long_seq_emb,
                                                   mask, self.topk)
         long_interest_emb = self.long_attention(target_emb, topk_emb, topk_mask)
-        feature_emb = torch.cat([self.user(user), self.hour(hour), target_emb, short_interest_emb,
+        feature_emb = torch.cat([self.user(user), self.hour(hour), *interests,
                                  long_interest_emb], dim=-1)
         return self.dnn(feature_emb).squeeze(-1)
 
@@ -225,7 +228,8 @@ def run_one(system: str, length: int, args: argparse.Namespace) -> Dict[str, flo
     else:
         torch.manual_seed(0)
         config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, hash_bits=args.hash_bits)
-        model = FuxiETA(data.table_sizes, config, args.fuxi_hash_bits or args.hash_bits)
+        model = FuxiETA(data.table_sizes, config, args.fuxi_hash_bits or args.hash_bits,
+                        short_seq_len=0 if args.long_path_only else 50)
         step = fuxi_step(model, [fuxi_inputs(b, length) for b in batches])
     ms = [1000 * t / args.batch_size for t in time_steps(step, batches, args.warmup)]  # per sample
     return {"ms_per_sample": min(ms), "ms_per_sample_mean": statistics.mean(ms),
@@ -245,6 +249,8 @@ def main() -> None:
     p.add_argument("--fuxi-steps", type=int, default=0, help="timed FuxiCTR steps (0: --steps)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--long-path-only", action="store_true",
+                   help="both without their short-term branch (ours: --short-window 0)")
     p.add_argument("--out", default="runs/anchor")
     args = p.parse_args()
     print(check_verbatim(), flush=True)

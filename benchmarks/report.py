@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--quality", nargs="*", default=[])
     p.add_argument("--throughput")
     p.add_argument("--retrieval")
-    p.add_argument("--anchor")
+    p.add_argument("--anchor", nargs="*", default=[])
     p.add_argument("--serving")
     p.add_argument("--out", default="benchmarks/RESULTS.md")
     args = p.parse_args()
@@ -97,13 +97,18 @@ def main() -> None:
             out.append(f"| {r['model']} | {r['L']:,} | {r['ms_per_sample']:.3f} | "
                        f"{r['samples_per_sec']:.0f} | {ratio} | {r['peak_rss_gib']:.2f} |")
         out += ["", "![samples/s against L](throughput.png)", ""]
-    anchor = args.anchor and load(args.anchor, "anchor.json")
-    if anchor:
+    anchors = [x for x in (load(d, "anchor.json") for d in args.anchor) if x]
+    if anchors:
+        out += ["## ETA against FuxiCTR's ETA (same harness, same run)", ""]
+    for anchor in anchors:
         a = anchor["args"]
-        out += ["## ETA against FuxiCTR's ETA (same harness, same run)", "",
-                f"`benchmarks/fuxictr_anchor.py --threads {a['threads']}` (B = {a['batch_size']}, "
-                f"d = {a['embedding_dim']}, m = {a['hash_bits']}, k = {a['k']}); fastest of "
-                f"{a['steps']} timed training steps per sample; mean-step ratio in brackets.", "",
+        what = ("the long-sequence path only (both without their short-term branch)"
+                if a.get("long_path_only") else "whole models (each with its short-term branch)")
+        out += [f"`benchmarks/fuxictr_anchor.py --threads {a['threads']}"
+                + " --long-path-only" * bool(a.get("long_path_only")) + f"`: {what}; "
+                f"B = {a['batch_size']}, d = {a['embedding_dim']}, m = {a['hash_bits']}, "
+                f"k = {a['k']}; fastest of {a['steps']} timed training steps, per sample; "
+                "mean-step ratio in brackets.", "",
                 "| L | ours ms / sample | FuxiCTR ms / sample | FuxiCTR / ours | peak RSS ours | "
                 "peak RSS FuxiCTR |", "|---|---|---|---|---|---|"]
         for r in anchor["results"]:

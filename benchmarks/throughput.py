@@ -40,11 +40,20 @@ from torchrec_longseq.models.longseq_ctr import (
 from torchrec_longseq.train import init_distributed, shard
 
 
-def synthetic_batches(length: int, batch_size: int, count: int) -> Tuple[SyntheticConfig, List[Batch]]:
-    """``count`` training batches in which every sample has exactly ``length`` behaviors."""
+def synthetic_batches(length: int, batch_size: int, count: int,
+                      cache: str = "") -> Tuple[SyntheticConfig, List[Batch]]:
+    """``count`` training batches in which every sample has exactly ``length`` behaviors, kept in
+    ``cache`` (a directory; "" for none) so that every model's run reads the same ones."""
     data = SyntheticConfig(seed=0, max_seq_len=length, min_seq_len=length)
+    path = Path(cache) / f"batches-L{length}-B{batch_size}-n{count}.pt" if cache else None
+    if path is not None and path.exists():
+        return data, torch.load(path, weights_only=False)
     generator = SyntheticGenerator(data)
-    return data, [generator.batch("train", i, batch_size) for i in range(count)]
+    batches = [generator.batch("train", i, batch_size) for i in range(count)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(batches, path)
+    return data, batches
 
 
 def time_steps(step: Callable[[int, Batch], None], batches: List[Batch], warmup: int) -> List[float]:
@@ -64,7 +73,8 @@ def train_step(model_name: str, data: SyntheticConfig,
     sparse row-wise Adagrad in backward, Adam on dense parameters, refresh of derived tables
     (needs ``init_distributed()`` first)."""
     torch.manual_seed(0)
-    config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, hash_bits=args.hash_bits)
+    config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, hash_bits=args.hash_bits,
+                         short_window=0 if getattr(args, "long_path_only", False) else 50)
     model = LongSeqCTRTrain(build_model(model_name, config, data.table_sizes))
     model = shard(model, torch.device("cpu"), "auto", sparse_lr=0.05)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
@@ -100,7 +110,8 @@ def measure(model_name: str, length: int, args: argparse.Namespace) -> Dict[str,
             sock.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
         init_distributed()
-        data, batches = synthetic_batches(length, args.batch_size, args.warmup + args.steps)
+        data, batches = synthetic_batches(length, args.batch_size, args.warmup + args.steps,
+                                          cache=str(Path(args.out) / "batches"))
         times = time_steps(train_step(model_name, data, args), batches, args.warmup)
     except (MemoryError, RuntimeError) as e:
         if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
