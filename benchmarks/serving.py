@@ -25,24 +25,8 @@ from typing import Callable, Dict, List
 import torch
 
 from torchrec_longseq import serving
-from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.data.batch import CONTEXT_HOUR, HIST_CATEGORY, HIST_ITEM, USER_ID
+from torchrec_longseq.data import SyntheticConfig
 from torchrec_longseq.models.longseq_ctr import MODELS, ModelConfig, build_model
-
-
-def make_request(length: int, candidates: int, seed: int = 0) -> serving.Request:
-    """A generated user with exactly ``length`` behaviors and ``candidates`` random items."""
-    data = SyntheticConfig(seed=seed, max_seq_len=length, min_seq_len=length)
-    batch = SyntheticGenerator(data).batch("test", 0, data.candidates_per_request)
-    f = batch.features
-    g = torch.Generator().manual_seed(seed)
-    items = torch.randint(0, data.num_items, (candidates,), generator=g)
-    return serving.Request(
-        user_id=int(f[USER_ID].values()[0]), context_hour=int(f[CONTEXT_HOUR].values()[0]),
-        request_time=int(batch.request_time[0]),
-        history_item=f[HIST_ITEM].values()[:length], history_category=f[HIST_CATEGORY].values()[:length],
-        history_time=batch.history_time[:length], candidate_item=items,
-        candidate_category=items // data.items_per_category)
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -67,8 +51,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/serving")
     args = p.parse_args()
     torch.set_grad_enabled(False)
-    request = make_request(args.length, args.candidates)
-    data = SyntheticConfig(max_seq_len=args.length)
+    data = SyntheticConfig(max_seq_len=args.length, min_seq_len=args.length)
+    request = serving.synthetic_request(data, args.length, args.candidates)
     rows: List[Dict] = []
     print(f"one user, L = {args.length}, C = {args.candidates} candidates, {args.reps} requests; ms")
     print("| model | shared p50 | shared p99 | batched p50 | batched p99 | one by one p50 | "

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from torchrec_longseq import serving
-from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.data.batch import CONTEXT_HOUR, HIST_CATEGORY, HIST_ITEM, USER_ID
+from torchrec_longseq.data import SyntheticConfig
+from torchrec_longseq.data.batch import HIST_ITEM
 from torchrec_longseq.models.longseq_ctr import MODELS, ModelConfig, build_model
 
 DATA = SyntheticConfig(max_seq_len=300, min_seq_len=300, num_users=100, num_items=400,
@@ -14,17 +14,7 @@ CONFIG = ModelConfig(k=8, short_window=6, twin_k=10)
 
 
 def make_request(length: int, candidates: int, seed: int = 0) -> serving.Request:
-    batch = SyntheticGenerator(DATA).batch("test", seed, DATA.candidates_per_request)
-    f = batch.features
-    g = torch.Generator().manual_seed(seed)
-    items = torch.randint(0, DATA.num_items, (candidates,), generator=g)
-    return serving.Request(
-        user_id=int(f[USER_ID].values()[0]), context_hour=int(f[CONTEXT_HOUR].values()[0]),
-        request_time=int(batch.request_time[0]),
-        history_item=f[HIST_ITEM].values()[:length],
-        history_category=f[HIST_CATEGORY].values()[:length],
-        history_time=batch.history_time[:length], candidate_item=items,
-        candidate_category=items // DATA.items_per_category)
+    return serving.synthetic_request(DATA, length, candidates, seed)
 
 
 def model_of(name: str) -> torch.nn.Module:

@@ -27,7 +27,15 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from torchrec_longseq import jagged
-from torchrec_longseq.data.batch import FEATURE_KEYS, Batch
+from torchrec_longseq.data.batch import (
+    CONTEXT_HOUR,
+    FEATURE_KEYS,
+    HIST_CATEGORY,
+    HIST_ITEM,
+    USER_ID,
+    Batch,
+)
+from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import SearchBasedInterest
@@ -65,6 +73,24 @@ class Request:
     @property
     def num_candidates(self) -> int:
         return self.candidate_item.numel()
+
+
+def synthetic_request(data: SyntheticConfig, length: int, candidates: int,
+                      seed: int = 0) -> Request:
+    """A request of a generated user (the first of test batch ``seed``) with its oldest
+    ``length`` behaviors at most (exactly ``length`` when ``data.min_seq_len >= length``) and
+    ``candidates`` uniformly random items (for tests and benchmarks)."""
+    batch = SyntheticGenerator(data).batch("test", seed, data.candidates_per_request)
+    f = batch.features
+    n = min(length, int(f[HIST_ITEM].lengths()[0]))
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, data.num_items, (candidates,), generator=g)
+    return Request(
+        user_id=int(f[USER_ID].values()[0]), context_hour=int(f[CONTEXT_HOUR].values()[0]),
+        request_time=int(batch.request_time[0]),
+        history_item=f[HIST_ITEM].values()[:n], history_category=f[HIST_CATEGORY].values()[:n],
+        history_time=batch.history_time[:n], candidate_item=items,
+        candidate_category=items // data.items_per_category)
 
 
 def request_batch(request: Request, selection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
