@@ -34,14 +34,15 @@ def quality_table(runs: List[Dict]) -> List[str]:
     by: Dict = {}
     for r in runs:
         by.setdefault((r["max_seq_len"], r["model"]), []).append(r)
-    lines = ["| max L | model | seeds | steps | test AUC | test GAUC | test log loss | recall@k | "
+    lines = ["| max L | model | seeds | steps x batch | test AUC | test GAUC | test log loss | recall@k | "
              "GSU overlap | train samples/s (2 ranks) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (length, model), rs in sorted(by.items(), key=lambda kv: kv[0][0]):
         cells = [mean_std([r[k] for r in rs]) for k in ("auc", "gauc", "logloss")]
         recall = [r["recall"] for r in rs if "recall" in r]
         overlap = [r["gsu_overlap"] for r in rs if "gsu_overlap" in r]
         lines.append(
-            f"| {length:,} | {model} | {len(rs)} | {rs[0]['steps']} | " + " | ".join(cells)
+            f"| {length:,} | {model} | {len(rs)} | {rs[0]['steps']} x {rs[0]['batch_size']} | "
+            + " | ".join(cells)
             + (f" | {statistics.mean(recall):.3f} |" if recall else " | |")
             + (f" {statistics.mean(overlap):.3f} |" if overlap else " |")
             + f" {statistics.mean(r['samples_per_sec'] for r in rs):.0f} |")
@@ -69,8 +70,9 @@ def main() -> None:
     quality = [r for d in args.quality for r in (load(d, "quality.json") or [])]
     if quality:
         out += ["## Quality against history length", "",
-                "`benchmarks/quality.py --max-seq-len L --seeds ... --steps S` (torchrun, 2 ranks, "
-                "batch 128 per rank, test = 40 batches x 128 x 2 ranks of days 90-100); mean ± "
+                "`benchmarks/quality.py --max-seq-len L --seeds 0 1 --steps S [--batch-size 64]` "
+                "(torchrun, 2 ranks; steps x batch per rank as listed; test = 40 batches per rank "
+                "of days 90-100); mean ± "
                 "standard deviation over seeds. recall@k: relevant behaviors retrieved / "
                 "sum of min(k, relevant); GSU overlap (TWIN): share of the full-attention top-k "
                 "that the search returns.", "", *quality_table(quality), "",
