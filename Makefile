@@ -23,7 +23,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# the speed / memory suite (README "Benchmarks"); the quality table is benchmarks/quality.py
+# the speed / memory suite as in benchmarks/RESULTS.md (about 25 minutes on 2 idle cores); the
+# quality runs are benchmarks/quality.py (hours), whose runs/q-L* the report includes if present
 BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): requirements-bench.lock $(STAMP)
@@ -31,10 +32,15 @@ $(BENCH_STAMP): requirements-bench.lock $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/throughput.py --lengths 100 1000 10000 100000 --threads 1
-	$(BIN)/python benchmarks/retrieval.py --threads 1
-	$(BIN)/python benchmarks/fuxictr_anchor.py --threads 1
-	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/throughput.py --lengths 100 1000 10000 100000 --steps 2 --warmup 1 --out runs/throughput
+	$(BIN)/python benchmarks/retrieval.py --out runs/retrieval
+	$(BIN)/python benchmarks/fuxictr_anchor.py --out runs/anchor-t2
+	$(BIN)/python benchmarks/fuxictr_anchor.py --threads 1 --out runs/anchor-t1
+	$(BIN)/python benchmarks/fuxictr_anchor.py --long-path-only --out runs/anchor-long
+	$(BIN)/python benchmarks/serving.py --reps 30 --out runs/serving
+	$(BIN)/python benchmarks/report.py --quality $(wildcard runs/q-L*) --throughput runs/throughput \
+	    --retrieval runs/retrieval --anchor runs/anchor-t2 runs/anchor-t1 runs/anchor-long \
+	    --serving runs/serving --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) runs
