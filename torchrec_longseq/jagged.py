@@ -60,6 +60,20 @@ def last_n(offsets: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return indices, kept
 
 
+def copies_offsets(num_values: int, copies: int, device: torch.device) -> torch.Tensor:
+    """``[copies + 1]`` offsets of ``copies`` back-to-back copies of one ``num_values``-long
+    segment (how the torch-ops paths run one history shared by many candidates)."""
+    return torch.arange(copies + 1, device=device) * num_values
+
+
+def positions_in_copy(selection: Tuple[torch.Tensor, torch.Tensor],
+                      num_values: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A selection ``(indices, lengths)`` over ``copies_offsets`` copies, as positions into the
+    one segment."""
+    indices, lengths = selection
+    return indices % max(num_values, 1), lengths
+
+
 @torch.fx.wrap
 def segment_sum(values: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     """``[N, D]`` values summed per segment -> ``[num_segments, D]`` (empty segments give 0)."""

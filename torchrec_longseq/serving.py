@@ -39,7 +39,7 @@ from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import SearchBasedInterest
-from torchrec_longseq.modules.eta import SimHashSearch
+from torchrec_longseq.modules.eta import SimHashSearch, signature_topk
 from torchrec_longseq.modules.sim import (
     SEARCH_HIST,
     SEARCH_HIST_CATEGORY,
@@ -50,8 +50,8 @@ from torchrec_longseq.modules.sim import (
     search_features,
     search_vectors,
 )
-from torchrec_longseq.modules.twin import TwinSearch, twin_scores
-from torchrec_longseq.retrieval import hard, kernels, simhash, topk
+from torchrec_longseq.modules.twin import TwinSearch, twin_topk
+from torchrec_longseq.retrieval import hard, topk
 
 
 @dataclass
@@ -118,60 +118,26 @@ def request_batch(request: Request, selection: Optional[Tuple[torch.Tensor, torc
                  labels=torch.zeros(c), relevant=torch.zeros(positions.numel(), dtype=torch.bool))
 
 
-def _repeat(values: torch.Tensor, times: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``times`` copies of a history and their offsets: the torch-ops fallback of a shared search
-    (GPU, or kernels off)."""
-    n = values.numel()
-    return values.repeat(times), torch.arange(times + 1) * n
-
-
-def _unrepeat(found: Tuple[torch.Tensor, torch.Tensor], n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    indices, lengths = found
-    return indices % max(n, 1), lengths
-
-
 @torch.no_grad()
 def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(positions [M], lengths [C])``: what ``search`` retrieves for each candidate, as positions
-    into the one history, computed without copying the history per candidate."""
+    into the one history: the searches' own functions with ``offsets=None`` (compiled kernels
+    read one copy of the history; their torch-ops paths make copies)."""
     n, c = request.history_item.numel(), request.num_candidates
     if isinstance(search, HardSearch):
-        found = kernels.hard_topk(request.history_category, None, request.candidate_category,
-                                  search.k)
-        if found is None:
-            values, offsets = _repeat(request.history_category, c)
-            found = _unrepeat(hard.hard_search(values, offsets, request.candidate_category,
-                                               search.k), n)
-        return found
+        return hard.hard_search(request.history_category, None, request.candidate_category,
+                                search.k)
     if isinstance(search, SimHashSearch):
-        items, cats = search.item_signatures.table, search.category_signatures.table
-        item_targets, cat_targets = items[request.candidate_item], cats[request.candidate_category]
-        found = kernels.hamming_topk_by_id(items, request.history_item, item_targets, cats,
-                                           request.history_category, cat_targets, None, search.k)
-        if found is None:
-            history = torch.cat([items[request.history_item], cats[request.history_category]], 1)
-            targets = torch.cat([item_targets, cat_targets], dim=1)
-            found = _unrepeat(simhash.simhash_topk(history.repeat(c, 1), torch.arange(c + 1) * n,
-                                                   targets, search.k), n)
-        return found
+        return signature_topk(search.item_signatures.table, request.history_item,
+                              request.candidate_item, search.category_signatures.table,
+                              request.history_category, request.candidate_category, None,
+                              search.k)
     if isinstance(search, TwinSearch):
-        intervals = request.request_time - request.history_time
-        bias = search.time_bias(intervals)  # [L, H]: bucketed once for all candidates
-        items, cats = search.item_rows.table, search.category_rows.table
-        width = items.size(1) // 2
-        queries = items[request.candidate_item, :width] + cats[request.candidate_category, :width]
-        head_dim = width // search.num_heads
-        found = kernels.twin_topk_by_id(items, request.history_item, cats,
-                                        request.history_category, queries, bias.mean(dim=1), None,
-                                        search.k, 1.0 / (search.num_heads * head_dim**0.5))
-        if found is None:
-            offsets = torch.arange(c + 1) * n
-            scores = twin_scores(items, cats, request.history_item.repeat(c),
-                                 request.history_category.repeat(c), request.candidate_item,
-                                 request.candidate_category, offsets, bias.repeat(c, 1),
-                                 search.num_heads)
-            found = _unrepeat(topk.jagged_topk(scores, offsets, search.k), n)
-        return found
+        # the history's time biases are bucketed once for all candidates: [L, H]
+        bias = search.time_bias(request.request_time - request.history_time)
+        return twin_topk(search.item_rows.table, search.category_rows.table,
+                         request.history_item, request.history_category, request.candidate_item,
+                         request.candidate_category, None, bias, search.num_heads, search.k)
     if isinstance(search, SoftSearch):
         # the history's search vectors are looked up and projected once: [L, P] (a batch whose
         # first candidate carries the history and the others none)
@@ -183,8 +149,9 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
                                               search.with_category))  # [L, P]
         targets = search.w_a(search_vectors(embeddings, SEARCH_TARGET, SEARCH_TARGET_CATEGORY,
                                             search.with_category))  # [C, P]
-        scores = (targets @ behaviors.t()).flatten()  # [C L]
-        return _unrepeat(topk.jagged_topk(scores, torch.arange(c + 1) * n, search.k), n)
+        scores = (targets @ behaviors.t()).flatten()  # [C L]: row c scores the history for c
+        return jagged.positions_in_copy(
+            topk.jagged_topk(scores, jagged.copies_offsets(n, c, scores.device), search.k), n)
     raise TypeError(f"no shared search for {type(search).__name__}")
 
 
@@ -207,7 +174,7 @@ def compact_batch(model: LongSeqCTR, request: Request) -> Optional[Batch]:
     keep = torch.zeros(c, n, dtype=torch.bool)
     keep[jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel()), indices] = True
     keep[:, n - window:] = True
-    rows, positions = keep.nonzero(as_tuple=True)  # row-major: candidate, then position
+    _, positions = keep.nonzero(as_tuple=True)  # row-major: candidate, then position
     return request_batch(request, (positions, keep.sum(1)))
 
 

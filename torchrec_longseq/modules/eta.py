@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingCollection, KeyedJaggedTensor
 
+from torchrec_longseq import jagged
 from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.retrieval import kernels, simhash
@@ -72,13 +73,14 @@ class SimHashSearch(nn.Module):
 @torch.fx.wrap
 def signature_topk(item_table: torch.Tensor, items: torch.Tensor, target_items: torch.Tensor,
                    category_table: torch.Tensor, categories: torch.Tensor,
-                   target_categories: torch.Tensor, offsets: torch.Tensor,
+                   target_categories: torch.Tensor, offsets: Optional[torch.Tensor],
                    k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hamming top-k of the history against the candidate, signatures read from the tables.
 
     On CPU the compiled one-pass kernel (``retrieval.kernels``); on GPU, or with
     ``TORCHREC_LONGSEQ_KERNELS=0``, ``simhash_topk`` on the concatenated signatures. Both give
-    identical results (tested).
+    identical results (tested). ``offsets=None``: one history shared by all candidates
+    (serving).
     """
     item_targets, category_targets = item_table[target_items], category_table[target_categories]
     found = kernels.hamming_topk_by_id(item_table, items, item_targets, category_table,
@@ -87,4 +89,8 @@ def signature_topk(item_table: torch.Tensor, items: torch.Tensor, target_items: 
         return found
     history = torch.cat([item_table[items], category_table[categories]], dim=1)
     targets = torch.cat([item_targets, category_targets], dim=1)
+    if offsets is None:  # the torch ops run the shared history as B copies
+        n, b = items.numel(), targets.size(0)
+        return jagged.positions_in_copy(simhash.simhash_topk(
+            history.repeat(b, 1), jagged.copies_offsets(n, b, items.device), targets, k), n)
     return simhash.simhash_topk(history, offsets, targets, k)

@@ -131,11 +131,12 @@ class TwinSearch(nn.Module):
 @torch.fx.wrap
 def twin_topk(item_rows: torch.Tensor, category_rows: torch.Tensor, items: torch.Tensor,
               categories: torch.Tensor, target_items: torch.Tensor,
-              target_categories: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor,
-              num_heads: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+              target_categories: torch.Tensor, offsets: Optional[torch.Tensor],
+              bias: torch.Tensor, num_heads: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` of ``twin_scores`` per sample (ties to the more recent behavior): on CPU one
     compiled pass per sample (``kernels.twin_topk_by_id``, the mean over heads folded into one dot
-    product and the mean bias), elsewhere ``twin_scores`` and ``jagged_topk``."""
+    product and the mean bias), elsewhere ``twin_scores`` and ``jagged_topk``.
+    ``offsets=None``: one history (and ``bias``) shared by all candidates (serving)."""
     width = item_rows.size(1) // 2
     queries = item_rows[target_items, :width] + category_rows[target_categories, :width]
     head_dim = width // num_heads
@@ -144,6 +145,12 @@ def twin_topk(item_rows: torch.Tensor, category_rows: torch.Tensor, items: torch
                                     1.0 / (num_heads * head_dim**0.5))
     if found is not None:
         return found
+    if offsets is None:  # the torch ops run the shared history as B copies
+        n, b = items.numel(), target_items.numel()
+        copies = jagged.copies_offsets(n, b, items.device)
+        return jagged.positions_in_copy(twin_topk(
+            item_rows, category_rows, items.repeat(b), categories.repeat(b), target_items,
+            target_categories, copies, bias.repeat(b, 1), num_heads, k), n)
     scores = twin_scores(item_rows, category_rows, items, categories, target_items,
                          target_categories, offsets, bias, num_heads)
     return topk.jagged_topk(scores, offsets, k)

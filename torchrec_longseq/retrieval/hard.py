@@ -1,9 +1,10 @@
 """SIM hard search: behaviors of the target's category, most recent first."""
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from torchrec_longseq import jagged
 from torchrec_longseq.jagged import segment_ids
 from torchrec_longseq.retrieval import kernels
 
@@ -11,7 +12,7 @@ from torchrec_longseq.retrieval import kernels
 @torch.fx.wrap
 def hard_search(
     history_category: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: Optional[torch.Tensor],
     target_category: torch.Tensor,
     k: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -19,7 +20,8 @@ def hard_search(
 
     Args:
         history_category (Tensor): ``[N]`` category id of every behavior, chronological per sample.
-        offsets (Tensor): ``[B + 1]`` history offsets.
+        offsets (Optional[Tensor]): ``[B + 1]`` history offsets, or ``None``: one history shared
+            by all B candidates (serving).
         target_category (Tensor): ``[B]`` the candidate's category.
         k (int): at most this many per sample.
 
@@ -36,6 +38,11 @@ def hard_search(
     found = kernels.hard_topk(history_category, offsets, target_category, k)
     if found is not None:
         return found
+    if offsets is None:  # the torch ops run the shared history as B copies
+        n, b = history_category.numel(), target_category.numel()
+        copies = jagged.copies_offsets(n, b, history_category.device)
+        return jagged.positions_in_copy(
+            hard_search(history_category.repeat(b), copies, target_category, k), n)
     n = history_category.numel()
     batch = target_category.numel()
     seg = segment_ids(offsets, n)

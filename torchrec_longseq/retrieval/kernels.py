@@ -306,7 +306,7 @@ def hamming_topk_by_id(
         ``(indices [M], lengths [B])`` exactly as ``simhash_topk`` on the concatenated
         signatures (smallest distance first, ties to the later position).
     """
-    if not kernels_enabled() or item_table.device.type != "cpu":
+    if not _applies(item_table):
         return None
     starts, ends = segments(offsets, item_ids.numel(), item_targets.size(0))
     indices, lengths = _module().hamming_topk_by_id(item_table, item_ids, item_targets,
