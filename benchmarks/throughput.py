@@ -27,8 +27,6 @@ import torch
 
 from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.batch import Batch
-from torchrec.optim.keyed import KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_longseq.models.longseq_ctr import (
     MODELS,
@@ -37,7 +35,7 @@ from torchrec_longseq.models.longseq_ctr import (
     ModelConfig,
     build_model,
 )
-from torchrec_longseq.train import init_distributed, shard
+from torchrec_longseq.train import dense_optimizer, init_distributed, shard
 
 
 def synthetic_batches(length: int, batch_size: int, count: int,
@@ -77,8 +75,7 @@ def train_step(model_name: str, data: SyntheticConfig,
                          short_window=0 if getattr(args, "long_path_only", False) else 50)
     model = LongSeqCTRTrain(build_model(model_name, config, data.table_sizes))
     model = shard(model, torch.device("cpu"), "auto", sparse_lr=0.05)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=1e-3))
+    dense = dense_optimizer(model, lr=1e-3)
     ctr = next(m for m in model.modules() if isinstance(m, LongSeqCTR))
     ctr.refresh_derived_tables()
 

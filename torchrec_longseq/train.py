@@ -117,6 +117,13 @@ def sharding_constraints(model: nn.Module, sharding: str) -> Dict[str, Parameter
     return {name: ParameterConstraints(sharding_types=types) for name in names}
 
 
+def dense_optimizer(model: nn.Module, lr: float) -> KeyedOptimizerWrapper:
+    """Adam (the fused kernel: one pass over all tensors) on the parameters that no sparse
+    optimizer updates in backward, i.e. everything but the sharded tables."""
+    return KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
+                                 lambda params: torch.optim.Adam(params, lr=lr, fused=True))
+
+
 def shard(model: nn.Module, device: torch.device, sharding: str, sparse_lr: float) -> DistributedModelParallel:
     """Fused row-wise Adagrad on the tables, then DistributedModelParallel with a planned plan."""
     apply_optimizer_in_backward(RowWiseAdagrad, list(table_parameters(model).values()),
@@ -211,8 +218,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     model = LongSeqCTRTrain(build_model(args.model, config, data.table_sizes,
                                         device=torch.device("cpu")), args.alpha, args.beta)
     model = shard(model, device, args.sharding, args.sparse_lr)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=args.dense_lr))
+    dense = dense_optimizer(model, args.dense_lr)
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
 
     start = 0

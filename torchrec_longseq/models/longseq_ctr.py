@@ -37,6 +37,7 @@ from torchrec_longseq.data.batch import (
     Batch,
 )
 from torchrec_longseq.modules.attention import DINAttention, mlp
+from torchrec_longseq.modules import derived
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import ExactSearchUnit, SearchBasedInterest, WholeHistory
@@ -104,12 +105,15 @@ class LongSeqCTR(nn.Module):
         """
         if self.embedding_collection is None:
             return
-        for table in self.modules():
-            if isinstance(table, ItemDerivedTable):
-                if step is None:
-                    table.refresh(self.embedding_collection)
-                else:
-                    table.after_step(self.embedding_collection, step)
+        tables = [t for t in self.modules() if isinstance(t, ItemDerivedTable)]
+        exact = [t for t in tables if step is not None and t.exact]
+        if exact:  # one lookup for all of them
+            derived.refresh_touched(exact, self.embedding_collection)
+        for table in tables:
+            if step is None:
+                table.refresh(self.embedding_collection)
+            elif not table.exact:
+                table.after_step(self.embedding_collection, step)
 
     def forward(
         self, features: KeyedJaggedTensor, history_time: torch.Tensor, request_time: torch.Tensor

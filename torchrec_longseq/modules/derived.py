@@ -21,7 +21,7 @@ Under DistributedModelParallel each rank derives the rows it touched and the ran
 them (all_gather), so the replicated table stays identical on every rank.
 """
 
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -75,7 +75,7 @@ class ItemDerivedTable(nn.Module):
 
     def remember(self, items: torch.Tensor) -> None:
         """Record ids looked up in this training step (exact mode only); see ``remember_items``."""
-        if self.training and self.refresh_every == 1 and not self.trained_derive:
+        if self.training and self.exact:
             self._touched.append(items.detach())
 
     @torch.no_grad()
@@ -90,27 +90,58 @@ class ItemDerivedTable(nn.Module):
     @torch.no_grad()
     def refresh_touched(self, lookup: EmbeddingCollection) -> None:
         """Re-derive the rows looked up since the last refresh, on every rank (a collective)."""
+        refresh_touched([self], lookup)
+
+    @torch.no_grad()
+    def after_step(self, lookup: EmbeddingCollection, step: int) -> None:
+        """Call after every optimizer step: exact or periodic refresh, as configured."""
+        if self.exact:
+            self.refresh_touched(lookup)
+        elif step % self.refresh_every == 0:
+            self.refresh(lookup)
+
+    def take_touched(self) -> torch.Tensor:
+        """The distinct ids remembered since the last refresh ``[n]``; forgets them."""
         if self._touched:
             items = torch.unique(torch.cat(self._touched))
         else:
             items = torch.zeros(0, dtype=torch.long, device=self.table.device)
         self._touched.clear()
-        rows = self._derive_rows(lookup, items)
+        return items
+
+    @property
+    def exact(self) -> bool:
+        """Re-derived for exactly the touched rows after every step (else rebuilt periodically)."""
+        return self.refresh_every == 1 and not self.trained_derive
+
+    @torch.no_grad()
+    def store(self, items: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """Derive rows ``items [n]`` from their current ``embeddings [n, D]`` on this rank, and
+        write every rank's rows into the table (an all_gather under DMP: a collective)."""
+        rows = self.derive(embeddings).to(self.table.dtype)
         if dist.is_initialized() and dist.get_world_size() > 1:
             items, rows = _all_gather_rows(items, rows)
         self.table[items] = rows
 
-    @torch.no_grad()
-    def after_step(self, lookup: EmbeddingCollection, step: int) -> None:
-        """Call after every optimizer step: exact or periodic refresh, as configured."""
-        if self.refresh_every == 1 and not self.trained_derive:
-            self.refresh_touched(lookup)
-        elif step % self.refresh_every == 0:
-            self.refresh(lookup)
-
     def _derive_rows(self, lookup: EmbeddingCollection, items: torch.Tensor) -> torch.Tensor:
-        embeddings = lookup(id_features(items, self.key))[self.key].values()
+        embeddings = lookup(id_features({self.key: items}))[self.key].values()
         return self.derive(embeddings).to(self.table.dtype)
+
+
+@torch.no_grad()
+def refresh_touched(tables: List[ItemDerivedTable], lookup: EmbeddingCollection) -> None:
+    """``refresh_touched`` of several tables, reading the rows of tables with different keys in
+    one EmbeddingCollection call (one all-to-all round instead of one per table)."""
+    pending = list(tables)
+    while pending:
+        batch: Dict[str, ItemDerivedTable] = {}
+        for table in pending:
+            batch.setdefault(table.key, table)
+        pending = [t for t in pending if batch[t.key] is not t]
+        items = {key: table.take_touched() for key, table in batch.items()}
+        embeddings = lookup(id_features(items))
+        for key, table in batch.items():
+            table.store(items[key], embeddings[key].values())
 
 
 @torch.fx.wrap

@@ -63,13 +63,22 @@ def selection_features(
 
 
 @torch.fx.wrap
-def id_features(ids: torch.Tensor, key: str) -> KeyedJaggedTensor:
-    """A KJT with ``ids [N]`` under ``key`` (one per "sample") and every other lookup key empty:
-    reads N rows of that key's table, e.g. to refresh a derived per-id table."""
-    n = ids.numel()
-    lengths = torch.zeros(len(LOOKUP_KEYS), n, dtype=torch.int32, device=ids.device)
-    lengths[LOOKUP_KEYS.index(key)] = 1
-    return KeyedJaggedTensor(keys=LOOKUP_KEYS, values=ids, lengths=lengths.flatten())
+def id_features(ids: Dict[str, torch.Tensor]) -> KeyedJaggedTensor:
+    """A KJT with ``ids[key] [N_key]`` under each given key (one id per "sample") and every other
+    lookup key empty: reads those rows of each key's table in one call, e.g. to refresh derived
+    per-id tables. Each key's ids come out as ``lookup(kjt)[key].values()``, in order."""
+    keys = [key for key in LOOKUP_KEYS if key in ids]
+    if len(keys) != len(ids):
+        raise ValueError(f"unknown lookup keys {sorted(set(ids) - set(keys))}; "
+                         f"the EmbeddingCollection serves {LOOKUP_KEYS}")
+    device = next(iter(ids.values())).device
+    # KJT lengths are key-major with one stride: every key gets max(N) slots, unused ones empty
+    stride = max(t.numel() for t in ids.values())
+    lengths = torch.zeros(len(LOOKUP_KEYS), stride, dtype=torch.int32, device=device)
+    for key in keys:
+        lengths[LOOKUP_KEYS.index(key), : ids[key].numel()] = 1
+    return KeyedJaggedTensor(keys=LOOKUP_KEYS, values=torch.cat([ids[key] for key in keys]),
+                             lengths=lengths.flatten())
 
 
 def _concat(embeddings: Dict[str, JaggedTensor], item: str, category: str) -> torch.Tensor:
