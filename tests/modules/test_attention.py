@@ -2,9 +2,15 @@
 
 The references pad the jagged keys to ``[B, Lmax, D]``, compute every (sample, position) pair,
 mask the padding and reduce densely; they share only the modules' weights, never their code.
+TargetAttention is checked on both of its paths: the compiled kernel (projections absorbed) and
+the torch ops.
 """
 
+import os
 from typing import List, Tuple
+from unittest import mock
+
+import pytest
 
 import torch
 import torch.nn.functional as F
@@ -139,13 +145,24 @@ def test_din_attention_all_empty() -> None:
 # -------------------------------------------------------------------------- target attention
 
 
+PATHS = pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernel", "torch-ops"])
+
+
+@PATHS
 @SETTINGS
 @given(lengths=LENGTHS, dq=st.integers(1, 5), dk=st.integers(1, 5), heads=st.integers(1, 3),
        head_dim=st.integers(1, 4), scale=st.sampled_from([1.0, 30.0]),
        seed=st.integers(0, 2**31 - 1))
-def test_target_attention_matches_dense_reference(lengths: List[int], dq: int, dk: int, heads: int,
-                                                  head_dim: int, scale: float, seed: int) -> None:
+def test_target_attention_matches_dense_reference(kernels: str, lengths: List[int], dq: int,
+                                                  dk: int, heads: int, head_dim: int, scale: float,
+                                                  seed: int) -> None:
     """``scale = 30`` makes scores large: the segment softmax must subtract its max."""
+    with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": kernels}):
+        check_target_attention(lengths, dq, dk, heads, head_dim, scale, seed)
+
+
+def check_target_attention(lengths: List[int], dq: int, dk: int, heads: int, head_dim: int,
+                           scale: float, seed: int) -> None:
     torch.manual_seed(seed)
     att = TargetAttention(dq, dk, heads, head_dim)
     assert att.output_dim == heads * head_dim
@@ -188,8 +205,10 @@ def test_target_attention_matches_sdpa_per_sample() -> None:
         torch.testing.assert_close(out[b], expected, atol=ATOL, rtol=RTOL)
 
 
-def test_target_attention_hand_computed() -> None:
+@PATHS
+def test_target_attention_hand_computed(kernels: str, monkeypatch) -> None:
     """One head, identity projections: softmax(q . k / sqrt(2)) weights the keys themselves."""
+    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
     att = TargetAttention(query_dim=2, key_dim=2, num_heads=1, head_dim=2)
     with torch.no_grad():
         for proj in (att.q_proj, att.k_proj, att.v_proj):
@@ -204,7 +223,9 @@ def test_target_attention_hand_computed() -> None:
     torch.testing.assert_close(out, expected)
 
 
-def test_target_attention_all_empty_has_zero_output_and_gradients() -> None:
+@PATHS
+def test_target_attention_all_empty_has_zero_output_and_gradients(kernels: str, monkeypatch) -> None:
+    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
     att = TargetAttention(query_dim=4, key_dim=3, num_heads=2, head_dim=2)
     query = torch.randn(3, 4, requires_grad=True)
     keys = torch.zeros(0, 3, requires_grad=True)

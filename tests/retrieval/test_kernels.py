@@ -1,6 +1,6 @@
 """The compiled CPU kernels equal their torch-ops twins (which the other tests check against
 brute force): ETA's Hamming top-k, SIM's hard search, float top-k, TWIN's search, SDIM's
-collisions."""
+collisions, and the target attention (whose gradients are also checked numerically)."""
 
 import pytest
 import torch
@@ -150,3 +150,60 @@ def test_sdim_kernel_equals_torch_ops(lengths, tau: int, seed: int) -> None:
     def rows(positions, weights):
         return sorted(zip(positions.tolist(), map(tuple, weights.tolist())))
     assert rows(found[0], found[2]) == rows(expected[0], expected[2])
+
+
+def attention_paths(module, *inputs):
+    """Output and input/parameter gradients of ``module(*inputs)`` with the kernel, then with the
+    torch ops (same weights, same upstream gradient)."""
+    import os
+    from unittest import mock
+
+    results = []
+    for on in ("1", "0"):
+        with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": on}):
+            tensors = [t for t in (*inputs, *module.parameters())
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            for t in tensors:
+                t.grad = None
+            out = module(*inputs)
+            upstream = torch.linspace(-1, 1, out.numel()).view_as(out)
+            (out * upstream).sum().backward()
+            results.append([out.detach()] + [t.grad.clone() for t in tensors])
+    return results
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=JAGGED, heads=st.integers(1, 4), head_dim=st.integers(1, 5),
+       key_dim=st.integers(1, 40), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_attention_kernel_equals_torch_ops(lengths, heads: int, head_dim: int, key_dim: int,
+                                           with_bias: bool, seed: int) -> None:
+    """TargetAttention's kernel path (W_k absorbed into the query, W_v applied after the sum)
+    against its torch-ops path, forward and every gradient, with and without TWIN's bias."""
+    from torchrec_longseq.modules.attention import TargetAttention
+
+    torch.manual_seed(seed)
+    att = TargetAttention(6, key_dim, heads, head_dim)
+    offsets = torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist())
+    n = int(offsets[-1])
+    query = torch.randn(len(lengths), 6, requires_grad=True)
+    keys = (3 * torch.randn(n, key_dim)).requires_grad_()
+    bias = torch.randn(n, heads, requires_grad=True) if with_bias else None
+    qa = torch.randn(len(lengths), heads, key_dim)
+    assert kernels.target_attention(qa, keys, offsets, bias) is not None  # the kernel path runs
+    kernel, ops = attention_paths(att, query, keys, offsets, bias)
+    for got, expected in zip(kernel, ops):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_kernel_gradcheck() -> None:
+    """Numerical gradients (float64) of the kernel in ``qa``, ``keys`` and ``bias``, with an
+    empty sample and a one-behavior sample."""
+    torch.manual_seed(0)
+    offsets = torch.tensor([0, 3, 3, 4, 9])
+    qa = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, b: kernels.target_attention(q, k, offsets, b), (qa, keys, bias))
+    assert torch.autograd.gradcheck(
+        lambda q, k: kernels.target_attention(q, k, offsets, None), (qa, keys))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from torchrec_longseq import jagged
+from torchrec_longseq.retrieval import kernels
 
 
 def mlp(in_dim: int, layer_sizes: List[int], final_activation: bool = True) -> nn.Sequential:
@@ -42,7 +43,9 @@ class DINAttention(nn.Module):
     ``MLP([q, k_j, q - k_j, q * k_j, c_j])`` and the output is ``sum_j w_j k_j``, where ``c_j``
     is optional side information of the behavior (here its time-interval embedding, so the unit
     can tell recent from old). As in the paper there is no softmax, so the output keeps the
-    intensity of the interest (how many behaviors match).
+    intensity of the interest (how many behaviors match). The first layer is evaluated split by
+    what each input depends on (the query's columns once per sample), the same function at half
+    the multiply-adds.
 
     Shapes: B samples, N behaviors in all, D the embedding dimension, C the side width.
 
@@ -68,11 +71,21 @@ class DINAttention(nn.Module):
         """``query [B, D]``, ``keys [N, D]``, ``offsets [B + 1]``, ``context [N, C]`` ->
         ``[B, D]``."""
         seg = jagged.segment_ids(offsets, keys.size(0))
-        q = query[seg]  # [N, D]
-        inputs = [q, keys, q - keys, q * keys]
+        first = self.score[0][0]
+        d = query.size(1)
+        w = first.weight  # columns: q | k | q - k | q * k | context
+        # W [q, k, q - k, q k, c] = (W_q + W_d) q + [W_k - W_d, W_qk, W_c] [k, q k, c]: the query
+        # term once per sample, only k, q k and c per behavior (half the multiply-adds)
+        per_query = nn.functional.linear(query, w[:, :d] + w[:, 2 * d:3 * d], first.bias)  # [B, h]
+        pair = [keys, query[seg] * keys]
         if context is not None:
-            inputs.append(context)
-        weight = self.score(torch.cat(inputs, dim=1))  # [N, 1]
+            pair.append(context)
+        w_pair = torch.cat([w[:, d:2 * d] - w[:, 2 * d:3 * d], w[:, 3 * d:]], dim=1)
+        hidden = per_query[seg] + nn.functional.linear(torch.cat(pair, dim=1), w_pair)  # [N, h]
+        for i, layer in enumerate(self.score[0]):  # the first layer's ReLU and the layers after it
+            if i > 0:
+                hidden = layer(hidden)
+        weight = self.score[1](hidden)  # [N, 1]
         return jagged.segment_sum(weight * keys, seg, query.size(0))
 
 
@@ -112,9 +125,31 @@ class TargetAttention(nn.Module):
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``query [B, Dq]``, ``keys [N, Dk]``, ``offsets [B + 1]``, ``bias [N, H]`` ->
         ``[B, H * Dh]``."""
-        seg = jagged.segment_ids(offsets, keys.size(0))
-        v = self.v_proj(keys).view(-1, self.num_heads, self.head_dim)  # [N, H, Dh]
-        scores = head_logits(self.q_proj(query), self.k_proj(keys), seg, self.num_heads, bias)
-        weights = jagged.segment_softmax(scores, seg, query.size(0))  # [N, H]
-        out = jagged.segment_sum(weights.unsqueeze(-1) * v, seg, query.size(0))  # [B, H, Dh]
-        return out.flatten(1)
+        return attend(self.q_proj(query), keys, offsets, self.k_proj.weight, self.v_proj.weight,
+                      self.num_heads, bias)
+
+
+@torch.fx.wrap
+def attend(query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, k_weight: torch.Tensor,
+           v_weight: torch.Tensor, num_heads: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``TargetAttention`` after the query projection: projected ``query [B, H * Dh]``, raw
+    ``keys [N, Dk]``, ``k_weight`` and ``v_weight [H * Dh, Dk]``, ``bias [N, H]`` -> ``[B, H * Dh]``.
+
+    On CPU the compiled kernel computes it with the projections absorbed: ``q_h . (W_k,h z_j) =
+    (W_k,h^T q_h) . z_j`` and ``sum_j w_hj W_v,h z_j = W_v,h sum_j w_hj z_j``, so nothing is
+    projected per behavior (``H Dk`` multiply-adds per behavior and head pass instead of
+    ``H Dh Dk``). Elsewhere (GPU, ``TORCHREC_LONGSEQ_KERNELS=0``) the torch ops project the keys
+    and values. The two agree to float rounding (tested).
+    """
+    head_dim = query.size(1) // num_heads
+    h_k = k_weight.view(num_heads, head_dim, -1)  # [H, Dh, Dk]
+    qa = torch.einsum("bhd,hdk->bhk", query.view(-1, num_heads, head_dim), h_k) / head_dim**0.5
+    pooled = kernels.target_attention(qa, keys, offsets, bias)  # [B, H, Dk]
+    if pooled is not None:
+        return torch.einsum("bhk,hdk->bhd", pooled, v_weight.view(num_heads, head_dim, -1)).flatten(1)
+    seg = jagged.segment_ids(offsets, keys.size(0))
+    v = nn.functional.linear(keys, v_weight).view(-1, num_heads, head_dim)  # [N, H, Dh]
+    scores = head_logits(query, nn.functional.linear(keys, k_weight), seg, num_heads, bias)
+    weights = jagged.segment_softmax(scores, seg, query.size(0))  # [N, H]
+    out = jagged.segment_sum(weights.unsqueeze(-1) * v, seg, query.size(0))  # [B, H, Dh]
+    return out.flatten(1)

@@ -29,6 +29,8 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <unordered_map>
 #include <vector>
 
@@ -248,12 +250,184 @@ std::vector<torch::Tensor> sdim_collisions(
   return out;
 }
 
+// ---- jagged multi-head target attention, projections absorbed ----
+// logit[n,h] = qa[b,h,:] . z[n,:] (+ bias[n,h]) for n in segment b; w = softmax over the segment
+// per head; agg[b,h,:] = sum_n w[n,h] z[n,:]. qa = W_k,h^T q_h / sqrt(Dh) and out = W_v,h agg
+// are done by the caller, so the per-behavior work is 2 H K multiply-adds instead of the 2 H Dh K
+// of projecting every key and value. Segments must not overlap (backward writes dz per segment).
+template <typename T>
+static inline T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+static inline void axpy(T a, const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// the float loops of one sample, compiled twice (AVX2 + FMA, and the baseline): the loader picks
+// the one the CPU runs (GCC's target_clones), so the built module stays portable
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMD_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define SIMD_CLONES
+#endif
+
+template <typename T>
+static inline void forward_sample(const T* q, const T* z, const T* bias, int64_t lo, int64_t hi,
+                                  int64_t H, int64_t K, T* a, T* w, T* top, T* sum) {
+  for (int64_t h = 0; h < H; ++h) top[h] = -std::numeric_limits<T>::infinity(), sum[h] = 0;
+  for (int64_t n = lo; n < hi; ++n)
+    for (int64_t h = 0; h < H; ++h) {
+      T l = dot(q + h * K, z + n * K, K) + (bias ? bias[n * H + h] : T(0));
+      w[n * H + h] = l;
+      top[h] = std::max(top[h], l);
+    }
+  for (int64_t n = lo; n < hi; ++n)
+    for (int64_t h = 0; h < H; ++h) sum[h] += (w[n * H + h] = std::exp(w[n * H + h] - top[h]));
+  std::fill(a, a + H * K, T(0));
+  for (int64_t n = lo; n < hi; ++n)
+    for (int64_t h = 0; h < H; ++h) axpy(w[n * H + h] /= sum[h], z + n * K, a + h * K, K);
+}
+
+template <typename T>
+static inline void backward_sample(const T* g, const T* q, const T* z, const T* w, int64_t lo,
+                                   int64_t hi, int64_t H, int64_t K, T* dq, T* dz, T* dlogit,
+                                   T* s) {
+  for (int64_t h = 0; h < H; ++h) s[h] = 0;
+  for (int64_t n = lo; n < hi; ++n)  // dlogit holds dL/dw first
+    for (int64_t h = 0; h < H; ++h) {
+      T dw = dot(g + h * K, z + n * K, K);
+      dlogit[n * H + h] = dw;
+      s[h] += w[n * H + h] * dw;
+    }
+  for (int64_t n = lo; n < hi; ++n) {
+    T* dzn = dz + n * K;
+    for (int64_t h = 0; h < H; ++h) {
+      const T wn = w[n * H + h], dl = wn * (dlogit[n * H + h] - s[h]);
+      dlogit[n * H + h] = dl;
+      axpy(wn, g + h * K, dzn, K);
+      axpy(dl, q + h * K, dzn, K);
+      axpy(dl, z + n * K, dq + h * K, K);
+    }
+  }
+}
+
+SIMD_CLONES static void forward_sample_f(const float* q, const float* z, const float* bias,
+                                         int64_t lo, int64_t hi, int64_t H, int64_t K, float* a,
+                                         float* w, float* top, float* sum) {
+  forward_sample(q, z, bias, lo, hi, H, K, a, w, top, sum);
+}
+SIMD_CLONES static void backward_sample_f(const float* g, const float* q, const float* z,
+                                          const float* w, int64_t lo, int64_t hi, int64_t H,
+                                          int64_t K, float* dq, float* dz, float* dlogit,
+                                          float* s) {
+  backward_sample(g, q, z, w, lo, hi, H, K, dq, dz, dlogit, s);
+}
+static void forward_sample_any(const float* q, const float* z, const float* bias, int64_t lo,
+                               int64_t hi, int64_t H, int64_t K, float* a, float* w, float* top,
+                               float* sum) {
+  forward_sample_f(q, z, bias, lo, hi, H, K, a, w, top, sum);
+}
+static void forward_sample_any(const double* q, const double* z, const double* bias, int64_t lo,
+                               int64_t hi, int64_t H, int64_t K, double* a, double* w,
+                               double* top, double* sum) {
+  forward_sample(q, z, bias, lo, hi, H, K, a, w, top, sum);
+}
+static void backward_sample_any(const float* g, const float* q, const float* z, const float* w,
+                                int64_t lo, int64_t hi, int64_t H, int64_t K, float* dq,
+                                float* dz, float* dlogit, float* s) {
+  backward_sample_f(g, q, z, w, lo, hi, H, K, dq, dz, dlogit, s);
+}
+static void backward_sample_any(const double* g, const double* q, const double* z,
+                                const double* w, int64_t lo, int64_t hi, int64_t H, int64_t K,
+                                double* dq, double* dz, double* dlogit, double* s) {
+  backward_sample(g, q, z, w, lo, hi, H, K, dq, dz, dlogit, s);
+}
+
+template <typename T>
+static void attention_forward_impl(const T* qa, const T* z, const T* bias, const int64_t* off,
+                                   int64_t B, int64_t H, int64_t K, T* agg, T* w) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> top(H), sum(H);
+    for (int64_t b = begin; b < end; ++b)
+      forward_sample_any(qa + b * H * K, z, bias, off[b], off[b + 1], H, K, agg + b * H * K, w,
+                         top.data(), sum.data());
+  });
+}
+
+template <typename T>
+static void attention_backward_impl(const T* dagg, const T* qa, const T* z, const T* w,
+                                    const int64_t* off, int64_t B, int64_t H, int64_t K,
+                                    T* dqa, T* dz, T* dlogit) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(H);
+    for (int64_t b = begin; b < end; ++b)
+      backward_sample_any(dagg + b * H * K, qa + b * H * K, z, w, off[b], off[b + 1], H, K,
+                          dqa + b * H * K, dz, dlogit, s.data());
+  });
+}
+
+static void check_attention(const torch::Tensor& qa, const torch::Tensor& z,
+                            const torch::Tensor& offsets) {
+  TORCH_CHECK(qa.dim() == 3 && z.dim() == 2 && qa.size(2) == z.size(1),
+              "attention: qa [B, H, K] and keys [N, K]");
+  TORCH_CHECK(offsets.numel() == qa.size(0) + 1, "attention: offsets must be [B + 1]");
+}
+
+// (qa [B, H, K], keys [N, K], offsets [B + 1], bias [N, H] or empty) -> (agg [B, H, K], w [N, H])
+std::vector<torch::Tensor> attention_forward(torch::Tensor qa, torch::Tensor z,
+                                             torch::Tensor offsets, torch::Tensor bias) {
+  check_attention(qa, z, offsets);
+  qa = qa.contiguous(); z = z.contiguous().to(qa.dtype());
+  offsets = offsets.to(torch::kInt64).contiguous();
+  const bool has_bias = bias.numel() > 0;
+  if (has_bias) bias = bias.contiguous().to(qa.dtype());
+  const int64_t B = qa.size(0), H = qa.size(1), K = qa.size(2);
+  auto agg = torch::empty({B, H, K}, qa.options());
+  auto w = torch::empty({z.size(0), H}, qa.options());
+  AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attention_forward", [&] {
+    attention_forward_impl<scalar_t>(qa.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                     has_bias ? bias.data_ptr<scalar_t>() : nullptr,
+                                     offsets.data_ptr<int64_t>(), B, H, K,
+                                     agg.data_ptr<scalar_t>(), w.data_ptr<scalar_t>());
+  });
+  return {agg, w};
+}
+
+// gradients of attention_forward's agg: (dqa [B, H, K], dkeys [N, K], dlogits [N, H])
+std::vector<torch::Tensor> attention_backward(torch::Tensor dagg, torch::Tensor qa,
+                                              torch::Tensor z, torch::Tensor offsets,
+                                              torch::Tensor w) {
+  check_attention(qa, z, offsets);
+  dagg = dagg.contiguous().to(qa.dtype()); qa = qa.contiguous(); z = z.contiguous();
+  w = w.contiguous(); offsets = offsets.to(torch::kInt64).contiguous();
+  const int64_t B = qa.size(0), H = qa.size(1), K = qa.size(2);
+  auto dqa = torch::zeros_like(qa);
+  auto dz = torch::zeros_like(z);
+  auto dlogit = torch::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attention_backward", [&] {
+    attention_backward_impl<scalar_t>(dagg.data_ptr<scalar_t>(), qa.data_ptr<scalar_t>(),
+                                      z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                      offsets.data_ptr<int64_t>(), B, H, K,
+                                      dqa.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+                                      dlogit.data_ptr<scalar_t>());
+  });
+  return {dqa, dz, dlogit};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hamming_topk_by_id", &hamming_topk_by_id, "Hamming top-k per jagged segment");
   m.def("hard_topk", &hard_topk, "SIM hard search per jagged segment");
   m.def("float_topk", &float_topk, "float top-k per jagged segment");
   m.def("twin_topk_by_id", &twin_topk_by_id, "TWIN search per jagged segment");
   m.def("sdim_collisions", &sdim_collisions, "SDIM collisions per jagged segment");
+  m.def("attention_forward", &attention_forward, "jagged target attention, absorbed projections");
+  m.def("attention_backward", &attention_backward, "its gradients");
 }
 """
 
@@ -275,8 +449,9 @@ def _module():
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v5", cpp_sources=[_SOURCE],
-                              extra_cflags=["-O3", "-march=x86-64-v2"], verbose=False)
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v6", cpp_sources=[_SOURCE],
+                              extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp-simd"],
+                              verbose=False)
     return _MODULE
 
 
@@ -385,3 +560,44 @@ def sdim_collisions(item_codes: torch.Tensor, items: torch.Tensor, category_code
         item_codes, items, category_codes, categories, target_items, target_categories,
         *segments(offsets, items.numel(), target_items.numel()), int(tau), int(groups_per_word))
     return positions, lengths, weights
+
+
+class _TargetAttention(torch.autograd.Function):
+    """``attention_forward`` / ``attention_backward`` as an autograd function."""
+
+    @staticmethod
+    def forward(ctx, qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        empty = qa.new_zeros(0)
+        agg, weights = _module().attention_forward(qa, keys, offsets,
+                                                   empty if bias is None else bias)
+        ctx.save_for_backward(qa, keys, offsets, weights)
+        ctx.has_bias = bias is not None
+        return agg
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        qa, keys, offsets, weights = ctx.saved_tensors
+        dqa, dkeys, dlogits = _module().attention_backward(grad, qa, keys, offsets, weights)
+        return dqa, dkeys.to(keys.dtype), None, dlogits if ctx.has_bias else None
+
+
+def target_attention(qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Softmax attention per jagged segment with the key projection absorbed into the query, or
+    ``None`` where it does not apply (GPU, kernels off, not float32 / float64).
+
+    ``logits[n, h] = qa[b, h] . keys[n] + bias[n, h]`` for the behaviors ``n`` of sample ``b``,
+    softmax per sample and head, ``-> [B, H, K]`` the weighted sums of the keys (zeros for an empty
+    sample). Differentiable in ``qa``, ``keys`` and ``bias``.
+
+    Args:
+        qa (Tensor): ``[B, H, K]`` queries in key space (``W_k,h^T q_h``, scaled).
+        keys (Tensor): ``[N, K]`` behaviors, jagged by ``offsets [B + 1]`` (non-overlapping).
+        bias (Optional[Tensor]): ``[N, H]`` logit biases.
+    """
+    if (not _applies(qa) or qa.dtype not in (torch.float32, torch.float64)
+            or keys.dtype != qa.dtype or (bias is not None and bias.dtype != qa.dtype)):
+        return None
+    return _TargetAttention.apply(qa, keys, offsets, bias)
