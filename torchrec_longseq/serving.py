@@ -170,12 +170,14 @@ def compact_batch(model: LongSeqCTR, request: Request) -> Optional[Batch]:
         return None
     indices, lengths = shared_search(arch.search, request)
     window = min(n, arch.short_window)
-    # keep = retrieved or recent, per candidate: one [C, L] mask (booleans, no per-candidate loop)
-    keep = torch.zeros(c, n, dtype=torch.bool)
-    keep[jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel()), indices] = True
-    keep[:, n - window:] = True
-    _, positions = keep.nonzero(as_tuple=True)  # row-major: candidate, then position
-    return request_batch(request, (positions, keep.sum(1)))
+    # retrieved or recent, per candidate, in history order: distinct (candidate, position) keys,
+    # sorted; O(C (k + window) log) work, nothing of size C x L
+    candidate = jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel())
+    recent = torch.arange(n - window, n).repeat(c)
+    keys = torch.cat([candidate * n + indices,
+                      torch.arange(c).repeat_interleave(window) * n + recent])
+    keys = torch.unique(keys)  # sorted: candidate, then position
+    return request_batch(request, (keys % n, torch.bincount(keys // n, minlength=c)))
 
 
 @torch.no_grad()

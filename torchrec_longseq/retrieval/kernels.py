@@ -449,9 +449,11 @@ def _module():
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v6", cpp_sources=[_SOURCE],
-                              extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp-simd"],
-                              verbose=False)
+        # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
+        # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v7", cpp_sources=[_SOURCE],
+                              extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
 
 
