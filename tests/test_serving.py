@@ -5,7 +5,7 @@ import torch
 
 from torchrec_longseq import serving
 from torchrec_longseq.data import SyntheticConfig
-from torchrec_longseq.data.batch import HIST_ITEM
+from torchrec_longseq.data.batch import HIST_ITEM, TARGET_ITEM
 from torchrec_longseq.models.longseq_ctr import MODELS, ModelConfig, build_model
 
 DATA = SyntheticConfig(max_seq_len=300, min_seq_len=300, num_users=100, num_items=400,
@@ -37,7 +37,7 @@ def independent(model, request: serving.Request) -> torch.Tensor:
 def test_shared_history_equals_independent_samples(name: str, kernels: str, monkeypatch) -> None:
     monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
     model = model_of(name)
-    for length, candidates in [(300, 16), (5, 3), (0, 2), (300, 1)]:
+    for length, candidates in [(300, 16), (5, 3), (0, 2), (300, 1), (300, 0)]:
         request = make_request(length, candidates)
         expected = independent(model, request)
         got = serving.score_request(model, request)
@@ -47,15 +47,23 @@ def test_shared_history_equals_independent_samples(name: str, kernels: str, monk
 
 
 @pytest.mark.parametrize("name", ["din", "sim-hard", "sim-soft", "eta", "twin"])
-def test_compact_batch_is_bounded(name: str) -> None:
-    """Each candidate carries at most k (or TWIN's k) + short window behaviors, whatever L is."""
+def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
+    """One EmbeddingCollection call per request, reading the C candidates and at most
+    C k (TWIN's k) + window distinct history rows per table, whatever L is; the sequence module's
+    own forward (which would search again) is not called."""
     model = model_of(name)
     request = make_request(300, 16)
-    batch = serving.compact_batch(model, request)
-    assert batch is not None
-    bound = (CONFIG.twin_k if name == "twin" else CONFIG.k) + CONFIG.short_window
-    lengths = batch.features[HIST_ITEM].lengths()
-    assert lengths.max() <= bound and lengths.min() >= CONFIG.short_window
+    calls = []
+    lookup = model.embedding_collection.forward
+    monkeypatch.setattr(model.embedding_collection, "forward",
+                        lambda kjt: calls.append(kjt) or lookup(kjt))
+    monkeypatch.setattr(model.sequence_arch, "forward", None)  # would raise if called
+    assert serving.score_shared(model, request) is not None
+    k = 0 if name == "din" else CONFIG.twin_k if name == "twin" else CONFIG.k
+    assert len(calls) == 1
+    counts = dict(zip(calls[0].keys(), calls[0].length_per_key()))
+    assert counts[TARGET_ITEM] == 16
+    assert 0 < counts[HIST_ITEM] <= 16 * k + CONFIG.short_window
 
 
 def test_hard_search_shared_matches_per_candidate_loop() -> None:
@@ -71,6 +79,6 @@ def test_hard_search_shared_matches_per_candidate_loop() -> None:
         start += n
 
 
-def test_models_reading_everything_have_no_compact_batch() -> None:
+def test_models_reading_everything_are_not_shared() -> None:
     for name in ["avgpool", "din-full", "sdim"]:
-        assert serving.compact_batch(model_of(name), make_request(50, 2)) is None
+        assert serving.score_shared(model_of(name), make_request(50, 2)) is None

@@ -2,18 +2,18 @@
 
 A request is one user with a history of L behaviors and C candidates (hundreds). Scoring it as C
 independent samples (``request_batch``, the training layout) copies the history C times and
-every O(L) step runs over C copies. ``score_request`` instead:
+every O(L) step runs over C copies. ``score_request`` instead (``score_shared``):
 
 1. searches the one history for all C candidates at once (``shared_search``): the compiled
    kernels read a single copy (``offsets=None``: every candidate's segment is the whole history),
    and per-user work (reading the history's signatures or search vectors, bucketing its time
    intervals) is done once, not C times;
-2. builds a compact batch (``compact_batch``): candidate ``c`` keeps only its retrieved positions
-   and the recent window, at most ``k + short_window`` behaviors, in history order;
-3. runs the unchanged model on it. The model's own search on a compact history picks exactly the
-   same behaviors (they are the top k of the whole history, hence of any subset holding them,
-   and the recent window is a suffix), so the logits equal scoring C independent samples
-   (tested for every model with a search).
+2. looks up, in one EmbeddingCollection call, the candidates and the distinct history positions
+   that any candidate retrieved or that are in the recent window (candidates of one category
+   mostly retrieve the same behaviors), and the user's pooled features;
+3. gathers each candidate's retrieved and recent rows from those and runs the model's own
+   post-lookup code (``attend`` of the sequence module, ``head`` of the model), so the logits
+   equal scoring C independent samples (tested for every model, kernels on and off).
 
 This covers the models whose sequence module looks at a bounded selection: DIN (last N), SIM hard
 and soft, ETA and TWIN. Average pooling, the whole-history model and SDIM read every behavior per
@@ -39,6 +39,7 @@ from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import SearchBasedInterest
+from torchrec_longseq.modules.lookup import lookup_behaviors
 from torchrec_longseq.modules.eta import SimHashSearch, signature_topk
 from torchrec_longseq.modules.sim import (
     SEARCH_HIST,
@@ -155,37 +156,59 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
     raise TypeError(f"no shared search for {type(search).__name__}")
 
 
-def compact_batch(model: LongSeqCTR, request: Request) -> Optional[Batch]:
-    """The request with each candidate's history cut to what the model reads (retrieved +
-    recent window), or ``None`` if the model reads every behavior (avg-pool, whole history,
-    SDIM)."""
+@torch.no_grad()
+def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
+    """``[C]`` logits with the history read once, or ``None`` if the model reads every behavior
+    of every candidate (avg-pool, whole history, SDIM).
+
+    The history is searched once for all candidates (``shared_search``); the distinct positions
+    any candidate retrieved, plus the recent window, are looked up once, together with the
+    candidates, in one EmbeddingCollection call; each candidate's retrieved and recent rows are
+    then gathered from those, and the model's own ``attend`` and ``head`` finish the job. Nothing
+    of size C x L is built.
+    """
     arch = model.sequence_arch
     n, c = request.history_item.numel(), request.num_candidates
+    if c == 0:
+        return torch.zeros(0)
     if isinstance(arch, DIN):
         window = min(n, arch.last_n)
-        positions = torch.arange(n - window, n).repeat(c)
-        return request_batch(request, (positions, torch.full((c,), window, dtype=torch.long)))
-    if not isinstance(arch, SearchBasedInterest) or not isinstance(
+        indices = torch.zeros(0, dtype=torch.long)
+        lengths = torch.zeros(c, dtype=torch.long)
+    elif isinstance(arch, SearchBasedInterest) and isinstance(
             arch.search, (HardSearch, SimHashSearch, TwinSearch, SoftSearch)):
+        window = min(n, arch.short_window)
+        indices, lengths = shared_search(arch.search, request)
+    else:
         return None
-    indices, lengths = shared_search(arch.search, request)
-    window = min(n, arch.short_window)
-    # retrieved or recent, per candidate, in history order: distinct (candidate, position) keys,
-    # sorted; O(C (k + window) log) work, nothing of size C x L
-    candidate = jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel())
-    recent = torch.arange(n - window, n).repeat(c)
-    keys = torch.cat([candidate * n + indices,
-                      torch.arange(c).repeat_interleave(window) * n + recent])
-    keys = torch.unique(keys)  # sorted: candidate, then position
-    return request_batch(request, (keys % n, torch.bincount(keys // n, minlength=c)))
+    recent = torch.arange(n - window, n)
+    used, inverse = torch.unique(torch.cat([indices, recent]), return_inverse=True)
+    # one lookup: the candidates, and the used positions as the first candidate's history
+    once = torch.zeros(c, dtype=torch.long)
+    once[0] = used.numel()
+    batch = request_batch(request, (used, once))
+    target, rows, _, _, _ = lookup_behaviors(model.embedding_collection, batch.features,
+                                             (torch.arange(used.numel()), once))
+    intervals = request.request_time - request.history_time  # [L], once
+    short = rows[inverse[indices.numel():]].repeat(c, 1)  # the window for every candidate
+    short_offsets = torch.arange(c + 1) * window
+    short_intervals = intervals[recent].repeat(c)
+    if isinstance(arch, DIN):
+        sequence = arch.attend(target, short, short_offsets, short_intervals)
+    else:
+        sequence = arch.attend(target, rows[inverse[:indices.numel()]],
+                               jagged.lengths_to_offsets(lengths), intervals[indices], short,
+                               short_offsets, short_intervals)
+    return model.head(model.pooled(batch.features), sequence)
 
 
 @torch.no_grad()
 def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
-    """``[C]`` logits of the request's candidates, the history searched once (see the module
-    docstring); equal to ``model`` on ``request_batch(request)``."""
-    batch = compact_batch(model, request)
-    if batch is None:
+    """``[C]`` logits of the request's candidates, the history read once where the model allows
+    (``score_shared``, see the module docstring), else as C independent samples; equal to
+    ``model`` on ``request_batch(request)``."""
+    logits = score_shared(model, request)
+    if logits is None:
         batch = request_batch(request)
-    logits, _ = model(batch.features, batch.history_time, batch.request_time)
+        logits, _ = model(batch.features, batch.history_time, batch.request_time)
     return logits

@@ -119,14 +119,24 @@ class LongSeqCTR(nn.Module):
         self, features: KeyedJaggedTensor, history_time: torch.Tensor, request_time: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns ``(logits [B], aux_logits [B] or None)``."""
-        pooled = KeyedTensor.regroup([self.sparse_arch(features)], [self.pooled_keys])[0]
+        pooled = self.pooled(features)
         aux: Optional[torch.Tensor] = None
+        sequence: Optional[torch.Tensor] = None
         if self.sequence_arch is not None:
             sequence, aux = self.sequence_arch(
                 features, history_time, request_time, self.embedding_collection
             )
+        return self.head(pooled, sequence), aux
+
+    def pooled(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """The pooled features (user, context; avg-pool's history) ``[B, P]``, in a fixed order."""
+        return KeyedTensor.regroup([self.sparse_arch(features)], [self.pooled_keys])[0]
+
+    def head(self, pooled: torch.Tensor, sequence: Optional[torch.Tensor]) -> torch.Tensor:
+        """``pooled [B, P]`` and the sequence module's output ``[B, S]`` -> logits ``[B]``."""
+        if sequence is not None:
             pooled = torch.cat([pooled, sequence], dim=1)
-        return self.over_arch(pooled).squeeze(1), aux
+        return self.over_arch(pooled).squeeze(1)
 
 
 class LongSeqCTRTrain(nn.Module):

@@ -58,5 +58,11 @@ class DIN(nn.Module):
         selected = jagged.last_n(hist_offsets, self.last_n)
         target, behaviors, offsets, _, _ = lookup_behaviors(lookup, features, selected)
         intervals = intervals_of(history_time, request_time, hist_offsets, selected[0])
+        return self.attend(target, behaviors, offsets, intervals), None
+
+    def attend(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,
+               intervals: torch.Tensor) -> torch.Tensor:
+        """After the lookup: ``target [B, 2 D]``, the recent ``behaviors [N, 2 D]`` with
+        ``offsets [B + 1]`` and ``intervals [N]`` -> ``[B, 4 D]``."""
         pooled = self.attention(target, behaviors, offsets, self.time_embedding(intervals))
-        return torch.cat([target, pooled], dim=1), None
+        return torch.cat([target, pooled], dim=1)

@@ -143,8 +143,18 @@ class SearchBasedInterest(nn.Module):
             if isinstance(table, derived.ItemDerivedTable):  # re-derived after the optimizer step
                 derived.remember_items(table, looked_up_ids(features, table.key, indices, recent[0]))
         intervals = intervals_of(history_time, request_time, offsets, indices)
-        long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
         short_intervals = intervals_of(history_time, request_time, offsets, recent[0])
+        return self.attend(target, retrieved, retrieved_offsets, intervals, short, short_offsets,
+                           short_intervals), aux
+
+    def attend(self, target: torch.Tensor, retrieved: torch.Tensor, retrieved_offsets: torch.Tensor,
+               intervals: torch.Tensor, short: torch.Tensor, short_offsets: torch.Tensor,
+               short_intervals: torch.Tensor) -> torch.Tensor:
+        """Everything after the search and the lookup (serving calls it with looked-up rows it
+        shares between candidates): ``target [B, D]``, the retrieved ``[M, D]`` and recent
+        ``[S, D]`` behaviors with their offsets ``[B + 1]`` and intervals ``[M]``, ``[S]`` ->
+        ``[B, output_dim]``."""
+        long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
         short_term = self.short_term(target, short, short_offsets,
                                      self.esu.time_embedding(short_intervals))
-        return torch.cat([target, long_term, short_term], dim=1), aux
+        return torch.cat([target, long_term, short_term], dim=1)
