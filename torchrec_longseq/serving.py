@@ -11,8 +11,9 @@ every O(L) step runs over C copies. ``score_request`` instead (``score_shared``)
 2. looks up, in one EmbeddingCollection call, the candidates and the distinct history positions
    that any candidate retrieved or that are in the recent window (candidates of one category
    mostly retrieve the same behaviors), and the user's pooled features;
-3. gathers each candidate's retrieved and recent rows from those and runs the model's own
-   post-lookup code (``attend`` of the sequence module, ``head`` of the model), so the logits
+3. gathers each candidate's retrieved rows from those and runs the model's own post-lookup code
+   (``attend`` of the sequence module, ``head`` of the model) with the recent window passed once
+   (``offsets=None``: DIN's per-behavior terms are computed once, not C times), so the logits
    equal scoring C independent samples (tested for every model, kernels on and off).
 
 This covers the models whose sequence module looks at a bounded selection: DIN (last N), SIM hard
@@ -190,15 +191,13 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     target, rows, _, _, _ = lookup_behaviors(model.embedding_collection, batch.features,
                                              (torch.arange(used.numel()), once))
     intervals = request.request_time - request.history_time  # [L], once
-    short = rows[inverse[indices.numel():]].repeat(c, 1)  # the window for every candidate
-    short_offsets = torch.arange(c + 1) * window
-    short_intervals = intervals[recent].repeat(c)
+    short = rows[inverse[indices.numel():]]  # the window, shared: offsets None
     if isinstance(arch, DIN):
-        sequence = arch.attend(target, short, short_offsets, short_intervals)
+        sequence = arch.attend(target, short, None, intervals[recent])
     else:
         sequence = arch.attend(target, rows[inverse[:indices.numel()]],
                                jagged.lengths_to_offsets(lengths), intervals[indices], short,
-                               short_offsets, short_intervals)
+                               None, intervals[recent])
     return model.head(model.pooled(batch.features), sequence)
 
 

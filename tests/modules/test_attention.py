@@ -111,6 +111,32 @@ def test_din_attention_matches_padded_reference(lengths: List[int], dim: int, hi
             assert torch.equal(out[b], torch.zeros(dim))
 
 
+@SETTINGS
+@given(batch=st.integers(0, 4), window=st.integers(0, 6), dim=st.integers(1, 5),
+       context_dim=st.sampled_from([0, 3]), seed=st.integers(0, 2**31 - 1))
+def test_din_attention_shared_window_equals_copies(batch: int, window: int, dim: int,
+                                                   context_dim: int, seed: int) -> None:
+    """``offsets=None`` (one window for every query, serving) equals giving each query its own
+    copy of the window, and the padded reference, forward and backward."""
+    torch.manual_seed(seed)
+    att = DINAttention(dim, [4, 3], context_dim)
+    query = torch.randn(batch, dim, requires_grad=True)
+    keys = torch.randn(window, dim, requires_grad=True)
+    context = torch.randn(window, context_dim) if context_dim else None
+    shared = att(query, keys, None, context)
+    copies = att(query, keys.repeat(batch, 1), offsets_of([window] * batch),
+                 None if context is None else context.repeat(batch, 1))
+    assert shared.shape == (batch, dim)
+    torch.testing.assert_close(shared, copies, atol=ATOL, rtol=RTOL)
+    if context is None:
+        torch.testing.assert_close(shared, din_reference(att, query, keys.repeat(batch, 1),
+                                                         [window] * batch), atol=ATOL, rtol=RTOL)
+    upstream = torch.randn(batch, dim)
+    params = [query, keys, *att.parameters()]
+    for g, e in zip(grads(shared, upstream, params), grads(copies, upstream, params)):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=RTOL)
+
+
 def test_din_attention_hand_computed() -> None:
     """Weights set so that ``w_j = relu(q . k_j) + 0.5``: the MLP reads only the ``q * k`` block."""
     att = DINAttention(2, [1])

@@ -6,7 +6,7 @@ the weighted values are summed per sample. Nothing is padded to the longest hist
 with no behavior gets a zero vector (never NaN).
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -44,8 +44,7 @@ class DINAttention(nn.Module):
     is optional side information of the behavior (here its time-interval embedding, so the unit
     can tell recent from old). As in the paper there is no softmax, so the output keeps the
     intensity of the interest (how many behaviors match). The first layer is evaluated split by
-    what each input depends on (the query's columns once per sample), the same function at half
-    the multiply-adds.
+    what each input depends on (see ``_first_layer``).
 
     Shapes: B samples, N behaviors in all, D the embedding dimension, C the side width.
 
@@ -66,27 +65,44 @@ class DINAttention(nn.Module):
         self.score = nn.Sequential(mlp(4 * embedding_dim + context_dim, hidden),
                                    nn.Linear(hidden[-1], 1))
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tensor],
                 context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``query [B, D]``, ``keys [N, D]``, ``offsets [B + 1]``, ``context [N, C]`` ->
-        ``[B, D]``."""
+        ``[B, D]``. ``offsets=None``: the N keys (and contexts) are every query's, one user's
+        window shared by its candidates (serving); per-key terms are then computed once."""
+        w_query, w_key, w_pair, bias = self._first_layer(query.size(1))
+        per_query = nn.functional.linear(query, w_query, bias)  # [B, h]
+        per_key = [keys] if context is None else [keys, context]
+        if offsets is None:
+            b, n, h = query.size(0), keys.size(0), w_pair.size(0)
+            pairs = (query.unsqueeze(1) * keys.unsqueeze(0)).view(b * n, keys.size(1))  # [B N, D]
+            hidden = (per_query.unsqueeze(1)
+                      + nn.functional.linear(torch.cat(per_key, dim=1), w_key).unsqueeze(0)
+                      + nn.functional.linear(pairs, w_pair).view(b, n, h))  # [B, N, h]
+            return self._weight(hidden).squeeze(2) @ keys  # [B, N] @ [N, D]
         seg = jagged.segment_ids(offsets, keys.size(0))
+        inputs = torch.cat(per_key + [query[seg] * keys], dim=1)  # [N, D + C + D]
+        hidden = per_query[seg] + nn.functional.linear(inputs, torch.cat([w_key, w_pair], dim=1))
+        return jagged.segment_sum(self._weight(hidden) * keys, seg, query.size(0))
+
+    def _first_layer(self, d: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first layer split by what its inputs depend on: ``W [q, k, q - k, q k, c] =
+        (W_q + W_d) q + [W_k - W_d, W_c] [k, c] + W_qk (q k)``, so the query's columns run once
+        per sample and the key's once per key, and only ``q k`` per pair (the same function at
+        under half the multiply-adds). Returns ``(query [h, D], key [h, D + C], pair [h, D],
+        bias [h])``."""
         first = self.score[0][0]
-        d = query.size(1)
         w = first.weight  # columns: q | k | q - k | q * k | context
-        # W [q, k, q - k, q k, c] = (W_q + W_d) q + [W_k - W_d, W_qk, W_c] [k, q k, c]: the query
-        # term once per sample, only k, q k and c per behavior (half the multiply-adds)
-        per_query = nn.functional.linear(query, w[:, :d] + w[:, 2 * d:3 * d], first.bias)  # [B, h]
-        pair = [keys, query[seg] * keys]
-        if context is not None:
-            pair.append(context)
-        w_pair = torch.cat([w[:, d:2 * d] - w[:, 2 * d:3 * d], w[:, 3 * d:]], dim=1)
-        hidden = per_query[seg] + nn.functional.linear(torch.cat(pair, dim=1), w_pair)  # [N, h]
-        for i, layer in enumerate(self.score[0]):  # the first layer's ReLU and the layers after it
+        w_query = w[:, :d] + w[:, 2 * d:3 * d]
+        w_key = torch.cat([w[:, d:2 * d] - w[:, 2 * d:3 * d], w[:, 4 * d:]], dim=1)
+        return w_query, w_key, w[:, 3 * d:4 * d], first.bias
+
+    def _weight(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rest of the MLP: the first layer's pre-activation ``[..., h]`` -> ``[..., 1]``."""
+        for i, layer in enumerate(self.score[0]):  # its ReLU and the layers after it
             if i > 0:
                 hidden = layer(hidden)
-        weight = self.score[1](hidden)  # [N, 1]
-        return jagged.segment_sum(weight * keys, seg, query.size(0))
+        return self.score[1](hidden)
 
 
 class TargetAttention(nn.Module):

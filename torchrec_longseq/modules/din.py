@@ -60,9 +60,10 @@ class DIN(nn.Module):
         intervals = intervals_of(history_time, request_time, hist_offsets, selected[0])
         return self.attend(target, behaviors, offsets, intervals), None
 
-    def attend(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,
+    def attend(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: Optional[torch.Tensor],
                intervals: torch.Tensor) -> torch.Tensor:
         """After the lookup: ``target [B, 2 D]``, the recent ``behaviors [N, 2 D]`` with
-        ``offsets [B + 1]`` and ``intervals [N]`` -> ``[B, 4 D]``."""
+        ``offsets [B + 1]`` (``None``: every candidate's, one user's window) and ``intervals
+        [N]`` -> ``[B, 4 D]``."""
         pooled = self.attention(target, behaviors, offsets, self.time_embedding(intervals))
         return torch.cat([target, pooled], dim=1)

@@ -148,12 +148,13 @@ class SearchBasedInterest(nn.Module):
                            short_intervals), aux
 
     def attend(self, target: torch.Tensor, retrieved: torch.Tensor, retrieved_offsets: torch.Tensor,
-               intervals: torch.Tensor, short: torch.Tensor, short_offsets: torch.Tensor,
+               intervals: torch.Tensor, short: torch.Tensor, short_offsets: Optional[torch.Tensor],
                short_intervals: torch.Tensor) -> torch.Tensor:
         """Everything after the search and the lookup (serving calls it with looked-up rows it
         shares between candidates): ``target [B, D]``, the retrieved ``[M, D]`` and recent
         ``[S, D]`` behaviors with their offsets ``[B + 1]`` and intervals ``[M]``, ``[S]`` ->
-        ``[B, output_dim]``."""
+        ``[B, output_dim]``. ``short_offsets=None``: the S recent behaviors are every
+        candidate's (one user's window)."""
         long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
         short_term = self.short_term(target, short, short_offsets,
                                      self.esu.time_embedding(short_intervals))
