@@ -76,9 +76,9 @@ class DINAttention(nn.Module):
         if offsets is None:
             b, n, h = query.size(0), keys.size(0), w_pair.size(0)
             pairs = (query.unsqueeze(1) * keys.unsqueeze(0)).view(b * n, keys.size(1))  # [B N, D]
-            hidden = (per_query.unsqueeze(1)
-                      + nn.functional.linear(torch.cat(per_key, dim=1), w_key).unsqueeze(0)
-                      + nn.functional.linear(pairs, w_pair).view(b, n, h))  # [B, N, h]
+            hidden = nn.functional.linear(pairs, w_pair).view(b, n, h)  # [B, N, h], added in place
+            hidden = hidden.add_(nn.functional.linear(torch.cat(per_key, dim=1), w_key)).add_(
+                per_query.unsqueeze(1))
             return self._weight(hidden).squeeze(2) @ keys  # [B, N] @ [N, D]
         seg = jagged.segment_ids(offsets, keys.size(0))
         inputs = torch.cat(per_key + [query[seg] * keys], dim=1)  # [N, D + C + D]
