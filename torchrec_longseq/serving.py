@@ -183,7 +183,12 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     else:
         return None
     recent = torch.arange(n - window, n)
-    used, inverse = torch.unique(torch.cat([indices, recent]), return_inverse=True)
+    # the distinct positions read, in history order, and each read's row among them (no sort)
+    selected = torch.cat([indices, recent])
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[selected] = True
+    used = seen.nonzero().squeeze(1)
+    inverse = (torch.cumsum(seen, 0) - 1)[selected]
     # one lookup: the candidates, and the used positions as the first candidate's history
     once = torch.zeros(c, dtype=torch.long)
     once[0] = used.numel()

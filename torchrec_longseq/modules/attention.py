@@ -16,12 +16,13 @@ from torchrec_longseq.retrieval import kernels
 
 
 def mlp(in_dim: int, layer_sizes: List[int], final_activation: bool = True) -> nn.Sequential:
-    """``Linear -> ReLU`` stack; the last layer has no activation unless ``final_activation``."""
+    """``Linear -> ReLU`` stack; the last layer has no activation unless ``final_activation``.
+    The ReLUs work in place (each follows a layer whose output nothing else keeps)."""
     layers: List[nn.Module] = []
     for i, out_dim in enumerate(layer_sizes):
         layers.append(nn.Linear(in_dim, out_dim))
         if final_activation or i < len(layer_sizes) - 1:
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))
         in_dim = out_dim
     return nn.Sequential(*layers)
 

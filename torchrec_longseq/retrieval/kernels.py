@@ -9,8 +9,9 @@ signatures, expand the targets, xor, popcount, histogram, threshold, select). On
 costs 5-30 ns per value, so at L = 10,000 the search dominates a training step. This kernel does
 it in one pass per sample: it reads each behavior's packed signatures from the per-item and
 per-category tables by id, popcounts the xor with the candidate's signature (hardware popcount), keeps a histogram of
-the distances (at most m + 1 counters), finds the threshold distance, and collects the k closest
-scanning from the most recent behavior backwards (so ties go to the more recent one). Samples
+the distances (at most m + 1 counters, four interleaved copies so that equal consecutive distances
+do not serialise), finds the threshold distance, and collects the k closest scanning from the most
+recent behavior backwards (so ties go to the more recent one). Samples
 run in parallel (``at::parallel_for``).
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja, both in the
@@ -73,22 +74,39 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   auto indices = torch::empty({out_off[B]}, torch::kInt64);
   int64_t* out = indices.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> hist(max_d + 1), dist;
+    // four interleaved histograms (position mod 4): consecutive equal distances do not wait on
+    // each other's increment
+    const int64_t stride = max_d + 1;
+    std::vector<int32_t> hist4(4 * stride), dist;
+    std::vector<int64_t> hist(stride);
     std::vector<std::pair<int64_t, int64_t>> picked;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t lo = st[b], hi = en[b], want = len[b];
       if (want == 0) continue;
       dist.resize(hi - lo);
-      std::fill(hist.begin(), hist.end(), 0);
+      std::fill(hist4.begin(), hist4.end(), 0);
       const int64_t *ta = at + b * WA, *tc = ct + b * WC;
-      for (int64_t p = lo; p < hi; ++p) {
-        const int64_t *sa = A + ai[p] * WA, *sc = C + ci[p] * WC;
-        int64_t d = 0;
-        for (int64_t w = 0; w < WA; ++w) d += __builtin_popcountll((uint64_t)(sa[w] ^ ta[w]));
-        for (int64_t w = 0; w < WC; ++w) d += __builtin_popcountll((uint64_t)(sc[w] ^ tc[w]));
-        dist[p - lo] = d;
-        hist[d] += 1;
+      int32_t* h = hist4.data();
+      if (WA == 1 && WC == 1) {  // m <= 64 bits per block: one word each
+        const uint64_t ta0 = ta[0], tc0 = tc[0];
+        for (int64_t p = lo; p < hi; ++p) {
+          const int32_t d = __builtin_popcountll((uint64_t)A[ai[p]] ^ ta0) +
+                            __builtin_popcountll((uint64_t)C[ci[p]] ^ tc0);
+          dist[p - lo] = d;
+          h[(p & 3) * stride + d] += 1;
+        }
+      } else {
+        for (int64_t p = lo; p < hi; ++p) {
+          const int64_t *sa = A + ai[p] * WA, *sc = C + ci[p] * WC;
+          int32_t d = 0;
+          for (int64_t w = 0; w < WA; ++w) d += __builtin_popcountll((uint64_t)(sa[w] ^ ta[w]));
+          for (int64_t w = 0; w < WC; ++w) d += __builtin_popcountll((uint64_t)(sc[w] ^ tc[w]));
+          dist[p - lo] = d;
+          h[(p & 3) * stride + d] += 1;
+        }
       }
+      for (int64_t d = 0; d < stride; ++d)
+        hist[d] = (int64_t)h[d] + h[stride + d] + h[2 * stride + d] + h[3 * stride + d];
       int64_t threshold = 0, below = 0;
       while (below + hist[threshold] < want) below += hist[threshold++];
       int64_t ties = want - below;  // how many at the threshold distance, most recent first
@@ -451,7 +469,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v7", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v8", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
