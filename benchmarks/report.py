@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 from importlib.metadata import version
 from pathlib import Path
@@ -47,6 +48,13 @@ def quality_table(runs: List[Dict]) -> List[str]:
             + (f" {statistics.mean(overlap):.3f} |" if overlap else " |")
             + f" {statistics.mean(r['samples_per_sec'] for r in rs):.0f} |")
     return lines
+
+
+def copy_plot(run_dir: str, name: str, report: str) -> None:
+    """Put the run's plot next to the report (which links it by name), if the run drew one."""
+    source = Path(run_dir) / name
+    if source.exists():
+        shutil.copyfile(source, Path(report).parent / name)
 
 
 def main() -> None:
@@ -101,6 +109,7 @@ def main() -> None:
             out.append(f"| {r['model']} | {r['L']:,} | {r['ms_per_sample']:.3f} | "
                        f"{r['samples_per_sec']:.0f} | {ratio} | {r['peak_rss_gib']:.2f} |")
         out += ["", "![samples/s against L](throughput.png)", ""]
+        copy_plot(args.throughput, "throughput.png", args.out)
     anchors = [x for x in (load(d, "anchor.json") for d in args.anchor) if x]
     if anchors:
         out += ["## ETA against FuxiCTR's ETA (same harness, same run)", ""]
@@ -134,6 +143,7 @@ def main() -> None:
             out.append(f"| {r['L']:,} | {r['candidates']} | "
                        + " | ".join(f"{r[k]:.2f}" for k in keys) + f" | {r['same_results']} |")
         out += ["", "![retrieval cost against L](retrieval.png)", ""]
+        copy_plot(args.retrieval, "retrieval.png", args.out)
     serving = args.serving and load(args.serving, "serving.json")
     if serving:
         a = serving["args"]
