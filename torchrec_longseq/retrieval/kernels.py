@@ -1,6 +1,8 @@
 """Small compiled CPU kernels for the O(L) scans: ETA's Hamming top-k straight from the signature
 tables, SIM's hard search, float top-k per segment (SIM soft search), TWIN's search and SDIM's
-collisions. Each has a torch-ops twin that the tests compare it with and that GPU tensors use.
+collisions; and for the ESU's per-behavior work, the jagged target attention with its key and
+value projections absorbed (``target_attention``, forward and backward). Each has a torch-ops
+twin that the tests compare it with and that GPU tensors use.
 
 ETA's kernel:
 
@@ -11,13 +13,13 @@ it in one pass per sample: it reads each behavior's packed signatures from the p
 per-category tables by id, popcounts the xor with the candidate's signature (hardware popcount), keeps a histogram of
 the distances (at most m + 1 counters, four interleaved copies so that equal consecutive distances
 do not serialise), finds the threshold distance, and collects the k closest scanning from the most
-recent behavior backwards (so ties go to the more recent one). Samples
-run in parallel (``at::parallel_for``).
+recent behavior backwards (so ties go to the more recent one). Samples run in parallel
+(``at::parallel_for``, OpenMP, on torch's thread count).
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja, both in the
 lock file / Debian; about a minute, cached in ``TORCH_EXTENSIONS_DIR``). The torch-ops
 ``simhash_topk`` stays the reference the tests compare it with, and the path for GPU tensors.
-``TORCHREC_LONGSEQ_KERNELS=0`` turns the kernel off (then every device uses the torch ops).
+``TORCHREC_LONGSEQ_KERNELS=0`` turns the kernels off (then every device uses the torch ops).
 """
 
 import os
