@@ -46,11 +46,11 @@ def test_shared_history_equals_independent_samples(name: str, kernels: str, monk
                                    msg=f"{name} L={length} C={candidates}")
 
 
-@pytest.mark.parametrize("name", ["din", "sim-hard", "sim-soft", "eta", "twin"])
+@pytest.mark.parametrize("name", ["din", "sim-hard", "sim-soft", "eta", "twin", "sdim"])
 def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     """One EmbeddingCollection call per request, reading the C candidates and at most
-    C k (TWIN's k) + window distinct history rows per table, whatever L is; the sequence module's
-    own forward (which would search again) is not called."""
+    C k (TWIN's k) + window distinct history rows per table (SDIM: the user's distinct behaviors
+    + window), whatever L is; the sequence module's own forward is not called."""
     model = model_of(name)
     request = make_request(300, 16)
     calls = []
@@ -63,7 +63,11 @@ def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     assert len(calls) == 1
     counts = dict(zip(calls[0].keys(), calls[0].length_per_key()))
     assert counts[TARGET_ITEM] == 16
-    assert 0 < counts[HIST_ITEM] <= 16 * k + CONFIG.short_window
+    if name == "sdim":
+        pairs = {(int(i), int(c)) for i, c in zip(request.history_item, request.history_category)}
+        assert 0 < counts[HIST_ITEM] <= len(pairs) + CONFIG.short_window < 300
+    else:
+        assert 0 < counts[HIST_ITEM] <= 16 * k + CONFIG.short_window
 
 
 def test_hard_search_shared_matches_per_candidate_loop() -> None:
@@ -80,5 +84,5 @@ def test_hard_search_shared_matches_per_candidate_loop() -> None:
 
 
 def test_models_reading_everything_are_not_shared() -> None:
-    for name in ["avgpool", "din-full", "sdim"]:
+    for name in ["avgpool", "din-full"]:
         assert serving.score_shared(model_of(name), make_request(50, 2)) is None

@@ -16,9 +16,10 @@ every O(L) step runs over C copies. ``score_request`` instead (``score_shared``)
    (``offsets=None``: DIN's per-behavior terms are computed once, not C times), so the logits
    equal scoring C independent samples (tested for every model, kernels on and off).
 
-This covers the models whose sequence module looks at a bounded selection: DIN (last N), SIM hard
-and soft, ETA and TWIN. Average pooling, the whole-history model and SDIM read every behavior per
-candidate; they are scored through ``request_batch`` (``score_request`` does it for them).
+This covers DIN (last N), SIM hard and soft, ETA and TWIN (a bounded selection per candidate) and
+SDIM (the user's hash buckets summed once over its distinct behaviors, each candidate reading its
+buckets). Average pooling and the whole-history model read every behavior per candidate; they are
+scored through ``request_batch`` (``score_request`` does it for them).
 """
 
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import SearchBasedInterest
 from torchrec_longseq.modules.lookup import lookup_behaviors
+from torchrec_longseq.modules.sdim import SDIM
 from torchrec_longseq.modules.eta import SimHashSearch, signature_topk
 from torchrec_longseq.modules.sim import (
     SEARCH_HIST,
@@ -160,7 +162,7 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
 @torch.no_grad()
 def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     """``[C]`` logits with the history read once, or ``None`` if the model reads every behavior
-    of every candidate (avg-pool, whole history, SDIM).
+    of every candidate (avg-pool, whole history).
 
     The history is searched once for all candidates (``shared_search``); the distinct positions
     any candidate retrieved, plus the recent window, are looked up once, together with the
@@ -180,6 +182,13 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
             arch.search, (HardSearch, SimHashSearch, TwinSearch, SoftSearch)):
         window = min(n, arch.short_window)
         indices, lengths = shared_search(arch.search, request)
+    elif isinstance(arch, SDIM):
+        # the user's distinct (item, category) behaviors, each looked up once
+        window = min(n, arch.short_window)
+        key = request.history_item * arch.category_codes.table.size(0) + request.history_category
+        _, first_of, counts = torch.unique(key, return_inverse=True, return_counts=True)
+        indices = torch.full_like(counts, n).scatter_reduce(0, first_of, torch.arange(n),
+                                                            reduce="amin")  # [U] positions
     else:
         return None
     recent = torch.arange(n - window, n)
@@ -199,6 +208,12 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     short = rows[inverse[indices.numel():]]  # the window, shared: offsets None
     if isinstance(arch, DIN):
         sequence = arch.attend(target, short, None, intervals[recent])
+    elif isinstance(arch, SDIM):
+        long_term = arch.shared_interest(rows[inverse[:indices.numel()]],
+                                         request.history_item[indices],
+                                         request.history_category[indices], counts,
+                                         request.candidate_item, request.candidate_category)
+        sequence = arch.attend(target, long_term, short, None, intervals[recent])
     else:
         sequence = arch.attend(target, rows[inverse[:indices.numel()]],
                                jagged.lengths_to_offsets(lengths), intervals[indices], short,

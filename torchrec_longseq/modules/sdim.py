@@ -45,6 +45,13 @@ from torchrec_longseq.retrieval import kernels
 from torchrec_longseq.retrieval.simhash import SimHash
 
 
+def signatures(codes: torch.Tensor, tau: int, groups_per_word: int) -> torch.Tensor:
+    """``[N, W]`` int64 code words -> ``[N, G]`` signatures: bits ``tau g`` to ``tau g + tau - 1``
+    of each word, word-major (``G = W * groups_per_word``), values in ``[0, 2^tau)``."""
+    shifts = torch.arange(groups_per_word, device=codes.device) * tau
+    return ((codes.unsqueeze(-1) >> shifts) & ((1 << tau) - 1)).flatten(1)
+
+
 @torch.fx.wrap
 def collision_weights(
     codes: torch.Tensor,
@@ -77,10 +84,7 @@ def collision_weights(
     """
     n, b = codes.size(0), offsets.numel() - 1
     seg = jagged.segment_ids(offsets, n)
-    differ = codes ^ target_codes[seg]  # [N, W]
-    shifts = torch.arange(groups_per_word, device=codes.device) * tau
-    groups = (differ.unsqueeze(-1) >> shifts) & ((1 << tau) - 1)  # [N, W, G / W]
-    match = (groups == 0).flatten(1)  # [N, G]
+    match = signatures(codes ^ target_codes[seg], tau, groups_per_word) == 0  # [N, G]
     key = seg * (int(items.max()) + 1 if n else 1) + items
     key = key * num_categories + categories
     unique, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
@@ -195,6 +199,37 @@ class SDIM(nn.Module):
             derived.remember_items(table, looked_up_ids(features, table.key, positions, recent[0]))
         long_term = bucket_mean(colliding, colliding_offsets, weights)
         short_intervals = intervals_of(history_time, request_time, offsets, recent[0])
+        return self.attend(target, long_term, short, short_offsets, short_intervals), None
+
+    def attend(self, target: torch.Tensor, long_term: torch.Tensor, short: torch.Tensor,
+               short_offsets: Optional[torch.Tensor], short_intervals: torch.Tensor) -> torch.Tensor:
+        """The short-term branch and the output: ``target [B, 2 D]``, ``long_term [B, 2 D]``,
+        the recent ``short [S, 2 D]`` with ``short_offsets [B + 1]`` (``None``: one user's window,
+        every candidate's) and ``short_intervals [S]`` -> ``[B, 6 D]``."""
         short_term = self.short_term(target, short, short_offsets,
                                      self.time_embedding(short_intervals))
-        return torch.cat([target, long_term, short_term], dim=1), None
+        return torch.cat([target, long_term, short_term], dim=1)
+
+    def shared_interest(self, behaviors: torch.Tensor, items: torch.Tensor,
+                        categories: torch.Tensor, counts: torch.Tensor,
+                        target_items: torch.Tensor, target_categories: torch.Tensor) -> torch.Tensor:
+        """The long-term interest of C candidates of one user (serving), the paper's way: the
+        user's buckets are summed once, ``[G, 2^tau, 2 D]`` (every distinct behavior into the
+        bucket of each of its G signatures), and each candidate reads its G buckets; equal to
+        ``bucket_mean`` per candidate. ``behaviors [U, 2 D]`` are the user's distinct (item,
+        category) pairs ``items, categories [U]``, occurring ``counts [U]`` times ->
+        ``[C, 2 D]``."""
+        def codes(item_ids: torch.Tensor, category_ids: torch.Tensor) -> torch.Tensor:
+            words = torch.cat([self.item_codes(item_ids), self.category_codes(category_ids)], 1)
+            return signatures(words, self.tau, self.groups_per_word)  # [*, G]
+
+        buckets = 1 << self.tau
+        sig = codes(items, categories)  # [U, G]
+        num_groups = sig.size(1)
+        slot = sig + torch.arange(num_groups, device=sig.device) * buckets  # [U, G]
+        weighted = counts.to(behaviors.dtype).unsqueeze(1) * behaviors  # [U, 2 D]
+        sums = behaviors.new_zeros(num_groups * buckets, behaviors.size(1)).index_add(
+            0, slot.flatten(), weighted.repeat_interleave(num_groups, dim=0))
+        picked = codes(target_items, target_categories) + torch.arange(
+            num_groups, device=sig.device) * buckets  # [C, G]
+        return nn.functional.normalize(sums[picked], dim=-1).mean(dim=1)
