@@ -149,7 +149,7 @@ def main() -> None:
         a = serving["args"]
         out += ["## Serving one user", "",
                 f"`benchmarks/serving.py --length {a['length']} --candidates {a['candidates']} "
-                f"--reps {a['reps']}`: one request, the three ways interleaved; ms.", "",
+                f"--reps {a['reps']}`: one request, one fresh process per model, the three ways timed in alternating blocks; ms.", "",
                 "| model | shared p50 | shared p99 | batched p50 | batched p99 | one by one p50 | "
                 "batched / shared | one by one / shared |", "|---|---|---|---|---|---|---|---|"]
         for r in serving["results"]:

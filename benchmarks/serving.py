@@ -1,10 +1,12 @@
 """Serving latency: one user with L behaviors and C candidates, history searched once vs per candidate.
 
-For every model, one request (a synthetic user's history of exactly L behaviors, C candidates) is
-scored, repeatedly, three ways in the same process, interleaved so that machine noise hits all:
+For every model, in a fresh process, one request (a synthetic user's history of exactly L
+behaviors, C candidates) is scored repeatedly three ways, in alternating blocks (each way's calls
+back to back, so that no call pays for the caches another way's 100 MB batch just flushed; the
+blocks alternate so that drift of the machine hits all ways):
 
-* ``shared``: ``torchrec_longseq.serving.score_request`` (the history searched once for all
-  candidates, then a compact batch of at most k + 50 behaviors per candidate);
+* ``shared``: ``torchrec_longseq.serving.score_request`` (the history searched and looked up once
+  for all candidates);
 * ``batched``: the C candidates as C independent samples in one batch, each with its own copy of
   the history (``request_batch``: the training layout);
 * ``one by one``: C separate one-sample calls (only ``--one-by-one-reps`` times: it is slow).
@@ -19,6 +21,8 @@ import argparse
 import json
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -40,6 +44,53 @@ def timed(fn: Callable[[], torch.Tensor]) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
+def measure(name: str, args: argparse.Namespace) -> Dict:
+    """Time the three ways for model ``name`` (in this process, meant to be a fresh one)."""
+    torch.set_grad_enabled(False)
+    data = SyntheticConfig(max_seq_len=args.length, min_seq_len=args.length)
+    request = serving.synthetic_request(data, args.length, args.candidates)
+    torch.manual_seed(0)
+    model = build_model(name, ModelConfig(embedding_dim=args.embedding_dim), data.table_sizes)
+    model.eval()
+    model.refresh_derived_tables()
+
+    def shared() -> torch.Tensor:
+        return serving.score_request(model, request)
+
+    def batched() -> torch.Tensor:
+        batch = serving.request_batch(request)
+        return model(batch.features, batch.history_time, batch.request_time)[0]
+
+    def one_by_one() -> torch.Tensor:
+        out = []
+        for c in range(request.num_candidates):
+            single = serving.Request(**{**request.__dict__,
+                                        "candidate_item": request.candidate_item[c:c + 1],
+                                        "candidate_category": request.candidate_category[c:c + 1]})
+            batch = serving.request_batch(single)
+            out.append(model(batch.features, batch.history_time, batch.request_time)[0])
+        return torch.cat(out)
+
+    torch.testing.assert_close(shared(), batched(), rtol=1e-4, atol=1e-5)  # and warm-up
+    ways = {"shared": shared, "batched": batched, "one_by_one": one_by_one}
+    times: Dict[str, List[float]] = {way: [] for way in ways}
+    blocks = 3
+    for block in range(blocks):
+        for way, fn in ways.items():
+            reps = args.one_by_one_reps if way == "one_by_one" else args.reps
+            count = reps // blocks + (block < reps % blocks)
+            if count:
+                fn()  # the first call after another way's block is not timed
+            times[way] += [timed(fn) for _ in range(count)]
+    row: Dict = {"model": name, "L": args.length, "C": args.candidates}
+    for way, values in times.items():
+        row[f"{way}_p50_ms"] = statistics.median(values)
+        row[f"{way}_p99_ms"] = percentile(values, 0.99)
+    row["batched_over_shared"] = row["batched_p50_ms"] / row["shared_p50_ms"]
+    row["one_by_one_over_shared"] = row["one_by_one_p50_ms"] / row["shared_p50_ms"]
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -50,50 +101,14 @@ def main() -> None:
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--out", default="runs/serving")
     args = p.parse_args()
-    torch.set_grad_enabled(False)
-    data = SyntheticConfig(max_seq_len=args.length, min_seq_len=args.length)
-    request = serving.synthetic_request(data, args.length, args.candidates)
     rows: List[Dict] = []
     print(f"one user, L = {args.length}, C = {args.candidates} candidates, {args.reps} requests; ms")
     print("| model | shared p50 | shared p99 | batched p50 | batched p99 | one by one p50 | "
           "batched / shared | one by one / shared |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
-        torch.manual_seed(0)
-        model = build_model(name, ModelConfig(embedding_dim=args.embedding_dim), data.table_sizes)
-        model.eval()
-        model.refresh_derived_tables()
-
-        def shared() -> torch.Tensor:
-            return serving.score_request(model, request)
-
-        def batched() -> torch.Tensor:
-            batch = serving.request_batch(request)
-            return model(batch.features, batch.history_time, batch.request_time)[0]
-
-        def one_by_one() -> torch.Tensor:
-            out = []
-            for c in range(request.num_candidates):
-                single = serving.Request(**{**request.__dict__,
-                                            "candidate_item": request.candidate_item[c:c + 1],
-                                            "candidate_category": request.candidate_category[c:c + 1]})
-                batch = serving.request_batch(single)
-                out.append(model(batch.features, batch.history_time, batch.request_time)[0])
-            return torch.cat(out)
-
-        torch.testing.assert_close(shared(), batched(), rtol=1e-4, atol=1e-5)  # and warm-up
-        times: Dict[str, List[float]] = {"shared": [], "batched": [], "one_by_one": []}
-        for rep in range(args.reps):
-            times["shared"].append(timed(shared))
-            times["batched"].append(timed(batched))
-            if rep < args.one_by_one_reps:
-                times["one_by_one"].append(timed(one_by_one))
-        row = {"model": name, "L": args.length, "C": args.candidates}
-        for way, values in times.items():
-            row[f"{way}_p50_ms"] = statistics.median(values)
-            row[f"{way}_p99_ms"] = percentile(values, 0.99)
-        row["batched_over_shared"] = row["batched_p50_ms"] / row["shared_p50_ms"]
-        row["one_by_one_over_shared"] = row["one_by_one_p50_ms"] / row["shared_p50_ms"]
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            row = pool.submit(measure, name, args).result()
         rows.append(row)
         print(f"| {name} | {row['shared_p50_ms']:.1f} | {row['shared_p99_ms']:.1f} | "
               f"{row['batched_p50_ms']:.1f} | {row['batched_p99_ms']:.1f} | "
