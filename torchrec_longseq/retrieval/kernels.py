@@ -202,6 +202,7 @@ std::vector<torch::Tensor> twin_topk_by_id(
       for (int64_t p = 0; p < n; ++p) {
         const float *ki = I + it[lo + p] * W + w, *kc = C + ca[lo + p] * W + w;
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < w; ++j) dot += qb[j] * (ki[j] + kc[j]);
         score[p] = (float)(scale * dot) + bi[lo + p];
       }
@@ -471,7 +472,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v8", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v9", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
