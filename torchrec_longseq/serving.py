@@ -164,11 +164,12 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     """``[C]`` logits with the history read once, or ``None`` if the model reads every behavior
     of every candidate (avg-pool, whole history).
 
-    The history is searched once for all candidates (``shared_search``); the distinct positions
-    any candidate retrieved, plus the recent window, are looked up once, together with the
-    candidates, in one EmbeddingCollection call; each candidate's retrieved and recent rows are
-    then gathered from those, and the model's own ``attend`` and ``head`` finish the job. Nothing
-    of size C x L is built.
+    The history is searched once for all candidates (``shared_search``; for SDIM: its distinct
+    behaviors are found); the distinct positions any candidate reads, plus the recent window, are
+    looked up once, together with the candidates, in one EmbeddingCollection call; each
+    candidate's retrieved rows are gathered from those (SDIM: the user's buckets are summed), the
+    window is passed once (``offsets=None``), and the model's own ``attend`` and ``head`` finish
+    the job. Nothing of size C x L is built.
     """
     arch = model.sequence_arch
     n, c = request.history_item.numel(), request.num_candidates
