@@ -83,10 +83,6 @@ def signature_topk(item_table: torch.Tensor, items: torch.Tensor, target_items: 
     (serving).
     """
     item_targets, category_targets = item_table[target_items], category_table[target_categories]
-    if offsets is None:  # one history: read its signatures once; every candidate scans them in order
-        positions = torch.arange(items.numel(), device=items.device)
-        item_table, items = item_table[items], positions
-        category_table, categories = category_table[categories], positions
     found = kernels.hamming_topk_by_id(item_table, items, item_targets, category_table,
                                        categories, category_targets, offsets, k)
     if found is not None:

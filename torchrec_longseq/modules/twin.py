@@ -140,13 +140,6 @@ def twin_topk(item_rows: torch.Tensor, category_rows: torch.Tensor, items: torch
     width = item_rows.size(1) // 2
     queries = item_rows[target_items, :width] + category_rows[target_categories, :width]
     head_dim = width // num_heads
-    if offsets is None and kernels.kernels_enabled() and item_rows.device.type == "cpu":
-        # one history: add its item and category key blocks once (the kernel's own sum, so the
-        # scores are bit-identical) and let every candidate scan them in order
-        keys = item_rows[items] + category_rows[categories]  # [L, 2 w]; the query half unused
-        positions = torch.arange(items.numel(), device=items.device)
-        item_rows, items = keys, positions
-        category_rows, categories = torch.zeros_like(keys[:1]), torch.zeros_like(positions)
     found = kernels.twin_topk_by_id(item_rows, items, category_rows, categories, queries,
                                     bias.mean(dim=1), offsets, k,
                                     1.0 / (num_heads * head_dim**0.5))

@@ -507,6 +507,10 @@ def hamming_topk_by_id(
     if not _applies(item_table):
         return None
     starts, ends = segments(offsets, item_ids.numel(), item_targets.size(0))
+    if offsets is None:  # one history: read its signatures once; every candidate scans them in order
+        positions = torch.arange(item_ids.numel())
+        item_table, item_ids = item_table[item_ids], positions
+        category_table, category_ids = category_table[category_ids], positions
     indices, lengths = _module().hamming_topk_by_id(item_table, item_ids, item_targets,
                                                     category_table, category_ids,
                                                     category_targets, starts, ends, int(k))
@@ -562,6 +566,13 @@ def twin_topk_by_id(item_rows: torch.Tensor, items: torch.Tensor, category_rows:
     if not _applies(item_rows):
         return None
     starts, ends = segments(offsets, items.numel(), queries.size(0))
+    if offsets is None:
+        # one history: add its item and category key blocks once (the kernel's own sum, so the
+        # scores are bit-identical) and let every candidate scan them in order
+        keys = item_rows[items] + category_rows[categories]  # [L, 2 w]; the query half unused
+        positions = torch.arange(items.numel())
+        item_rows, items = keys, positions
+        category_rows, categories = torch.zeros_like(keys[:1]), torch.zeros_like(positions)
     indices, lengths = _module().twin_topk_by_id(item_rows, items, category_rows, categories,
                                                  queries.detach(), bias.detach(), starts, ends,
                                                  int(k), float(scale))
