@@ -42,7 +42,7 @@ from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import SearchBasedInterest
 from torchrec_longseq.modules.lookup import lookup_behaviors
-from torchrec_longseq.modules.sdim import SDIM
+from torchrec_longseq.modules.sdim import SDIM, first_occurrences
 from torchrec_longseq.modules.eta import SimHashSearch, signature_topk
 from torchrec_longseq.modules.sim import (
     SEARCH_HIST,
@@ -122,6 +122,15 @@ def request_batch(request: Request, selection: Optional[Tuple[torch.Tensor, torc
                  labels=torch.zeros(c), relevant=torch.zeros(positions.numel(), dtype=torch.bool))
 
 
+def carried_once(request: Request, positions: torch.Tensor) -> Batch:
+    """The request's C candidates in the training layout with the history ``positions [M]``
+    carried once, by the first candidate (the others carry none): what one lookup of the
+    candidates and of those behaviors takes."""
+    once = torch.zeros(request.num_candidates, dtype=torch.long)
+    once[:1] = positions.numel()
+    return request_batch(request, (positions, once))
+
+
 @torch.no_grad()
 def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(positions [M], lengths [C])``: what ``search`` retrieves for each candidate, as positions
@@ -143,11 +152,8 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
                          request.history_item, request.history_category, request.candidate_item,
                          request.candidate_category, None, bias, search.num_heads, search.k)
     if isinstance(search, SoftSearch):
-        # the history's search vectors are looked up and projected once: [L, P] (a batch whose
-        # first candidate carries the history and the others none)
-        once = torch.zeros(c, dtype=torch.long)
-        once[0] = n
-        batch = request_batch(request, (torch.arange(n), once))
+        # the history's search vectors are looked up and projected once: [L, P]
+        batch = carried_once(request, torch.arange(n))
         embeddings = search.search_table(search_features(batch.features, search.with_category))
         behaviors = search.w_b(search_vectors(embeddings, SEARCH_HIST, SEARCH_HIST_CATEGORY,
                                               search.with_category))  # [L, P]
@@ -186,10 +192,8 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     elif isinstance(arch, SDIM):
         # the user's distinct (item, category) behaviors, each looked up once
         window = min(n, arch.short_window)
-        key = request.history_item * arch.category_codes.table.size(0) + request.history_category
-        _, first_of, counts = torch.unique(key, return_inverse=True, return_counts=True)
-        indices = torch.full_like(counts, n).scatter_reduce(0, first_of, torch.arange(n),
-                                                            reduce="amin")  # [U] positions
+        indices, counts = first_occurrences(  # [U] positions
+            request.history_item * arch.category_codes.table.size(0) + request.history_category)
     else:
         return None
     recent = torch.arange(n - window, n)
@@ -199,12 +203,11 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     seen[selected] = True
     used = seen.nonzero().squeeze(1)
     inverse = (torch.cumsum(seen, 0) - 1)[selected]
-    # one lookup: the candidates, and the used positions as the first candidate's history
-    once = torch.zeros(c, dtype=torch.long)
-    once[0] = used.numel()
-    batch = request_batch(request, (used, once))
-    target, rows, _, _, _ = lookup_behaviors(model.embedding_collection, batch.features,
-                                             (torch.arange(used.numel()), once))
+    # one lookup: the candidates, and the used positions once
+    batch = carried_once(request, used)
+    target, rows, _, _, _ = lookup_behaviors(
+        model.embedding_collection, batch.features,
+        (torch.arange(used.numel()), batch.features[HIST_ITEM].lengths()))
     intervals = request.request_time - request.history_time  # [L], once
     short = rows[inverse[indices.numel():]]  # the window, shared: offsets None
     if isinstance(arch, DIN):

@@ -45,6 +45,15 @@ from torchrec_longseq.retrieval import kernels
 from torchrec_longseq.retrieval.simhash import SimHash
 
 
+def first_occurrences(key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(first [U], counts [U])``: the position of the first occurrence of each distinct value
+    of ``key [N]`` (values ascending) and how many times it occurs."""
+    unique, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    first = torch.full_like(unique, key.numel()).scatter_reduce(
+        0, inverse, torch.arange(key.numel(), device=key.device), reduce="amin")
+    return first, counts
+
+
 def signatures(codes: torch.Tensor, tau: int, groups_per_word: int) -> torch.Tensor:
     """``[N, W]`` int64 code words -> ``[N, G]`` signatures: bits ``tau g`` to ``tau g + tau - 1``
     of each word, word-major (``G = W * groups_per_word``), values in ``[0, 2^tau)``."""
@@ -86,10 +95,7 @@ def collision_weights(
     seg = jagged.segment_ids(offsets, n)
     match = signatures(codes ^ target_codes[seg], tau, groups_per_word) == 0  # [N, G]
     key = seg * (int(items.max()) + 1 if n else 1) + items
-    key = key * num_categories + categories
-    unique, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
-    first = torch.full_like(unique, n).scatter_reduce(
-        0, inverse, torch.arange(n, device=codes.device), reduce="amin")
+    first, counts = first_occurrences(key * num_categories + categories)
     weights = counts.unsqueeze(1).to(torch.float32) * match[first]  # [U, G]
     collides = match[first].any(dim=1)
     first, weights = first[collides], weights[collides]
