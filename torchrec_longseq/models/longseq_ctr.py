@@ -109,11 +109,9 @@ class LongSeqCTR(nn.Module):
         exact = [t for t in tables if step is not None and t.exact]
         if exact:  # one lookup for all of them
             derived.refresh_touched(exact, self.embedding_collection)
-        for table in tables:
-            if step is None:
+        for table in tables:  # whole rebuilds: at start, and every refresh_every steps if periodic
+            if step is None or (not table.exact and step % table.refresh_every == 0):
                 table.refresh(self.embedding_collection)
-            elif not table.exact:
-                table.after_step(self.embedding_collection, step)
 
     def forward(
         self, features: KeyedJaggedTensor, history_time: torch.Tensor, request_time: torch.Tensor

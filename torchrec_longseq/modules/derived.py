@@ -8,7 +8,7 @@ values live in a per-item buffer, read by id:
 * ``refresh(lookup)`` (all rows) builds it from the whole embedding table, at start and, in
   periodic mode, every ``refresh_every`` steps;
 * in exact mode (``refresh_every = 1``) the forward pass remembers which item ids it looked up,
-  and after the optimizer step ``refresh_touched(lookup)`` re-derives exactly those rows: with a
+  and after the optimizer step ``refresh_touched(tables, lookup)`` re-derives exactly those rows: with a
   sparse (fused, row-wise) optimizer only looked-up rows change, so the table then equals
   deriving from the current embeddings, at O(touched rows) cost.
 
@@ -87,19 +87,6 @@ class ItemDerivedTable(nn.Module):
             items = torch.arange(start, min(start + chunk, num_items), device=self.table.device)
             self.table[items] = self._derive_rows(lookup, items)
 
-    @torch.no_grad()
-    def refresh_touched(self, lookup: EmbeddingCollection) -> None:
-        """Re-derive the rows looked up since the last refresh, on every rank (a collective)."""
-        refresh_touched([self], lookup)
-
-    @torch.no_grad()
-    def after_step(self, lookup: EmbeddingCollection, step: int) -> None:
-        """Call after every optimizer step: exact or periodic refresh, as configured."""
-        if self.exact:
-            self.refresh_touched(lookup)
-        elif step % self.refresh_every == 0:
-            self.refresh(lookup)
-
     def take_touched(self) -> torch.Tensor:
         """The distinct ids remembered since the last refresh ``[n]``; forgets them."""
         if self._touched:
@@ -130,8 +117,9 @@ class ItemDerivedTable(nn.Module):
 
 @torch.no_grad()
 def refresh_touched(tables: List[ItemDerivedTable], lookup: EmbeddingCollection) -> None:
-    """``refresh_touched`` of several tables, reading the rows of tables with different keys in
-    one EmbeddingCollection call (one all-to-all round instead of one per table)."""
+    """Re-derive the rows each table looked up since its last refresh, on every rank (a
+    collective), reading the rows of tables with different keys in one EmbeddingCollection call
+    (one all-to-all round instead of one per table)."""
     pending = list(tables)
     while pending:
         batch: Dict[str, ItemDerivedTable] = {}
