@@ -12,17 +12,23 @@ from torchrec_longseq.retrieval import hard, kernels, simhash, topk
 
 @settings(max_examples=60, deadline=None)
 @given(
-    lengths=st.lists(st.integers(0, 40), min_size=0, max_size=6),
+    lengths=st.lists(st.one_of(st.integers(0, 40), st.integers(40, 9000)), min_size=0,
+                     max_size=6),
     words=st.sampled_from([1, 2]),
-    num_items=st.integers(1, 30),
-    k=st.integers(0, 45),
+    num_items=st.integers(1, 300),
+    k=st.one_of(st.integers(0, 45), st.integers(45, 5000)),
+    ties=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_kernel_equals_torch_ops(lengths, words: int, num_items: int, k: int, seed: int) -> None:
+def test_kernel_equals_torch_ops(lengths, words: int, num_items: int, k: int, ties: bool,
+                                 seed: int) -> None:
+    """Short and long segments (the kernel counts and skips distances 16 or 32 bytes at a time,
+    in blocks of 255 vectors), one- and two-word blocks (distances in bytes, or 16 bits above
+    255), k below and above the length, and many or few equal distances."""
     g = torch.Generator().manual_seed(seed)
     table = torch.randint(-(2**63), 2**63 - 1, (num_items, words), generator=g)
-    # few distinct bit patterns in the low bits -> many distance ties
-    table = table & torch.randint(0, 2**6, (num_items, words), generator=g)
+    if ties:  # few distinct bit patterns in the low bits -> many distance ties
+        table = table & torch.randint(0, 2**6, (num_items, words), generator=g)
     offsets = torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist())
     items = torch.randint(0, num_items, (int(offsets[-1]),), generator=g)
     targets = table[torch.randint(0, num_items, (len(lengths),), generator=g)]
@@ -86,14 +92,24 @@ def test_hard_kernel_equals_torch_ops(lengths, num_categories: int, k: int, seed
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
 
-@settings(max_examples=60, deadline=None)
-@given(lengths=JAGGED, levels=st.integers(1, 5), k=st.integers(0, 45),
+LONG_JAGGED = st.lists(st.one_of(st.integers(0, 40), st.integers(40, 5000)), min_size=0,
+                      max_size=5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=LONG_JAGGED, levels=st.sampled_from([1, 2, 5, 1000, 10**6]),
+       k=st.one_of(st.integers(0, 45), st.integers(45, 3000)), strided=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
-def test_float_topk_kernel_equals_torch_ops(lengths, levels: int, k: int, seed: int) -> None:
+def test_float_topk_kernel_equals_torch_ops(lengths, levels: int, k: int, strided: bool,
+                                            seed: int) -> None:
+    """Segments long enough for the kernel's sampled threshold (L >= 64 k), and its buffer cut
+    back to k several times; few distinct values (many ties, which go to the later position) or
+    many."""
     g = torch.Generator().manual_seed(seed)
     offsets = offsets_of(lengths)
-    # few distinct values: many ties, which must go to the later position
     scores = torch.randint(0, levels, (int(offsets[-1]),), generator=g).float() - 1.5
+    if strided:  # the values the kernel samples (every 16th) are the largest: its guess is too
+        scores[::16] += levels  # high for k > ~L / 400 and it must fall back to the full pass
     found = kernels.float_topk(scores, offsets, k)
     with pytest.MonkeyPatch.context() as mp:
         expected = torch_ops(mp, topk.jagged_topk, scores, offsets, k)
@@ -102,7 +118,7 @@ def test_float_topk_kernel_equals_torch_ops(lengths, levels: int, k: int, seed: 
 
 
 @settings(max_examples=40, deadline=None)
-@given(lengths=JAGGED, heads=st.sampled_from([1, 2]), k=st.integers(0, 45),
+@given(lengths=LONG_JAGGED, heads=st.sampled_from([1, 2]), k=st.integers(0, 150),
        seed=st.integers(0, 2**31 - 1))
 def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)

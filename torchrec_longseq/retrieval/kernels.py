@@ -33,9 +33,19 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <unordered_map>
 #include <vector>
+
+// the float loops, compiled twice (AVX2 + FMA, and the baseline): the loader picks the one the
+// CPU runs (GCC's target_clones), so the built module stays portable
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMD_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define SIMD_CLONES
+#endif
 
 // per-segment selections -> (indices [M], lengths [B])
 static std::vector<torch::Tensor> concat_segments(const std::vector<std::vector<int64_t>>& found) {
@@ -48,6 +58,77 @@ static std::vector<torch::Tensor> concat_segments(const std::vector<std::vector<
   int64_t* out = indices.data_ptr<int64_t>();
   for (const auto& f : found) out = std::copy(f.begin(), f.end(), out);
   return {indices, lengths};
+}
+
+// 32 bytes of distances as one vector (GCC/clang vector extensions: two SSE registers, or one
+// AVX2 register where the compiler may use it)
+template <typename D> struct VecOf;
+template <> struct VecOf<uint8_t> { typedef uint8_t type __attribute__((vector_size(16))); };
+template <> struct VecOf<uint16_t> { typedef uint16_t type __attribute__((vector_size(16))); };
+template <typename D> using Vec = typename VecOf<D>::type;
+
+template <typename D>
+static inline Vec<D> load_vec(const D* d) {
+  Vec<D> v;
+  std::memcpy(&v, d, sizeof v);
+  return v;
+}
+
+// how many of d[0..n) are <= t, a vector of distances at a time
+template <typename D>
+static int64_t count_at_most(const D* d, int64_t n, D t) {
+  constexpr int64_t LANES = sizeof(Vec<D>) / sizeof(D), BLOCK = 255 * LANES;  // lanes count <= 255
+  const Vec<D> tv = Vec<D>{} + t;
+  int64_t total = 0, i = 0;
+  for (int64_t s = 0; s < n; s += BLOCK) {
+    const int64_t e = std::min(n, s + BLOCK);
+    Vec<D> acc = {};
+    for (i = s; i + LANES <= e; i += LANES) acc -= (Vec<D>)(load_vec(d + i) <= tv);  // true = -1
+    for (int64_t j = 0; j < LANES; ++j) total += acc[j];
+    for (; i < e; ++i) total += d[i] <= t;
+  }
+  return total;
+}
+
+// Positions lo + i of the `want` smallest d[0..n) (0 < want <= n), ties to the larger position,
+// written to out smallest first (then larger position first). The threshold (the want-th
+// smallest value) is guessed from every 8th value's histogram and confirmed or moved with
+// counting passes; the chosen ones are collected scanning backwards, skipping whole blocks
+// that hold nothing <= the threshold.
+template <typename D>
+static void nearest(const D* d, int64_t n, int64_t want, int64_t max_d, int64_t lo,
+                    int64_t* out, std::vector<int64_t>& hist,
+                    std::vector<std::pair<int64_t, int64_t>>& picked) {
+  std::fill(hist.begin(), hist.end(), 0);
+  int64_t sampled = 0;
+  for (int64_t i = 0; i < n; i += 8, ++sampled) hist[d[i]] += 1;
+  int64_t t = 0, below = 0;  // sample quantile want / n
+  while (t < max_d && (below + hist[t]) * n < want * sampled) below += hist[t++];
+  auto at_most = [&](int64_t v) { return count_at_most<D>(d, n, (D)v); };
+  if (at_most(t) >= want) {
+    while (t > 0 && at_most(t - 1) >= want) --t;
+  } else {
+    while (at_most(++t) < want) {}
+  }
+  int64_t ties = want - (t > 0 ? at_most(t - 1) : 0);  // taken at distance t
+  picked.clear();
+  constexpr int64_t LANES = sizeof(Vec<D>) / sizeof(D);
+  const Vec<D> tv = Vec<D>{} + (D)t;
+  for (int64_t end = n; end > 0; end -= LANES) {
+    const int64_t begin = std::max<int64_t>(0, end - LANES);
+    if (end - begin == LANES) {  // skip a whole vector with nothing <= t
+      const Vec<D> hit = (Vec<D>)(load_vec(d + begin) <= tv);
+      uint64_t words[sizeof hit / 8];
+      std::memcpy(words, &hit, sizeof hit);
+      uint64_t any = 0;
+      for (uint64_t w : words) any |= w;
+      if (!any) continue;
+    }
+    for (int64_t i = end - 1; i >= begin; --i)
+      if (d[i] < t || (d[i] == t && ties-- > 0)) picked.emplace_back(d[i], -i);
+  }
+  std::sort(picked.begin(), picked.end());  // distance asc, position desc
+  for (int64_t i = 0; i < want; ++i) out[i] = lo - picked[i].second;
 }
 
 // distance of behavior p = popcount(A[a_ids[p]] ^ a_target) + popcount(C[c_ids[p]] ^ c_target):
@@ -75,52 +156,38 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   for (int64_t b = 0; b < B; ++b) out_off[b + 1] = out_off[b] + len[b];
   auto indices = torch::empty({out_off[B]}, torch::kInt64);
   int64_t* out = indices.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    // four interleaved histograms (position mod 4): consecutive equal distances do not wait on
-    // each other's increment
-    const int64_t stride = max_d + 1;
-    std::vector<int32_t> hist4(4 * stride), dist;
-    std::vector<int64_t> hist(stride);
-    std::vector<std::pair<int64_t, int64_t>> picked;
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t lo = st[b], hi = en[b], want = len[b];
-      if (want == 0) continue;
-      dist.resize(hi - lo);
-      std::fill(hist4.begin(), hist4.end(), 0);
-      const int64_t *ta = at + b * WA, *tc = ct + b * WC;
-      int32_t* h = hist4.data();
-      if (WA == 1 && WC == 1) {  // m <= 64 bits per block: one word each
-        const uint64_t ta0 = ta[0], tc0 = tc[0];
-        for (int64_t p = lo; p < hi; ++p) {
-          const int32_t d = __builtin_popcountll((uint64_t)A[ai[p]] ^ ta0) +
-                            __builtin_popcountll((uint64_t)C[ci[p]] ^ tc0);
-          dist[p - lo] = d;
-          h[(p & 3) * stride + d] += 1;
+  // distances in bytes when they fit (m <= 127 per block), else in 16 bits
+  auto scan = [&](auto zero) {
+    using D = decltype(zero);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<D> dist;
+      std::vector<int64_t> hist(max_d + 1);
+      std::vector<std::pair<int64_t, int64_t>> picked;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t lo = st[b], n = en[b] - lo;
+        if (len[b] == 0) continue;
+        dist.resize(n);
+        D* d = dist.data();
+        const int64_t *ta = at + b * WA, *tc = ct + b * WC, *pa = ai + lo, *pc = ci + lo;
+        if (WA == 1 && WC == 1) {  // m <= 64 bits per block: one word each
+          const uint64_t ta0 = ta[0], tc0 = tc[0];
+          for (int64_t p = 0; p < n; ++p)
+            d[p] = __builtin_popcountll((uint64_t)A[pa[p]] ^ ta0) +
+                   __builtin_popcountll((uint64_t)C[pc[p]] ^ tc0);
+        } else {
+          for (int64_t p = 0; p < n; ++p) {
+            const int64_t *sa = A + pa[p] * WA, *sc = C + pc[p] * WC;
+            int32_t x = 0;
+            for (int64_t w = 0; w < WA; ++w) x += __builtin_popcountll((uint64_t)(sa[w] ^ ta[w]));
+            for (int64_t w = 0; w < WC; ++w) x += __builtin_popcountll((uint64_t)(sc[w] ^ tc[w]));
+            d[p] = x;
+          }
         }
-      } else {
-        for (int64_t p = lo; p < hi; ++p) {
-          const int64_t *sa = A + ai[p] * WA, *sc = C + ci[p] * WC;
-          int32_t d = 0;
-          for (int64_t w = 0; w < WA; ++w) d += __builtin_popcountll((uint64_t)(sa[w] ^ ta[w]));
-          for (int64_t w = 0; w < WC; ++w) d += __builtin_popcountll((uint64_t)(sc[w] ^ tc[w]));
-          dist[p - lo] = d;
-          h[(p & 3) * stride + d] += 1;
-        }
+        nearest(d, n, len[b], max_d, lo, out + out_off[b], hist, picked);
       }
-      for (int64_t d = 0; d < stride; ++d)
-        hist[d] = (int64_t)h[d] + h[stride + d] + h[2 * stride + d] + h[3 * stride + d];
-      int64_t threshold = 0, below = 0;
-      while (below + hist[threshold] < want) below += hist[threshold++];
-      int64_t ties = want - below;  // how many at the threshold distance, most recent first
-      picked.clear();
-      for (int64_t p = hi - 1; p >= lo; --p) {
-        const int64_t d = dist[p - lo];
-        if (d < threshold || (d == threshold && ties-- > 0)) picked.emplace_back(d, -p);
-      }
-      std::sort(picked.begin(), picked.end());  // distance asc, position desc
-      for (int64_t i = 0; i < want; ++i) out[out_off[b] + i] = -picked[i].second;
-    }
-  });
+    });
+  };
+  if (max_d <= 255) scan(uint8_t(0)); else scan(uint16_t(0));
   return {indices, lengths};
 }
 
@@ -145,14 +212,47 @@ std::vector<torch::Tensor> hard_topk(torch::Tensor cats, torch::Tensor targets,
   return concat_segments(found);
 }
 
-// indices of the k largest values of s[0..n) (ties: larger position first), best first
+// indices of the k largest values of s[0..n) (ties: larger position first), best first. One pass
+// from the most recent value back: values go to a buffer while they beat the k-th best of the
+// last compaction (strictly: an earlier position loses a tie); a full buffer is cut back to its
+// best k (nth_element), so the pass is O(n) and most values cost one comparison.
 static void select_largest(const float* s, int64_t n, int64_t k, std::vector<int64_t>& idx) {
-  idx.resize(n);
-  for (int64_t i = 0; i < n; ++i) idx[i] = n - 1 - i;
-  auto better = [s](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a > b); };
-  const int64_t want = std::min(n, k);
-  std::partial_sort(idx.begin(), idx.begin() + want, idx.end(), better);
-  idx.resize(want);
+  const int64_t want = std::min(n, k), cap = std::max<int64_t>(4 * want, 64);
+  idx.clear();
+  if (want == 0) return;
+  std::vector<std::pair<float, int64_t>> buf;  // (score, position): a larger pair is better
+  auto better = std::greater<std::pair<float, int64_t>>();
+  auto cut = [&]() {
+    std::nth_element(buf.begin(), buf.begin() + (want - 1), buf.end(), better);
+    buf.resize(want);
+  };
+  bool cut_once = false;
+  float worst = 0.f;  // the k-th best at the last cut
+  if (n >= 64 * want) {
+    // a guess from every 16th value, ranked like the (2 k + 64)-th of all: when at least k
+    // values reach it, it is at most the k-th best, and the k best are among them
+    std::vector<float> sample;
+    for (int64_t i = 0; i < n; i += 16) sample.push_back(s[i]);
+    const int64_t rank = std::min<int64_t>(sample.size() - 1, (2 * want + 64) / 16);
+    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+    const float guess = sample[rank];
+    for (int64_t i = n - 1; i >= 0; --i)
+      if (s[i] >= guess) buf.emplace_back(s[i], i);
+    if ((int64_t)buf.size() >= want) n = 0;  // the scan below is not needed
+    else buf.clear();
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {
+    if (cut_once && !(s[i] > worst)) continue;
+    buf.emplace_back(s[i], i);
+    if ((int64_t)buf.size() == cap) {
+      cut();
+      worst = buf[want - 1].first;
+      cut_once = true;
+    }
+  }
+  if ((int64_t)buf.size() > want) cut();
+  std::sort(buf.begin(), buf.end(), better);
+  for (const auto& e : buf) idx.push_back(e.second);
 }
 
 // top-k of float scores per segment, best first, ties to the more recent position
@@ -174,12 +274,42 @@ std::vector<torch::Tensor> float_topk(torch::Tensor scores, torch::Tensor starts
   return concat_segments(found);
 }
 
+// TWIN's keys of 8 behaviors, transposed: kt[j * 8 + lane] = key j of behavior `lane`
+constexpr int64_t KEY_LANES = 8;
+typedef float KeyLanes __attribute__((vector_size(KEY_LANES * sizeof(float))));
+
+// 8 behaviors' dot products with q [w], each summed over j in order: the same sums, bit for bit,
+// whichever path built the transposed block
+SIMD_CLONES static void dot_lanes(const float* q, const float* kt, int64_t w, float* out) {
+  KeyLanes acc = {};
+  for (int64_t j = 0; j < w; ++j) {
+    KeyLanes k;
+    std::memcpy(&k, kt + j * KEY_LANES, sizeof k);
+    acc += q[j] * k;
+  }
+  std::memcpy(out, &acc, sizeof acc);
+}
+
+// blocks of 8 transposed keys I[items[p], w:2w] + C[cats[p], w:2w] for p in [lo, hi) (the last
+// block padded with zeros)
+static void transposed_keys(const float* I, const int64_t* it, const float* C, const int64_t* ca,
+                            int64_t lo, int64_t hi, int64_t w, std::vector<float>& kt) {
+  const int64_t W = 2 * w, blocks = (hi - lo + KEY_LANES - 1) / KEY_LANES;
+  kt.assign(blocks * w * KEY_LANES, 0.f);
+  for (int64_t p = lo; p < hi; ++p) {
+    const float *ki = I + it[p] * W + w, *kc = C + ca[p] * W + w;
+    float* block = kt.data() + ((p - lo) / KEY_LANES) * w * KEY_LANES + (p - lo) % KEY_LANES;
+    for (int64_t j = 0; j < w; ++j) block[j * KEY_LANES] = ki[j] + kc[j];
+  }
+}
+
 // TWIN's search: score of p = scale * q_b . (I[items[p], w:2w] + C[cats[p], w:2w]) + bias[p],
-// top k per segment (best first, ties to the more recent position).
+// top k per segment (best first, ties to the more recent position). With `shared`, every
+// segment is the same one history: its keys are read and transposed once for all candidates.
 std::vector<torch::Tensor> twin_topk_by_id(
     torch::Tensor item_rows, torch::Tensor items, torch::Tensor cat_rows, torch::Tensor cats,
     torch::Tensor queries, torch::Tensor bias, torch::Tensor starts, torch::Tensor ends, int64_t k,
-    double scale) {
+    double scale, bool shared) {
   item_rows = item_rows.to(torch::kFloat32).contiguous();
   cat_rows = cat_rows.to(torch::kFloat32).contiguous();
   queries = queries.to(torch::kFloat32).contiguous(); bias = bias.to(torch::kFloat32).contiguous();
@@ -191,21 +321,20 @@ std::vector<torch::Tensor> twin_topk_by_id(
   const float *q = queries.data_ptr<float>(), *bi = bias.data_ptr<float>();
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
+  std::vector<float> shared_kt;
+  if (shared && B > 0) transposed_keys(I, it, C, ca, st[0], en[0], w, shared_kt);
   std::vector<std::vector<int64_t>> found(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score;
+    std::vector<float> score, own_kt;
     std::vector<int64_t> idx;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t lo = st[b], n = en[b] - lo;
-      const float* qb = q + b * w;
-      score.resize(n);
-      for (int64_t p = 0; p < n; ++p) {
-        const float *ki = I + it[lo + p] * W + w, *kc = C + ca[lo + p] * W + w;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < w; ++j) dot += qb[j] * (ki[j] + kc[j]);
-        score[p] = (float)(scale * dot) + bi[lo + p];
-      }
+      const int64_t lo = st[b], n = en[b] - lo, blocks = (n + KEY_LANES - 1) / KEY_LANES;
+      if (!shared) transposed_keys(I, it, C, ca, lo, lo + n, w, own_kt);
+      const float* kt = shared ? shared_kt.data() : own_kt.data();
+      score.resize(blocks * KEY_LANES);
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        dot_lanes(q + b * w, kt + blk * w * KEY_LANES, w, score.data() + blk * KEY_LANES);
+      for (int64_t p = 0; p < n; ++p) score[p] = (float)(scale * score[p]) + bi[lo + p];
       select_largest(score.data(), n, k, idx);
       for (int64_t i : idx) found[b].push_back(lo + i);
     }
@@ -290,13 +419,6 @@ static inline void axpy(T a, const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// the float loops of one sample, compiled twice (AVX2 + FMA, and the baseline): the loader picks
-// the one the CPU runs (GCC's target_clones), so the built module stays portable
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SIMD_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define SIMD_CLONES
-#endif
 
 template <typename T>
 static inline void forward_sample(const T* q, const T* z, const T* bias, int64_t lo, int64_t hi,
@@ -472,7 +594,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v9", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v11", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
@@ -566,16 +688,10 @@ def twin_topk_by_id(item_rows: torch.Tensor, items: torch.Tensor, category_rows:
     if not _applies(item_rows):
         return None
     starts, ends = segments(offsets, items.numel(), queries.size(0))
-    if offsets is None:
-        # one history: add its item and category key blocks once (the kernel's own sum, so the
-        # scores are bit-identical) and let every candidate scan them in order
-        keys = item_rows[items] + category_rows[categories]  # [L, 2 w]; the query half unused
-        positions = torch.arange(items.numel())
-        item_rows, items = keys, positions
-        category_rows, categories = torch.zeros_like(keys[:1]), torch.zeros_like(positions)
+    # offsets None: one history, whose keys the kernel reads and transposes once
     indices, lengths = _module().twin_topk_by_id(item_rows, items, category_rows, categories,
                                                  queries.detach(), bias.detach(), starts, ends,
-                                                 int(k), float(scale))
+                                                 int(k), float(scale), offsets is None)
     return indices, lengths
 
 
