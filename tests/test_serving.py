@@ -46,11 +46,12 @@ def test_shared_history_equals_independent_samples(name: str, kernels: str, monk
                                    msg=f"{name} L={length} C={candidates}")
 
 
-@pytest.mark.parametrize("name", ["din", "sim-hard", "sim-soft", "eta", "twin", "sdim"])
+@pytest.mark.parametrize("name", ["din", "din-full", "sim-hard", "sim-soft", "eta", "twin", "sdim"])
 def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     """One EmbeddingCollection call per request, reading the C candidates and at most
     C k (TWIN's k) + window distinct history rows per table (SDIM: the user's distinct behaviors
-    + window), whatever L is; the sequence module's own forward is not called."""
+    + window; the whole-history model: each behavior once), whatever L is; the sequence module's
+    own forward is not called."""
     model = model_of(name)
     request = make_request(300, 16)
     calls = []
@@ -66,8 +67,24 @@ def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     if name == "sdim":
         pairs = {(int(i), int(c)) for i, c in zip(request.history_item, request.history_category)}
         assert 0 < counts[HIST_ITEM] <= len(pairs) + CONFIG.short_window < 300
+    elif name == "din-full":
+        assert counts[HIST_ITEM] == 300
     else:
         assert 0 < counts[HIST_ITEM] <= 16 * k + CONFIG.short_window
+
+
+def test_avgpool_pools_the_history_once(monkeypatch) -> None:
+    """Average pooling serves a request with one pooled lookup in which the history appears once
+    (the first candidate carries it; the others get its average broadcast)."""
+    model = model_of("avgpool")
+    request = make_request(300, 16)
+    calls = []
+    lookup = model.sparse_arch.forward
+    monkeypatch.setattr(model.sparse_arch, "forward", lambda kjt: calls.append(kjt) or lookup(kjt))
+    assert serving.score_shared(model, request) is not None
+    assert len(calls) == 1
+    counts = dict(zip(calls[0].keys(), calls[0].length_per_key()))
+    assert counts[HIST_ITEM] == 300 and counts[TARGET_ITEM] == 16
 
 
 def test_hard_search_shared_matches_per_candidate_loop() -> None:
@@ -81,8 +98,3 @@ def test_hard_search_shared_matches_per_candidate_loop() -> None:
         expected = [p for p, cat in enumerate(cats) if cat == target][-CONFIG.k:]
         assert positions[start:start + n].tolist() == expected
         start += n
-
-
-def test_models_reading_everything_are_not_shared() -> None:
-    for name in ["avgpool", "din-full"]:
-        assert serving.score_shared(model_of(name), make_request(50, 2)) is None

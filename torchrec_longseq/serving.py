@@ -16,10 +16,15 @@ every O(L) step runs over C copies. ``score_request`` instead (``score_shared``)
    (``offsets=None``: DIN's per-behavior terms are computed once, not C times), so the logits
    equal scoring C independent samples (tested for every model, kernels on and off).
 
-This covers DIN (last N), SIM hard and soft, ETA and TWIN (a bounded selection per candidate) and
-SDIM (the user's hash buckets summed once over its distinct behaviors, each candidate reading its
-buckets). Average pooling and the whole-history model read every behavior per candidate; they are
-scored through ``request_batch`` (``score_request`` does it for them).
+The pooled features are per user except the candidate's own: the user's (and avg-pool's
+averaged history, carried by the first candidate only) are looked up once and broadcast.
+
+This covers every model: DIN (last N), SIM hard and soft, ETA and TWIN (a bounded selection per
+candidate), SDIM (the user's hash buckets summed once over its distinct behaviors, each candidate
+reading its buckets), average pooling (the history averaged once) and the whole-history model
+(every behavior looked up once; the attention of all candidates over it is two matrix
+products). ``score_request`` scores a model with a sequence module it does not know through
+``request_batch``.
 """
 
 from dataclasses import dataclass
@@ -34,13 +39,15 @@ from torchrec_longseq.data.batch import (
     FEATURE_KEYS,
     HIST_CATEGORY,
     HIST_ITEM,
+    TARGET_CATEGORY,
+    TARGET_ITEM,
     USER_ID,
     Batch,
 )
 from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.din import DIN
-from torchrec_longseq.modules.esu import SearchBasedInterest
+from torchrec_longseq.modules.esu import SearchBasedInterest, WholeHistory
 from torchrec_longseq.modules.lookup import lookup_behaviors
 from torchrec_longseq.modules.sdim import SDIM, first_occurrences
 from torchrec_longseq.modules.eta import SimHashSearch, signature_topk
@@ -165,26 +172,41 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
     raise TypeError(f"no shared search for {type(search).__name__}")
 
 
+def shared_pooled(model: LongSeqCTR, batch: Batch) -> torch.Tensor:
+    """``[C, P]`` pooled features of a ``carried_once`` batch: each candidate's own columns, and the
+    first candidate's for everything per user (user, context, avg-pool's history), broadcast."""
+    pooled = model.sparse_arch(batch.features)
+    c = batch.request_time.numel()
+    return torch.cat([pooled[key] if key in (TARGET_ITEM, TARGET_CATEGORY)
+                      else pooled[key][:1].expand(c, -1) for key in model.pooled_keys], dim=1)
+
+
 @torch.no_grad()
 def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
-    """``[C]`` logits with the history read once, or ``None`` if the model reads every behavior
-    of every candidate (avg-pool, whole history).
+    """``[C]`` logits with the history read once, or ``None`` for a sequence module this function
+    does not know.
 
     The history is searched once for all candidates (``shared_search``; for SDIM: its distinct
-    behaviors are found); the distinct positions any candidate reads, plus the recent window, are
-    looked up once, together with the candidates, in one EmbeddingCollection call; each
-    candidate's retrieved rows are gathered from those (SDIM: the user's buckets are summed), the
-    window is passed once (``offsets=None``), and the model's own ``attend`` and ``head`` finish
-    the job. Nothing of size C x L is built.
+    behaviors are found; the whole-history model keeps them all); the distinct positions any
+    candidate reads, plus the recent window, are looked up once, together with the candidates,
+    in one EmbeddingCollection call; each candidate's retrieved rows are gathered from those
+    (SDIM: the user's buckets are summed), windows every candidate shares are passed once
+    (``offsets=None``), and the model's own ``attend`` and ``head`` finish the job. Nothing of
+    size C x L is looked up or gathered.
     """
     arch = model.sequence_arch
     n, c = request.history_item.numel(), request.num_candidates
     if c == 0:
         return torch.zeros(0)
+    if arch is None:  # avg-pool: the history is a pooled feature, averaged once
+        return model.head(shared_pooled(model, carried_once(request, torch.arange(n))), None)
+    lengths: Optional[torch.Tensor] = None  # None: what is read is every candidate's
     if isinstance(arch, DIN):
         window = min(n, arch.last_n)
         indices = torch.zeros(0, dtype=torch.long)
-        lengths = torch.zeros(c, dtype=torch.long)
+    elif isinstance(arch, SearchBasedInterest) and isinstance(arch.search, WholeHistory):
+        window = min(n, arch.short_window)
+        indices = torch.arange(n)
     elif isinstance(arch, SearchBasedInterest) and isinstance(
             arch.search, (HardSearch, SimHashSearch, TwinSearch, SoftSearch)):
         window = min(n, arch.short_window)
@@ -219,17 +241,17 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
                                          request.candidate_item, request.candidate_category)
         sequence = arch.attend(target, long_term, short, None, intervals[recent])
     else:
-        sequence = arch.attend(target, rows[inverse[:indices.numel()]],
-                               jagged.lengths_to_offsets(lengths), intervals[indices], short,
-                               None, intervals[recent])
-    return model.head(model.pooled(batch.features), sequence)
+        offsets = None if lengths is None else jagged.lengths_to_offsets(lengths)
+        sequence = arch.attend(target, rows[inverse[:indices.numel()]], offsets,
+                               intervals[indices], short, None, intervals[recent])
+    return model.head(shared_pooled(model, batch), sequence)
 
 
 @torch.no_grad()
 def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
-    """``[C]`` logits of the request's candidates, the history read once where the model allows
-    (``score_shared``, see the module docstring), else as C independent samples; equal to
-    ``model`` on ``request_batch(request)``."""
+    """``[C]`` logits of the request's candidates, the history read once (``score_shared``, see
+    the module docstring), or as C independent samples for a sequence module ``score_shared``
+    does not know; equal to ``model`` on ``request_batch(request)``."""
     logits = score_shared(model, request)
     if logits is None:
         batch = request_batch(request)

@@ -283,3 +283,31 @@ def test_mlp_layers() -> None:
     assert [type(x) for x in m] == [nn.Linear, nn.ReLU, nn.Linear]
     m = mlp(4, [8, 2])
     assert [type(x) for x in m] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU]
+
+
+@PATHS
+@SETTINGS
+@given(batch=st.integers(0, 4), window=st.integers(0, 7), heads=st.integers(1, 3),
+       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_target_attention_shared_keys_equal_copies(kernels: str, batch: int, window: int,
+                                                   heads: int, with_bias: bool, seed: int) -> None:
+    """``offsets=None`` (every query attends to all keys: one user's history in serving) equals
+    giving each query its own copy of the keys and biases, forward and backward; no key gives
+    zeros."""
+    with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": kernels}):
+        torch.manual_seed(seed)
+        att = TargetAttention(query_dim=5, key_dim=4, num_heads=heads, head_dim=3)
+        query = torch.randn(batch, 5, requires_grad=True)
+        keys = torch.randn(window, 4, requires_grad=True)
+        bias = torch.randn(window, heads) if with_bias else None
+        shared = att(query, keys, None, bias)
+        copies = att(query, keys.repeat(batch, 1), offsets_of([window] * batch),
+                     None if bias is None else bias.repeat(batch, 1))
+        assert shared.shape == (batch, 3 * heads)
+        torch.testing.assert_close(shared, copies, atol=ATOL, rtol=RTOL)
+        if window == 0:
+            assert torch.equal(shared, torch.zeros(batch, 3 * heads))
+        upstream = torch.randn(batch, 3 * heads)
+        params = [query, keys, *att.parameters()]
+        for g, e in zip(grads(shared, upstream, params), grads(copies, upstream, params)):
+            torch.testing.assert_close(g, e, atol=ATOL, rtol=RTOL)

@@ -96,7 +96,7 @@ class DINAttention(nn.Module):
         w = first.weight  # columns: q | k | q - k | q * k | context
         w_query = w[:, :d] + w[:, 2 * d:3 * d]
         w_key = torch.cat([w[:, d:2 * d] - w[:, 2 * d:3 * d], w[:, 4 * d:]], dim=1)
-        return w_query, w_key, w[:, 3 * d:4 * d], first.bias
+        return w_query, w_key, w[:, 3 * d:4 * d].contiguous(), first.bias
 
     def _weight(self, hidden: torch.Tensor) -> torch.Tensor:
         """The rest of the MLP: the first layer's pre-activation ``[..., h]`` -> ``[..., 1]``."""
@@ -138,17 +138,19 @@ class TargetAttention(nn.Module):
     def output_dim(self) -> int:
         return self.num_heads * self.head_dim
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``query [B, Dq]``, ``keys [N, Dk]``, ``offsets [B + 1]``, ``bias [N, H]`` ->
-        ``[B, H * Dh]``."""
+        ``[B, H * Dh]``. ``offsets=None``: the N keys are every query's (one user's history
+        shared by its candidates, serving)."""
         return attend(self.q_proj(query), keys, offsets, self.k_proj.weight, self.v_proj.weight,
                       self.num_heads, bias)
 
 
 @torch.fx.wrap
-def attend(query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, k_weight: torch.Tensor,
-           v_weight: torch.Tensor, num_heads: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tensor],
+           k_weight: torch.Tensor, v_weight: torch.Tensor, num_heads: int,
+           bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``TargetAttention`` after the query projection: projected ``query [B, H * Dh]``, raw
     ``keys [N, Dk]``, ``k_weight`` and ``v_weight [H * Dh, Dk]``, ``bias [N, H]`` -> ``[B, H * Dh]``.
 
@@ -156,12 +158,20 @@ def attend(query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, k_wei
     (W_k,h^T q_h) . z_j`` and ``sum_j w_hj W_v,h z_j = W_v,h sum_j w_hj z_j``, so nothing is
     projected per behavior (``H Dk`` multiply-adds per behavior and head pass instead of
     ``H Dh Dk``). Elsewhere (GPU, ``TORCHREC_LONGSEQ_KERNELS=0``) the torch ops project the keys
-    and values. The two agree to float rounding (tested).
+    and values. The two agree to float rounding (tested). ``offsets=None`` (every query attends
+    to all N keys: one user's history in serving) is two matrix products, absorbed the same way.
     """
     head_dim = query.size(1) // num_heads
     h_k = k_weight.view(num_heads, head_dim, -1)  # [H, Dh, Dk]
     qa = torch.einsum("bhd,hdk->bhk", query.view(-1, num_heads, head_dim), h_k) / head_dim**0.5
-    pooled = kernels.target_attention(qa, keys, offsets, bias)  # [B, H, Dk]
+    if offsets is None:
+        logits = torch.einsum("bhk,nk->bhn", qa, keys)  # [B, H, N]
+        if bias is not None:
+            logits = logits + bias.t()
+        pooled: Optional[torch.Tensor] = torch.einsum(
+            "bhn,nk->bhk", torch.softmax(logits, dim=2), keys)
+    else:
+        pooled = kernels.target_attention(qa, keys, offsets, bias)  # [B, H, Dk]
     if pooled is not None:
         return torch.einsum("bhk,hdk->bhd", pooled, v_weight.view(num_heads, head_dim, -1)).flatten(1)
     seg = jagged.segment_ids(offsets, keys.size(0))

@@ -51,10 +51,10 @@ class ExactSearchUnit(nn.Module):
         self.attention = TargetAttention(behavior_dim, key_dim, num_heads, head_dim)
         self.output_dim = self.attention.output_dim
 
-    def forward(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,
-                intervals: torch.Tensor) -> torch.Tensor:
-        """``target [B, D]``, ``behaviors [M, D]``, ``offsets [B + 1]``, ``intervals [M]`` ->
-        ``[B, H * Dh]``."""
+    def forward(self, target: torch.Tensor, behaviors: torch.Tensor,
+                offsets: Optional[torch.Tensor], intervals: torch.Tensor) -> torch.Tensor:
+        """``target [B, D]``, ``behaviors [M, D]``, ``offsets [B + 1]`` (``None``: the M
+        behaviors are every candidate's), ``intervals [M]`` -> ``[B, H * Dh]``."""
         if self.time_as_bias:
             return self.attention(target, behaviors, offsets, self.time_embedding(intervals))
         keys = torch.cat([behaviors, self.time_embedding(intervals)], dim=1)  # [M, D + Dt]
@@ -147,14 +147,15 @@ class SearchBasedInterest(nn.Module):
         return self.attend(target, retrieved, retrieved_offsets, intervals, short, short_offsets,
                            short_intervals), aux
 
-    def attend(self, target: torch.Tensor, retrieved: torch.Tensor, retrieved_offsets: torch.Tensor,
-               intervals: torch.Tensor, short: torch.Tensor, short_offsets: Optional[torch.Tensor],
+    def attend(self, target: torch.Tensor, retrieved: torch.Tensor,
+               retrieved_offsets: Optional[torch.Tensor], intervals: torch.Tensor,
+               short: torch.Tensor, short_offsets: Optional[torch.Tensor],
                short_intervals: torch.Tensor) -> torch.Tensor:
         """Everything after the search and the lookup (serving calls it with looked-up rows it
         shares between candidates): ``target [B, D]``, the retrieved ``[M, D]`` and recent
         ``[S, D]`` behaviors with their offsets ``[B + 1]`` and intervals ``[M]``, ``[S]`` ->
-        ``[B, output_dim]``. ``short_offsets=None``: the S recent behaviors are every
-        candidate's (one user's window)."""
+        ``[B, output_dim]``. Offsets ``None``: those behaviors are every candidate's (one user's
+        window; with ``WholeHistory``, the user's whole history)."""
         long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
         short_term = self.short_term(target, short, short_offsets,
                                      self.esu.time_embedding(short_intervals))
