@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from torchrec_longseq import jagged
 from torchrec_longseq.modules import sdim, twin
 from torchrec_longseq.retrieval import hard, kernels, simhash, topk
 
@@ -40,6 +41,38 @@ def test_kernel_equals_torch_ops(lengths, words: int, num_items: int, k: int, ti
                                     torch.cat([targets, cat_targets], 1), k)
     found = kernels.hamming_topk_by_id(table, items, targets, categories, cat_ids, cat_targets,
                                        offsets, k)
+    assert found is not None
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    length=st.one_of(st.integers(0, 40), st.integers(40, 3000)),
+    candidates=st.integers(0, 5),
+    words=st.sampled_from([1, 2]),
+    num_items=st.sampled_from([1, 3, 30, 5000]),
+    k=st.one_of(st.integers(0, 45), st.integers(45, 2000)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_shared_history_kernel_equals_torch_ops(length: int, candidates: int, words: int,
+                                                num_items: int, k: int, seed: int) -> None:
+    """``offsets=None`` (one history for every candidate): grouped by distinct (item, category)
+    behavior when they repeat (few items), scanned by position when they do not (many); both
+    equal the torch ops on one copy of the history per candidate."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(-(2**63), 2**63 - 1, (num_items, words), generator=g)
+    table = table & torch.randint(0, 2**6, (num_items, words), generator=g)  # many ties
+    categories = torch.randint(-(2**63), 2**63 - 1, (7, words), generator=g) & 0xF0F
+    items = torch.randint(0, num_items, (length,), generator=g)
+    cat_ids = torch.randint(0, 7, (length,), generator=g)
+    targets = table[torch.randint(0, num_items, (candidates,), generator=g)]
+    cat_targets = categories[torch.randint(0, 7, (candidates,), generator=g)]
+    history = torch.cat([table[items], categories[cat_ids]], 1)
+    expected = jagged.positions_in_copy(simhash.simhash_topk(
+        history.repeat(candidates, 1), jagged.copies_offsets(length, candidates, items.device),
+        torch.cat([targets, cat_targets], 1), k), length)
+    found = kernels.hamming_topk_by_id(table, items, targets, categories, cat_ids, cat_targets,
+                                       None, k)
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 

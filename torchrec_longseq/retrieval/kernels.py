@@ -191,6 +191,105 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   return {indices, lengths};
 }
 
+// ETA's search over one history shared by all B candidates, read as its U distinct (item,
+// category) behaviors, each with its positions (grouped here: an open-addressing hash of the id
+// pairs, then a counting sort). Per candidate the distances are computed once per distinct
+// behavior, the threshold comes from their histogram weighted by occurrences, and positions are
+// collected per behavior: all of those below the threshold, the most recent of those at it.
+// The same (indices [B k], lengths [B]) as hamming_topk_by_id with every segment the whole
+// history, in O(U + selected) per candidate instead of O(L); with U > L / 2 it is that scan.
+std::vector<torch::Tensor> hamming_topk_shared(
+    torch::Tensor a_table, torch::Tensor a_ids, torch::Tensor a_targets,
+    torch::Tensor c_table, torch::Tensor c_ids, torch::Tensor c_targets, int64_t k) {
+  for (auto* t : {&a_table, &a_targets, &c_table, &c_targets}) {
+    TORCH_CHECK(t->dtype() == torch::kInt64 && t->dim() == 2, "signatures must be int64 [rows, W]");
+    *t = t->contiguous();
+  }
+  a_ids = a_ids.to(torch::kInt64).contiguous(); c_ids = c_ids.to(torch::kInt64).contiguous();
+  const int64_t WA = a_table.size(1), WC = c_table.size(1), B = a_targets.size(0);
+  const int64_t n = a_ids.numel(), max_d = 64 * (WA + WC);
+  const int64_t want = std::max<int64_t>(0, std::min(n, k));
+  const int64_t *A = a_table.data_ptr<int64_t>(), *C = c_table.data_ptr<int64_t>();
+  const int64_t *ai = a_ids.data_ptr<int64_t>(), *ci = c_ids.data_ptr<int64_t>();
+  const int64_t *at = a_targets.data_ptr<int64_t>(), *ct = c_targets.data_ptr<int64_t>();
+  auto lengths = torch::full({B}, want, torch::kInt64);
+  auto indices = torch::empty({B * want}, torch::kInt64);
+  int64_t* out = indices.data_ptr<int64_t>();
+  if (want == 0) return {indices, lengths};
+  // distinct behaviors in order of first occurrence: first[u], and behavior[p] = u
+  int64_t slots = 16;
+  while (slots < 2 * n) slots *= 2;
+  std::vector<int64_t> slot(slots, -1), first, behavior(n);
+  for (int64_t p = 0; p < n; ++p) {
+    uint64_t h = ((uint64_t)ai[p] * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)ci[p] * 0xC2B2AE3D27D4EB4FULL);
+    int64_t i = (h ^ (h >> 29)) & (slots - 1);
+    while (slot[i] >= 0 && !(ai[first[slot[i]]] == ai[p] && ci[first[slot[i]]] == ci[p]))
+      i = (i + 1) & (slots - 1);
+    if (slot[i] < 0) { slot[i] = first.size(); first.push_back(p); }
+    behavior[p] = slot[i];
+  }
+  const int64_t U = first.size();
+  if (2 * U > n) {  // few repeats: scanning the positions (their signatures read once) is cheaper
+    auto positions = torch::arange(n, torch::kInt64);
+    return hamming_topk_by_id(a_table.index_select(0, a_ids), positions, a_targets,
+                              c_table.index_select(0, c_ids), positions, c_targets,
+                              torch::zeros({B}, torch::kInt64), torch::full({B}, n, torch::kInt64),
+                              k);
+  }
+  std::vector<int64_t> off(U + 1, 0), pos(n);  // positions of u: pos[off[u]..off[u+1]), ascending
+  for (int64_t p = 0; p < n; ++p) off[behavior[p] + 1] += 1;
+  for (int64_t u = 0; u < U; ++u) off[u + 1] += off[u];
+  {
+    std::vector<int64_t> fill(off.begin(), off.end() - 1);
+    for (int64_t p = 0; p < n; ++p) pos[fill[behavior[p]]++] = p;
+  }
+  std::vector<int64_t> sa(U * WA), sc(U * WC);  // their signatures, read once
+  for (int64_t u = 0; u < U; ++u) {
+    std::copy(A + ai[first[u]] * WA, A + ai[first[u]] * WA + WA, sa.begin() + u * WA);
+    std::copy(C + ci[first[u]] * WC, C + ci[first[u]] * WC + WC, sc.begin() + u * WC);
+  }
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> du(U);
+    std::vector<int64_t> hist(max_d + 1), tied;
+    std::vector<std::pair<int64_t, int64_t>> picked;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t *ta = at + b * WA, *tc = ct + b * WC;
+      if (WA == 1 && WC == 1) {  // m <= 64 bits per block: one word each
+        const uint64_t ta0 = ta[0], tc0 = tc[0];
+        for (int64_t u = 0; u < U; ++u)
+          du[u] = __builtin_popcountll((uint64_t)sa[u] ^ ta0) +
+                  __builtin_popcountll((uint64_t)sc[u] ^ tc0);
+      } else {
+        for (int64_t u = 0; u < U; ++u) {
+          int32_t x = 0;
+          for (int64_t w = 0; w < WA; ++w) x += __builtin_popcountll((uint64_t)(sa[u * WA + w] ^ ta[w]));
+          for (int64_t w = 0; w < WC; ++w) x += __builtin_popcountll((uint64_t)(sc[u * WC + w] ^ tc[w]));
+          du[u] = x;
+        }
+      }
+      std::fill(hist.begin(), hist.end(), 0);
+      for (int64_t u = 0; u < U; ++u) hist[du[u]] += off[u + 1] - off[u];
+      int64_t t = 0, below = 0;
+      while (below + hist[t] < want) below += hist[t++];
+      picked.clear();
+      tied.clear();
+      for (int64_t u = 0; u < U; ++u) {
+        if (du[u] < t) {
+          for (int64_t i = off[u]; i < off[u + 1]; ++i) picked.emplace_back(du[u], -pos[i]);
+        } else if (du[u] == t) {
+          tied.insert(tied.end(), pos.begin() + off[u], pos.begin() + off[u + 1]);
+        }
+      }
+      const int64_t ties = want - below;  // the most recent of those at the threshold
+      std::nth_element(tied.begin(), tied.begin() + (ties - 1), tied.end(), std::greater<int64_t>());
+      for (int64_t i = 0; i < ties; ++i) picked.emplace_back(t, -tied[i]);
+      std::sort(picked.begin(), picked.end());  // distance asc, position desc
+      for (int64_t i = 0; i < want; ++i) out[b * want + i] = -picked[i].second;
+    }
+  });
+  return {indices, lengths};
+}
+
 // SIM hard search: the k most recent positions whose category equals the target's, returned
 // chronological per segment. Scans each segment backwards and stops at the k-th match.
 std::vector<torch::Tensor> hard_topk(torch::Tensor cats, torch::Tensor targets,
@@ -565,6 +664,7 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor dagg, torch::Tensor 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hamming_topk_by_id", &hamming_topk_by_id, "Hamming top-k per jagged segment");
+  m.def("hamming_topk_shared", &hamming_topk_shared, "Hamming top-k over one shared history");
   m.def("hard_topk", &hard_topk, "SIM hard search per jagged segment");
   m.def("float_topk", &float_topk, "float top-k per jagged segment");
   m.def("twin_topk_by_id", &twin_topk_by_id, "TWIN search per jagged segment");
@@ -594,7 +694,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v11", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v15", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
@@ -628,11 +728,12 @@ def hamming_topk_by_id(
     """
     if not _applies(item_table):
         return None
+    if offsets is None:  # one history: each distinct (item, category) behavior hashed once
+        indices, lengths = _module().hamming_topk_shared(item_table, item_ids, item_targets,
+                                                         category_table, category_ids,
+                                                         category_targets, int(k))
+        return indices, lengths
     starts, ends = segments(offsets, item_ids.numel(), item_targets.size(0))
-    if offsets is None:  # one history: read its signatures once; every candidate scans them in order
-        positions = torch.arange(item_ids.numel())
-        item_table, item_ids = item_table[item_ids], positions
-        category_table, category_ids = category_table[category_ids], positions
     indices, lengths = _module().hamming_topk_by_id(item_table, item_ids, item_targets,
                                                     category_table, category_ids,
                                                     category_targets, starts, ends, int(k))
