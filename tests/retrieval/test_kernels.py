@@ -152,11 +152,16 @@ def test_float_topk_kernel_equals_torch_ops(lengths, levels: int, k: int, stride
 
 @settings(max_examples=40, deadline=None)
 @given(lengths=LONG_JAGGED, heads=st.sampled_from([1, 2]), k=st.integers(0, 150),
-       seed=st.integers(0, 2**31 - 1))
-def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, seed: int) -> None:
+       shared=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, shared: bool,
+                                     seed: int) -> None:
+    """Per segment, and ``shared`` (one history of all the lengths for every candidate; its 21
+    possible (item, category) keys repeat, so the kernel scores each once)."""
     g = torch.Generator().manual_seed(seed)
     offsets = offsets_of(lengths)
     n, b, width = int(offsets[-1]), len(lengths), 4 * heads  # head_dim 4: sqrt is exact
+    if shared:
+        offsets = None
     # small integers: the scores are exact in float32 in any summation order, and tie often
     item_rows = torch.randint(-2, 3, (7, 2 * width), generator=g).float()
     category_rows = torch.randint(-2, 3, (3, 2 * width), generator=g).float()

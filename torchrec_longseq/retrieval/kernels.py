@@ -191,9 +191,27 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   return {indices, lengths};
 }
 
+// The distinct (a, c) id pairs of one history, in order of first occurrence: first[u] is the
+// first position of pair u and behavior[p] the pair at position p (an open-addressing hash).
+static void group_pairs(const int64_t* a, const int64_t* c, int64_t n, std::vector<int64_t>& first,
+                        std::vector<int64_t>& behavior) {
+  int64_t slots = 16;
+  while (slots < 2 * n) slots *= 2;
+  std::vector<int64_t> slot(slots, -1);
+  first.clear();
+  behavior.resize(n);
+  for (int64_t p = 0; p < n; ++p) {
+    uint64_t h = ((uint64_t)a[p] * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)c[p] * 0xC2B2AE3D27D4EB4FULL);
+    int64_t i = (h ^ (h >> 29)) & (slots - 1);
+    while (slot[i] >= 0 && !(a[first[slot[i]]] == a[p] && c[first[slot[i]]] == c[p]))
+      i = (i + 1) & (slots - 1);
+    if (slot[i] < 0) { slot[i] = first.size(); first.push_back(p); }
+    behavior[p] = slot[i];
+  }
+}
+
 // ETA's search over one history shared by all B candidates, read as its U distinct (item,
-// category) behaviors, each with its positions (grouped here: an open-addressing hash of the id
-// pairs, then a counting sort). Per candidate the distances are computed once per distinct
+// category) behaviors, each with its positions (group_pairs, then a counting sort). Per candidate the distances are computed once per distinct
 // behavior, the threshold comes from their histogram weighted by occurrences, and positions are
 // collected per behavior: all of those below the threshold, the most recent of those at it.
 // The same (indices [B k], lengths [B]) as hamming_topk_by_id with every segment the whole
@@ -216,18 +234,8 @@ std::vector<torch::Tensor> hamming_topk_shared(
   auto indices = torch::empty({B * want}, torch::kInt64);
   int64_t* out = indices.data_ptr<int64_t>();
   if (want == 0) return {indices, lengths};
-  // distinct behaviors in order of first occurrence: first[u], and behavior[p] = u
-  int64_t slots = 16;
-  while (slots < 2 * n) slots *= 2;
-  std::vector<int64_t> slot(slots, -1), first, behavior(n);
-  for (int64_t p = 0; p < n; ++p) {
-    uint64_t h = ((uint64_t)ai[p] * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)ci[p] * 0xC2B2AE3D27D4EB4FULL);
-    int64_t i = (h ^ (h >> 29)) & (slots - 1);
-    while (slot[i] >= 0 && !(ai[first[slot[i]]] == ai[p] && ci[first[slot[i]]] == ci[p]))
-      i = (i + 1) & (slots - 1);
-    if (slot[i] < 0) { slot[i] = first.size(); first.push_back(p); }
-    behavior[p] = slot[i];
-  }
+  std::vector<int64_t> first, behavior;
+  group_pairs(ai, ci, n, first, behavior);
   const int64_t U = first.size();
   if (2 * U > n) {  // few repeats: scanning the positions (their signatures read once) is cheaper
     auto positions = torch::arange(n, torch::kInt64);
@@ -404,7 +412,8 @@ static void transposed_keys(const float* I, const int64_t* it, const float* C, c
 
 // TWIN's search: score of p = scale * q_b . (I[items[p], w:2w] + C[cats[p], w:2w]) + bias[p],
 // top k per segment (best first, ties to the more recent position). With `shared`, every
-// segment is the same one history: its keys are read and transposed once for all candidates.
+// segment is the same one history: the dot products are taken once per distinct (item,
+// category) key (read and transposed once for all candidates); the bias is per position.
 std::vector<torch::Tensor> twin_topk_by_id(
     torch::Tensor item_rows, torch::Tensor items, torch::Tensor cat_rows, torch::Tensor cats,
     torch::Tensor queries, torch::Tensor bias, torch::Tensor starts, torch::Tensor ends, int64_t k,
@@ -420,20 +429,36 @@ std::vector<torch::Tensor> twin_topk_by_id(
   const float *q = queries.data_ptr<float>(), *bi = bias.data_ptr<float>();
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
+  // shared: the history's distinct (item, category) keys, transposed once; behavior[p] = key of p
   std::vector<float> shared_kt;
-  if (shared && B > 0) transposed_keys(I, it, C, ca, st[0], en[0], w, shared_kt);
+  std::vector<int64_t> first, behavior;
+  int64_t U = 0;
+  if (shared && B > 0) {
+    const int64_t n = en[0] - st[0];
+    group_pairs(it + st[0], ca + st[0], n, first, behavior);
+    std::vector<int64_t> ui(first.size()), uc(first.size());
+    for (size_t u = 0; u < first.size(); ++u) ui[u] = it[st[0] + first[u]], uc[u] = ca[st[0] + first[u]];
+    U = first.size();
+    transposed_keys(I, ui.data(), C, uc.data(), 0, U, w, shared_kt);
+  }
   std::vector<std::vector<int64_t>> found(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score, own_kt;
+    std::vector<float> dot, score, own_kt;
     std::vector<int64_t> idx;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t lo = st[b], n = en[b] - lo, blocks = (n + KEY_LANES - 1) / KEY_LANES;
+      const int64_t lo = st[b], n = en[b] - lo;
+      const int64_t keys = shared ? U : n, blocks = (keys + KEY_LANES - 1) / KEY_LANES;
       if (!shared) transposed_keys(I, it, C, ca, lo, lo + n, w, own_kt);
       const float* kt = shared ? shared_kt.data() : own_kt.data();
-      score.resize(blocks * KEY_LANES);
+      dot.resize(blocks * KEY_LANES);
       for (int64_t blk = 0; blk < blocks; ++blk)
-        dot_lanes(q + b * w, kt + blk * w * KEY_LANES, w, score.data() + blk * KEY_LANES);
-      for (int64_t p = 0; p < n; ++p) score[p] = (float)(scale * score[p]) + bi[lo + p];
+        dot_lanes(q + b * w, kt + blk * w * KEY_LANES, w, dot.data() + blk * KEY_LANES);
+      score.resize(n);
+      if (shared) {
+        for (int64_t p = 0; p < n; ++p) score[p] = (float)(scale * dot[behavior[p]]) + bi[lo + p];
+      } else {
+        for (int64_t p = 0; p < n; ++p) score[p] = (float)(scale * dot[p]) + bi[lo + p];
+      }
       select_largest(score.data(), n, k, idx);
       for (int64_t i : idx) found[b].push_back(lo + i);
     }
@@ -694,7 +719,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v15", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v16", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
