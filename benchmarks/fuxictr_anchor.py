@@ -15,6 +15,12 @@ timed step (the CPU is shared: the fastest is the least disturbed), the JSON als
 the median. Each (model, L) runs in a fresh process, so the peak RSS column is that run's own
 (batches and the torch/torchrec import included).
 
+``--ours-ranks 2`` trains ours the way ``torchrun`` runs it on this machine: 2 processes of 1
+thread (DMP over a 2-rank gloo group, all-to-all lookups and gradient all-reduce included), each
+with its own batch of ``--batch-size``; a step's time is the slower rank's, and per sample means
+per sample of both batches. FuxiCTR, a single-process trainer, runs in one process with
+``--threads`` threads (0: torch's default, both cores), so both use the whole machine.
+
 ``MultiHeadTargetAttention`` comes from the installed ``fuxictr`` (``requirements-bench.lock``),
 loaded without running ``fuxictr/pytorch/layers/__init__.py``: that file imports
 ``fuxictr.preprocess``, which needs polars, ray[data], scikit-learn, h5py and PyYAML, none of
@@ -213,16 +219,45 @@ def fuxi_step(model: FuxiETA, inputs: List[Tuple[torch.Tensor, ...]]) -> Callabl
     return step
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ours_rank(rank: int, world: int, port: int, length: int,
+              args: argparse.Namespace) -> Tuple[List[float], float]:
+    """One of ``world`` ranks of our training (1 thread, as torchrun runs each rank), each with
+    its own batches of ``--batch-size``: its step times and peak RSS."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    data, batches = synthetic_batches(length, args.batch_size, world * (args.warmup + args.steps))
+    init_distributed()
+    step = train_step("eta", data, args)
+    return time_steps(step, batches[rank::world], args.warmup), peak_rss_gib()
+
+
 def run_one(system: str, length: int, args: argparse.Namespace) -> Dict[str, float]:
-    """Time ``system`` ("ours" or "fuxictr") at history length ``length``, in this process."""
+    """Time ``system`` ("ours" or "fuxictr") at history length ``length``, in this process (with
+    ``--ours-ranks 2``, ours in 2 processes: a step ends when the slower rank's does, and a step
+    trains 2 batches)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.fuxi_steps if system == "fuxictr" and args.fuxi_steps else args.steps
+    if system == "ours" and args.ours_ranks > 1:
+        world, port = args.ours_ranks, free_port()
+        with ProcessPoolExecutor(world, mp_context=get_context("spawn")) as pool:
+            runs = [f.result() for f in [pool.submit(ours_rank, r, world, port, length, args)
+                                         for r in range(world)]]
+        step_times = [max(t) for t in zip(*(times for times, _ in runs))]
+        ms = [1000 * t / (world * args.batch_size) for t in step_times]
+        return {"ms_per_sample": min(ms), "ms_per_sample_mean": statistics.mean(ms),
+                "ms_per_sample_median": statistics.median(ms), "steps": steps,
+                "peak_rss_gib": max(rss for _, rss in runs)}
     data, batches = synthetic_batches(length, args.batch_size, args.warmup + steps)
     if system == "ours":
-        with socket.socket() as s:  # a free port for the one-rank gloo group
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())  # for the one-rank gloo group
         init_distributed()
         step = train_step("eta", data, args)
     else:
@@ -249,6 +284,9 @@ def main() -> None:
     p.add_argument("--fuxi-steps", type=int, default=0, help="timed FuxiCTR steps (0: --steps)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--ours-ranks", type=int, default=1,
+                   help="our training in this many 1-thread processes (torchrun's layout: 2 on "
+                        "2 cores), each with --batch-size samples per step")
     p.add_argument("--long-path-only", action="store_true",
                    help="both without their short-term branch (ours: --short-window 0)")
     p.add_argument("--out", default="runs/anchor")

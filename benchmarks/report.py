@@ -117,8 +117,14 @@ def main() -> None:
         a = anchor["args"]
         what = ("the long-sequence path only (both without their short-term branch)"
                 if a.get("long_path_only") else "whole models (each with its short-term branch)")
+        ranks = a.get("ours_ranks", 1)
+        if ranks > 1:
+            what += (f"; ours trained on {ranks} ranks of 1 thread (as `torchrun` runs it), each "
+                     f"with its own batch of {a['batch_size']}, per sample of the {ranks} batches;"
+                     f" FuxiCTR in one process with {a['threads'] or 'the default'} threads")
         out += [f"`benchmarks/fuxictr_anchor.py --threads {a['threads']}"
-                + " --long-path-only" * bool(a.get("long_path_only")) + f"`: {what}; "
+                + " --long-path-only" * bool(a.get("long_path_only"))
+                + f" --ours-ranks {ranks}" * (ranks > 1) + f"`: {what}; "
                 f"B = {a['batch_size']}, d = {a['embedding_dim']}, m = {a['hash_bits']}, "
                 f"k = {a['k']}; fastest of {a['steps']} timed training steps, per sample; "
                 "mean-step ratio in brackets.", "",

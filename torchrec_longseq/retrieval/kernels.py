@@ -8,13 +8,19 @@ ETA's kernel:
 
 ``simhash_topk`` in torch ops makes ~15 passes over the N history values (gather the
 signatures, expand the targets, xor, popcount, histogram, threshold, select). On CPU each pass
-costs 5-30 ns per value, so at L = 10,000 the search dominates a training step. This kernel does
-it in one pass per sample: it reads each behavior's packed signatures from the per-item and
-per-category tables by id, popcounts the xor with the candidate's signature (hardware popcount), keeps a histogram of
-the distances (at most m + 1 counters, four interleaved copies so that equal consecutive distances
-do not serialise), finds the threshold distance, and collects the k closest scanning from the most
-recent behavior backwards (so ties go to the more recent one). Samples run in parallel
-(``at::parallel_for``, OpenMP, on torch's thread count).
+costs 5-30 ns per value, so at L = 10,000 the search dominates a training step. This kernel reads
+each behavior's packed signatures from the per-item and per-category tables by id and popcounts
+the xor with the candidate's signature (hardware popcount) into one byte per behavior; the
+threshold distance (the k-th smallest) is guessed from every 8th distance and confirmed with
+counting passes over the bytes, 16 at a time; the k closest are collected scanning from the most
+recent behavior backwards (ties go to the more recent one), skipping 16 bytes at a time where
+none is close enough. Samples run in parallel (``at::parallel_for``, OpenMP, on torch's thread
+count). For one history shared by many candidates (serving) ``hamming_topk_shared`` computes the
+distances once per distinct (item, category) behavior and collects positions per behavior.
+
+TWIN's kernel scores 8 behaviors at a time from transposed key blocks (each dot product summed
+in the same order on every path, so serving's shared search selects exactly what per-sample
+search selects); the float top-k (TWIN, SIM soft) is one pass with a sampled threshold.
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja, both in the
 lock file / Debian; about a minute, cached in ``TORCH_EXTENSIONS_DIR``). The torch-ops
