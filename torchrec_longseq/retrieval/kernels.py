@@ -45,10 +45,12 @@ _SOURCE = r"""
 #include <unordered_map>
 #include <vector>
 
-// the float loops, compiled twice (AVX2 + FMA, and the baseline): the loader picks the one the
-// CPU runs (GCC's target_clones), so the built module stays portable
+// the float loops, compiled twice (x86-64-v3: AVX2 with FMA; and the baseline): the loader picks
+// the one the CPU runs (GCC's target_clones), so the built module stays portable. (Each string of
+// target_clones is a list of clones: "avx2,fma" would make an AVX2 clone without FMA and an FMA
+// clone without AVX2.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SIMD_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#define SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define SIMD_CLONES
 #endif
@@ -725,7 +727,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v16", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v17", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
