@@ -36,7 +36,7 @@ descheduled thread, which slows ours (many small ops) far more than the anchor (
 
     .venv/bin/pip install --no-deps -r requirements-bench.lock
     .venv/bin/python benchmarks/fuxictr_anchor.py --lengths 1000 10000 --batch-size 64 \\
-        --embedding-dim 64 --hash-bits 64 --k 50 --steps 5 --warmup 2 --threads 1
+        --embedding-dim 64 --hash-bits 64 --k 50 --steps 20 --warmup 3 --threads 1
 """
 
 import argparse
@@ -280,9 +280,11 @@ def main() -> None:
     p.add_argument("--hash-bits", type=int, default=64, help="m: ours per block, FuxiCTR in all")
     p.add_argument("--fuxi-hash-bits", type=int, default=0, help="FuxiCTR's bits (0: --hash-bits)")
     p.add_argument("--k", type=int, default=50)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20,
+                   help="timed steps; the table gives the fastest (on a noisy CPU more steps give "
+                        "a steadier minimum)")
     p.add_argument("--fuxi-steps", type=int, default=0, help="timed FuxiCTR steps (0: --steps)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--ours-ranks", type=int, default=1,
                    help="our training in this many 1-thread processes (torchrun's layout: 2 on "
