@@ -152,7 +152,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tens
            k_weight: torch.Tensor, v_weight: torch.Tensor, num_heads: int,
            bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``TargetAttention`` after the query projection: projected ``query [B, H * Dh]``, raw
-    ``keys [N, Dk]``, ``k_weight`` and ``v_weight [H * Dh, Dk]``, ``bias [N, H]`` -> ``[B, H * Dh]``.
+    ``keys [N, Dk]``, ``k_weight`` and ``v_weight [H * Dh, Dk]``, ``bias [N, H]`` ->
+    ``[B, H * Dh]``.
 
     On CPU the compiled kernel computes it with the projections absorbed: ``q_h . (W_k,h z_j) =
     (W_k,h^T q_h) . z_j`` and ``sum_j w_hj W_v,h z_j = W_v,h sum_j w_hj z_j``, so nothing is
@@ -173,7 +174,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tens
     else:
         pooled = kernels.target_attention(qa, keys, offsets, bias)  # [B, H, Dk]
     if pooled is not None:
-        return torch.einsum("bhk,hdk->bhd", pooled, v_weight.view(num_heads, head_dim, -1)).flatten(1)
+        h_v = v_weight.view(num_heads, head_dim, -1)  # [H, Dh, Dk]
+        return torch.einsum("bhk,hdk->bhd", pooled, h_v).flatten(1)
     seg = jagged.segment_ids(offsets, keys.size(0))
     v = nn.functional.linear(keys, v_weight).view(-1, num_heads, head_dim)  # [N, H, Dh]
     scores = head_logits(query, nn.functional.linear(keys, k_weight), seg, num_heads, bias)

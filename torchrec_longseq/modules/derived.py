@@ -8,9 +8,9 @@ values live in a per-item buffer, read by id:
 * ``refresh(lookup)`` (all rows) builds it from the whole embedding table, at start and, in
   periodic mode, every ``refresh_every`` steps;
 * in exact mode (``refresh_every = 1``) the forward pass remembers which item ids it looked up,
-  and after the optimizer step ``refresh_touched(tables, lookup)`` re-derives exactly those rows: with a
-  sparse (fused, row-wise) optimizer only looked-up rows change, so the table then equals
-  deriving from the current embeddings, at O(touched rows) cost.
+  and after the optimizer step ``refresh_touched(tables, lookup)`` re-derives exactly those
+  rows: with a sparse (fused, row-wise) optimizer only looked-up rows change, so the table then
+  equals deriving from the current embeddings, at O(touched rows) cost.
 
 A derivation with trained parameters of its own (TWIN's key and query projections) changes every
 row at every step, not only the touched ones: such a table (``trained_derive=True``) is rebuilt

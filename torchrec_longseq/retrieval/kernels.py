@@ -68,8 +68,7 @@ static std::vector<torch::Tensor> concat_segments(const std::vector<std::vector<
   return {indices, lengths};
 }
 
-// 32 bytes of distances as one vector (GCC/clang vector extensions: two SSE registers, or one
-// AVX2 register where the compiler may use it)
+// 16 bytes of distances as one vector (GCC/clang vector extensions: one SSE register)
 template <typename D> struct VecOf;
 template <> struct VecOf<uint8_t> { typedef uint8_t type __attribute__((vector_size(16))); };
 template <> struct VecOf<uint16_t> { typedef uint16_t type __attribute__((vector_size(16))); };
@@ -139,8 +138,29 @@ static void nearest(const D* d, int64_t n, int64_t want, int64_t max_d, int64_t 
   for (int64_t i = 0; i < want; ++i) out[i] = lo - picked[i].second;
 }
 
-// distance of behavior p = popcount(A[a_ids[p]] ^ a_target) + popcount(C[c_ids[p]] ^ c_target):
-// the Hamming distance of the concatenated signature, read from two per-id tables.
+// d[p] = popcount(A[a[p]] ^ ta) + popcount(C[c[p]] ^ tc) for p < n: the Hamming distance of
+// the concatenated signature (rows of WA and WC words, read by id) to the target's.
+template <typename D>
+static void hamming_distances(const int64_t* A, const int64_t* a, int64_t WA, const int64_t* C,
+                              const int64_t* c, int64_t WC, int64_t n, const int64_t* ta,
+                              const int64_t* tc, D* d) {
+  if (WA == 1 && WC == 1) {  // m <= 64 bits per block: one word each
+    const uint64_t ta0 = ta[0], tc0 = tc[0];
+    for (int64_t p = 0; p < n; ++p)
+      d[p] = __builtin_popcountll((uint64_t)A[a[p]] ^ ta0) +
+             __builtin_popcountll((uint64_t)C[c[p]] ^ tc0);
+    return;
+  }
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t *sa = A + a[p] * WA, *sc = C + c[p] * WC;
+    int32_t x = 0;
+    for (int64_t w = 0; w < WA; ++w) x += __builtin_popcountll((uint64_t)(sa[w] ^ ta[w]));
+    for (int64_t w = 0; w < WC; ++w) x += __builtin_popcountll((uint64_t)(sc[w] ^ tc[w]));
+    d[p] = x;
+  }
+}
+
+// Per segment, the k behaviors nearest the candidate in Hamming distance (hamming_distances).
 std::vector<torch::Tensor> hamming_topk_by_id(
     torch::Tensor a_table, torch::Tensor a_ids, torch::Tensor a_targets,
     torch::Tensor c_table, torch::Tensor c_ids, torch::Tensor c_targets,
@@ -164,7 +184,7 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   for (int64_t b = 0; b < B; ++b) out_off[b + 1] = out_off[b] + len[b];
   auto indices = torch::empty({out_off[B]}, torch::kInt64);
   int64_t* out = indices.data_ptr<int64_t>();
-  // distances in bytes when they fit (m <= 127 per block), else in 16 bits
+  // distances in bytes when they fit (one word per block, m <= 64), else in 16 bits
   auto scan = [&](auto zero) {
     using D = decltype(zero);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -175,23 +195,9 @@ std::vector<torch::Tensor> hamming_topk_by_id(
         const int64_t lo = st[b], n = en[b] - lo;
         if (len[b] == 0) continue;
         dist.resize(n);
-        D* d = dist.data();
-        const int64_t *ta = at + b * WA, *tc = ct + b * WC, *pa = ai + lo, *pc = ci + lo;
-        if (WA == 1 && WC == 1) {  // m <= 64 bits per block: one word each
-          const uint64_t ta0 = ta[0], tc0 = tc[0];
-          for (int64_t p = 0; p < n; ++p)
-            d[p] = __builtin_popcountll((uint64_t)A[pa[p]] ^ ta0) +
-                   __builtin_popcountll((uint64_t)C[pc[p]] ^ tc0);
-        } else {
-          for (int64_t p = 0; p < n; ++p) {
-            const int64_t *sa = A + pa[p] * WA, *sc = C + pc[p] * WC;
-            int32_t x = 0;
-            for (int64_t w = 0; w < WA; ++w) x += __builtin_popcountll((uint64_t)(sa[w] ^ ta[w]));
-            for (int64_t w = 0; w < WC; ++w) x += __builtin_popcountll((uint64_t)(sc[w] ^ tc[w]));
-            d[p] = x;
-          }
-        }
-        nearest(d, n, len[b], max_d, lo, out + out_off[b], hist, picked);
+        hamming_distances(A, ai + lo, WA, C, ci + lo, WC, n, at + b * WA, ct + b * WC,
+                          dist.data());
+        nearest(dist.data(), n, len[b], max_d, lo, out + out_off[b], hist, picked);
       }
     });
   };
@@ -199,29 +205,37 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   return {indices, lengths};
 }
 
-// The distinct (a, c) id pairs of one history, in order of first occurrence: first[u] is the
-// first position of pair u and behavior[p] the pair at position p (an open-addressing hash).
-static void group_pairs(const int64_t* a, const int64_t* c, int64_t n, std::vector<int64_t>& first,
+// The distinct (a, c) id pairs of one history, in order of first occurrence: pair u is
+// (pair_a[u], pair_c[u]) and behavior[p] the pair at position p (an open-addressing hash).
+static void group_pairs(const int64_t* a, const int64_t* c, int64_t n,
+                        std::vector<int64_t>& pair_a, std::vector<int64_t>& pair_c,
                         std::vector<int64_t>& behavior) {
   int64_t slots = 16;
   while (slots < 2 * n) slots *= 2;
   std::vector<int64_t> slot(slots, -1);
-  first.clear();
+  pair_a.clear();
+  pair_c.clear();
   behavior.resize(n);
   for (int64_t p = 0; p < n; ++p) {
-    uint64_t h = ((uint64_t)a[p] * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)c[p] * 0xC2B2AE3D27D4EB4FULL);
+    const uint64_t h = ((uint64_t)a[p] * 0x9E3779B97F4A7C15ULL) ^
+                       ((uint64_t)c[p] * 0xC2B2AE3D27D4EB4FULL);
     int64_t i = (h ^ (h >> 29)) & (slots - 1);
-    while (slot[i] >= 0 && !(a[first[slot[i]]] == a[p] && c[first[slot[i]]] == c[p]))
+    while (slot[i] >= 0 && !(pair_a[slot[i]] == a[p] && pair_c[slot[i]] == c[p]))
       i = (i + 1) & (slots - 1);
-    if (slot[i] < 0) { slot[i] = first.size(); first.push_back(p); }
+    if (slot[i] < 0) {
+      slot[i] = pair_a.size();
+      pair_a.push_back(a[p]);
+      pair_c.push_back(c[p]);
+    }
     behavior[p] = slot[i];
   }
 }
 
 // ETA's search over one history shared by all B candidates, read as its U distinct (item,
-// category) behaviors, each with its positions (group_pairs, then a counting sort). Per candidate the distances are computed once per distinct
-// behavior, the threshold comes from their histogram weighted by occurrences, and positions are
-// collected per behavior: all of those below the threshold, the most recent of those at it.
+// category) behaviors, each with its positions (group_pairs, then a counting sort). Per
+// candidate the distances are computed once per distinct behavior, the threshold comes from
+// their histogram weighted by occurrences, and positions are collected per behavior: all of
+// those below the threshold, the most recent of those at it.
 // The same (indices [B k], lengths [B]) as hamming_topk_by_id with every segment the whole
 // history, in O(U + selected) per candidate instead of O(L); with U > L / 2 it is that scan.
 std::vector<torch::Tensor> hamming_topk_shared(
@@ -242,9 +256,9 @@ std::vector<torch::Tensor> hamming_topk_shared(
   auto indices = torch::empty({B * want}, torch::kInt64);
   int64_t* out = indices.data_ptr<int64_t>();
   if (want == 0) return {indices, lengths};
-  std::vector<int64_t> first, behavior;
-  group_pairs(ai, ci, n, first, behavior);
-  const int64_t U = first.size();
+  std::vector<int64_t> pair_a, pair_c, behavior;
+  group_pairs(ai, ci, n, pair_a, pair_c, behavior);
+  const int64_t U = pair_a.size();
   if (2 * U > n) {  // few repeats: scanning the positions (their signatures read once) is cheaper
     auto positions = torch::arange(n, torch::kInt64);
     return hamming_topk_by_id(a_table.index_select(0, a_ids), positions, a_targets,
@@ -259,30 +273,13 @@ std::vector<torch::Tensor> hamming_topk_shared(
     std::vector<int64_t> fill(off.begin(), off.end() - 1);
     for (int64_t p = 0; p < n; ++p) pos[fill[behavior[p]]++] = p;
   }
-  std::vector<int64_t> sa(U * WA), sc(U * WC);  // their signatures, read once
-  for (int64_t u = 0; u < U; ++u) {
-    std::copy(A + ai[first[u]] * WA, A + ai[first[u]] * WA + WA, sa.begin() + u * WA);
-    std::copy(C + ci[first[u]] * WC, C + ci[first[u]] * WC + WC, sc.begin() + u * WC);
-  }
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> du(U);
     std::vector<int64_t> hist(max_d + 1), tied;
     std::vector<std::pair<int64_t, int64_t>> picked;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t *ta = at + b * WA, *tc = ct + b * WC;
-      if (WA == 1 && WC == 1) {  // m <= 64 bits per block: one word each
-        const uint64_t ta0 = ta[0], tc0 = tc[0];
-        for (int64_t u = 0; u < U; ++u)
-          du[u] = __builtin_popcountll((uint64_t)sa[u] ^ ta0) +
-                  __builtin_popcountll((uint64_t)sc[u] ^ tc0);
-      } else {
-        for (int64_t u = 0; u < U; ++u) {
-          int32_t x = 0;
-          for (int64_t w = 0; w < WA; ++w) x += __builtin_popcountll((uint64_t)(sa[u * WA + w] ^ ta[w]));
-          for (int64_t w = 0; w < WC; ++w) x += __builtin_popcountll((uint64_t)(sc[u * WC + w] ^ tc[w]));
-          du[u] = x;
-        }
-      }
+      hamming_distances(A, pair_a.data(), WA, C, pair_c.data(), WC, U, at + b * WA,
+                        ct + b * WC, du.data());
       std::fill(hist.begin(), hist.end(), 0);
       for (int64_t u = 0; u < U; ++u) hist[du[u]] += off[u + 1] - off[u];
       int64_t t = 0, below = 0;
@@ -297,7 +294,8 @@ std::vector<torch::Tensor> hamming_topk_shared(
         }
       }
       const int64_t ties = want - below;  // the most recent of those at the threshold
-      std::nth_element(tied.begin(), tied.begin() + (ties - 1), tied.end(), std::greater<int64_t>());
+      std::nth_element(tied.begin(), tied.begin() + (ties - 1), tied.end(),
+                       std::greater<int64_t>());
       for (int64_t i = 0; i < ties; ++i) picked.emplace_back(t, -tied[i]);
       std::sort(picked.begin(), picked.end());  // distance asc, position desc
       for (int64_t i = 0; i < want; ++i) out[b * want + i] = -picked[i].second;
@@ -439,15 +437,12 @@ std::vector<torch::Tensor> twin_topk_by_id(
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   // shared: the history's distinct (item, category) keys, transposed once; behavior[p] = key of p
   std::vector<float> shared_kt;
-  std::vector<int64_t> first, behavior;
+  std::vector<int64_t> pair_i, pair_c, behavior;
   int64_t U = 0;
   if (shared && B > 0) {
-    const int64_t n = en[0] - st[0];
-    group_pairs(it + st[0], ca + st[0], n, first, behavior);
-    std::vector<int64_t> ui(first.size()), uc(first.size());
-    for (size_t u = 0; u < first.size(); ++u) ui[u] = it[st[0] + first[u]], uc[u] = ca[st[0] + first[u]];
-    U = first.size();
-    transposed_keys(I, ui.data(), C, uc.data(), 0, U, w, shared_kt);
+    group_pairs(it + st[0], ca + st[0], en[0] - st[0], pair_i, pair_c, behavior);
+    U = pair_i.size();
+    transposed_keys(I, pair_i.data(), C, pair_c.data(), 0, U, w, shared_kt);
   }
   std::vector<std::vector<int64_t>> found(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -727,7 +722,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v17", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v19", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
