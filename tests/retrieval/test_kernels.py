@@ -125,6 +125,21 @@ def test_hard_kernel_equals_torch_ops(lengths, num_categories: int, k: int, seed
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 3000), num_bits=st.sampled_from([1, 7, 63, 64, 128, 192]),
+       seed=st.integers(0, 2**31 - 1))
+def test_pack_signs_equals_torch_ops(n: int, num_bits: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    # a third of the projections exactly 0 (bit 0), the rest of either sign
+    embeddings = torch.randint(-1, 2, (n, 3), generator=g).float()
+    projection = torch.randint(-1, 2, (3, num_bits), generator=g).float()
+    packed = kernels.pack_signs(embeddings @ projection)
+    with pytest.MonkeyPatch.context() as mp:
+        expected = torch_ops(mp, simhash.simhash_signatures, embeddings, projection)
+    assert packed is not None and packed.dtype == torch.int64
+    assert torch.equal(packed, expected)
+
+
 LONG_JAGGED = st.lists(st.one_of(st.integers(0, 40), st.integers(40, 5000)), min_size=0,
                       max_size=5)
 

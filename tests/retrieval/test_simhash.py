@@ -45,13 +45,15 @@ def reference_pack(bits: List[int]) -> List[int]:
     return [to_int64(w) for w in words]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: compiled packing
 @SETTINGS
 @given(num_bits=NUM_BITS, n=st.integers(0, 5), dim=st.integers(1, 6), seed=st.integers(0, 2**31))
-def test_signatures_match_bit_by_bit_reference(num_bits: int, n: int, dim: int, seed: int) -> None:
+def test_signatures_match_bit_by_bit_reference(dtype: torch.dtype, num_bits: int, n: int,
+                                               dim: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     # small integers: every dot product is exact, and exactly 0 happens (-> bit 0, strict >)
-    embeddings = torch.randint(-2, 3, (n, dim), generator=g).double()
-    projection = torch.randint(-2, 3, (dim, num_bits), generator=g).double()
+    embeddings = torch.randint(-2, 3, (n, dim), generator=g).to(dtype)
+    projection = torch.randint(-2, 3, (dim, num_bits), generator=g).to(dtype)
     signatures = simhash_signatures(embeddings, projection)
 
     expected = []

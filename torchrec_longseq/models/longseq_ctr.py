@@ -53,7 +53,7 @@ from torchrec_longseq.modules.sim import (
 from torchrec_longseq.modules.sdim import SDIM
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.modules.twin import TwinSearch
-from torchrec_longseq.modules.lookup import CATEGORY_KEYS, ITEM_KEYS
+from torchrec_longseq.modules.lookup import CATEGORY_KEYS, CATEGORY_TABLE, ITEM_KEYS, ITEM_TABLE
 
 
 class LongSeqCTR(nn.Module):
@@ -216,9 +216,9 @@ def build_model(
     ebc = EmbeddingBagCollection(tables=pooled, device=device)
     ec = EmbeddingCollection(
         tables=[
-            EmbeddingConfig(name="item", embedding_dim=d, num_embeddings=table_sizes[HIST_ITEM],
+            EmbeddingConfig(name=ITEM_TABLE, embedding_dim=d, num_embeddings=table_sizes[HIST_ITEM],
                             feature_names=ITEM_KEYS),
-            EmbeddingConfig(name="category", embedding_dim=d,
+            EmbeddingConfig(name=CATEGORY_TABLE, embedding_dim=d,
                             num_embeddings=table_sizes[HIST_CATEGORY],
                             feature_names=CATEGORY_KEYS),
         ],

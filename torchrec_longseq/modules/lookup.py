@@ -4,7 +4,8 @@ This is where "retrieve, then look up" happens: a sequence module first picks po
 history from ids alone (a search), then only the picked ids (and the candidate) go through the
 (sharded) EmbeddingCollection, so lookup and all-to-all volume grow with the selection, not with L.
 
-The EmbeddingCollection built by ``build_model`` serves these keys (the same two tables)::
+The EmbeddingCollection built by ``build_model`` serves these keys (the same two tables,
+``ITEM_TABLE`` and ``CATEGORY_TABLE``)::
 
     table      keys
     item       target_item      hist_item      short_item
@@ -23,11 +24,15 @@ from torchrec import EmbeddingCollection, JaggedTensor, KeyedJaggedTensor
 from torchrec_longseq import jagged
 from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 
+ITEM_TABLE = "item"
+CATEGORY_TABLE = "category"
 SHORT_ITEM = "short_item"
 SHORT_CATEGORY = "short_category"
 ITEM_KEYS = [TARGET_ITEM, HIST_ITEM, SHORT_ITEM]
 CATEGORY_KEYS = [TARGET_CATEGORY, HIST_CATEGORY, SHORT_CATEGORY]
 LOOKUP_KEYS = [TARGET_ITEM, TARGET_CATEGORY, HIST_ITEM, HIST_CATEGORY, SHORT_ITEM, SHORT_CATEGORY]
+TABLE_OF_KEY = {key: ITEM_TABLE for key in ITEM_KEYS}
+TABLE_OF_KEY.update({key: CATEGORY_TABLE for key in CATEGORY_KEYS})
 
 
 @torch.fx.wrap
@@ -60,25 +65,6 @@ def selection_features(
         lengths=torch.cat([target_item.lengths(), target_category.lengths(), long_lengths,
                            long_lengths, short_lengths, short_lengths]).int(),
     )
-
-
-@torch.fx.wrap
-def id_features(ids: Dict[str, torch.Tensor]) -> KeyedJaggedTensor:
-    """A KJT with ``ids[key] [N_key]`` under each given key (one id per "sample") and every other
-    lookup key empty: reads those rows of each key's table in one call, e.g. to refresh derived
-    per-id tables. Each key's ids come out as ``lookup(kjt)[key].values()``, in order."""
-    keys = [key for key in LOOKUP_KEYS if key in ids]
-    if len(keys) != len(ids):
-        raise ValueError(f"unknown lookup keys {sorted(set(ids) - set(keys))}; "
-                         f"the EmbeddingCollection serves {LOOKUP_KEYS}")
-    device = next(iter(ids.values())).device
-    # KJT lengths are key-major with one stride: every key gets max(N) slots, unused ones empty
-    stride = max(t.numel() for t in ids.values())
-    lengths = torch.zeros(len(LOOKUP_KEYS), stride, dtype=torch.int32, device=device)
-    for key in keys:
-        lengths[LOOKUP_KEYS.index(key), : ids[key].numel()] = 1
-    return KeyedJaggedTensor(keys=LOOKUP_KEYS, values=torch.cat([ids[key] for key in keys]),
-                             lengths=lengths.flatten())
 
 
 def _concat(embeddings: Dict[str, JaggedTensor], item: str, category: str) -> torch.Tensor:

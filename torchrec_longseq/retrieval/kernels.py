@@ -690,6 +690,29 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor dagg, torch::Tensor 
   return {dqa, dz, dlogit};
 }
 
+// SimHash bits of projections [N, m] (float): bit i = (proj[:, i] > 0), packed 64 per int64
+// word (bit i is bit i % 64 of word i / 64; m < 64 leaves the high bits 0)
+torch::Tensor pack_signs(torch::Tensor proj) {
+  TORCH_CHECK(proj.dim() == 2 && proj.scalar_type() == torch::kFloat, "pack_signs: float [N, m]");
+  proj = proj.contiguous();
+  const int64_t n = proj.size(0), m = proj.size(1), W = (m + 63) / 64;
+  auto out = torch::empty({n, W}, torch::kInt64);
+  const float* p = proj.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, n, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* row = p + r * m;
+      for (int64_t w = 0; w < W; ++w) {
+        uint64_t word = 0;
+        const int64_t end = std::min<int64_t>(64, m - 64 * w);
+        for (int64_t b = 0; b < end; ++b) word |= uint64_t(row[64 * w + b] > 0.f) << b;
+        o[r * W + w] = static_cast<int64_t>(word);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hamming_topk_by_id", &hamming_topk_by_id, "Hamming top-k per jagged segment");
   m.def("hamming_topk_shared", &hamming_topk_shared, "Hamming top-k over one shared history");
@@ -697,6 +720,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("float_topk", &float_topk, "float top-k per jagged segment");
   m.def("twin_topk_by_id", &twin_topk_by_id, "TWIN search per jagged segment");
   m.def("sdim_collisions", &sdim_collisions, "SDIM collisions per jagged segment");
+  m.def("pack_signs", &pack_signs, "SimHash sign bits packed into int64 words");
   m.def("attention_forward", &attention_forward, "jagged target attention, absorbed projections");
   m.def("attention_backward", &attention_backward, "its gradients");
 }
@@ -722,7 +746,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v19", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v20", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
@@ -766,6 +790,15 @@ def hamming_topk_by_id(
                                                     category_table, category_ids,
                                                     category_targets, starts, ends, int(k))
     return indices, lengths
+
+
+def pack_signs(projections: torch.Tensor) -> Optional[torch.Tensor]:
+    """``retrieval.simhash.simhash_signatures``'s packing compiled (or ``None``): ``[N, m]``
+    float32 projections -> ``[N, ceil(m / 64)]`` int64, bit ``i`` set where
+    ``projections[:, i] > 0``."""
+    if not _applies(projections) or projections.dtype != torch.float32:
+        return None
+    return _module().pack_signs(projections)
 
 
 def segments(offsets: Optional[torch.Tensor], num_values: int,

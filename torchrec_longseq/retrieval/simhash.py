@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchrec_longseq.retrieval import kernels
 from torchrec_longseq.retrieval.topk import jagged_topk_smallest_int
 
 WORD_BITS = 64
@@ -179,6 +180,9 @@ def simhash_signatures(embeddings: torch.Tensor, projection: torch.Tensor) -> to
     n = embeddings.shape[0]
     with torch.no_grad():
         proj = embeddings.detach().to(projection.dtype) @ projection.detach()  # [N, m]
+        packed = kernels.pack_signs(proj)  # the compiled packing on CPU, else the torch ops
+        if packed is not None:
+            return packed
         bits = (proj > 0).to(torch.uint8)
         if num_bits < num_words * WORD_BITS:  # m < 64: the high bits of the word are 0
             bits = torch.cat([bits, bits.new_zeros(n, num_words * WORD_BITS - num_bits)], dim=1)
