@@ -238,19 +238,25 @@ def build_model(
         esu = ExactSearchUnit(2 * d, bias, config.num_heads, config.head_dim, time_as_bias=True)
         search = TwinSearch((table_sizes[HIST_ITEM], table_sizes[HIST_CATEGORY]), d, esu,
                             config.twin_k, config.refresh_every)
-        seq = SearchBasedInterest(search, esu,
-                                  DINAttention(2 * d, config.attention_hidden, config.num_heads),
+        seq = SearchBasedInterest(search, esu, _short_term(config, config.num_heads),
                                   config.short_window)
     elif name in ("din-full", "sim-hard", "sim-soft", "eta"):
         seq = SearchBasedInterest(
             _search(name, config, table_sizes, device),
             ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim),
-            DINAttention(2 * d, config.attention_hidden, config.time_embedding_dim),
+            _short_term(config, config.time_embedding_dim),
             config.short_window,
         )
     else:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     return LongSeqCTR(ebc, config.over_arch_layers, ec, seq)
+
+
+def _short_term(config: ModelConfig, context_dim: int) -> Optional[DINAttention]:
+    """DIN over the last ``short_window`` behaviors (``None`` for a window of 0: no branch)."""
+    if config.short_window == 0:
+        return None
+    return DINAttention(2 * config.embedding_dim, config.attention_hidden, context_dim)
 
 
 def _search(name: str, config: ModelConfig, table_sizes: Dict[str, int],

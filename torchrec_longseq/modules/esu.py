@@ -109,22 +109,27 @@ class SearchBasedInterest(nn.Module):
             (``HardSearch``, ``SoftSearch``, ``SimHashSearch``); ``aux`` is an auxiliary logit
             ``[B]`` or ``None``.
         esu (ExactSearchUnit): attention over the retrieved behaviors.
-        short_term (DINAttention): the short-term branch over the recent window.
-        short_window (int): how many recent behaviors the short-term branch sees.
+        short_term (Optional[DINAttention]): the short-term branch over the recent window;
+            ``None`` for none (the long-term path alone: nothing recent is looked up).
+        short_window (int): how many recent behaviors the short-term branch sees (0 without one).
 
     Output: ``[B, 2 D + esu.output_dim + 2 D]`` (candidate, long-term interest, short-term
-    interest) and the search's auxiliary logit.
+    interest; ``[B, 2 D + esu.output_dim]`` without a short-term branch) and the search's
+    auxiliary logit.
     """
 
-    def __init__(self, search: nn.Module, esu: ExactSearchUnit, short_term: DINAttention,
-                 short_window: int) -> None:
+    def __init__(self, search: nn.Module, esu: ExactSearchUnit,
+                 short_term: Optional[DINAttention], short_window: int) -> None:
         super().__init__()
+        if (short_term is None) != (short_window == 0):
+            raise ValueError(f"a short-term branch needs a window and a window needs the branch: "
+                             f"short_window={short_window}, short_term={short_term}")
         self.search = search
         self.esu = esu
         self.short_term = short_term
         self.short_window = short_window
         behavior_dim = esu.attention.q_proj.in_features
-        self.output_dim = 2 * behavior_dim + esu.output_dim
+        self.output_dim = behavior_dim + esu.output_dim + (behavior_dim if short_term else 0)
 
     def forward(
         self,
@@ -135,15 +140,17 @@ class SearchBasedInterest(nn.Module):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         offsets = features[HIST_ITEM].offsets()
         indices, lengths, aux = self.search(features, lookup, history_time, request_time)
-        recent = jagged.last_n(offsets, self.short_window)
+        recent = jagged.last_n(offsets, self.short_window) if self.short_term is not None else None
         target, retrieved, retrieved_offsets, short, short_offsets = lookup_behaviors(
             lookup, features, (indices, lengths), recent
         )
+        recent_indices = recent[0] if recent is not None else indices[:0]
         for table in self.search.modules():
             if isinstance(table, derived.ItemDerivedTable):  # re-derived after the optimizer step
-                derived.remember_items(table, looked_up_ids(features, table.key, indices, recent[0]))
+                derived.remember_items(table, looked_up_ids(features, table.key, indices,
+                                                            recent_indices))
         intervals = intervals_of(history_time, request_time, offsets, indices)
-        short_intervals = intervals_of(history_time, request_time, offsets, recent[0])
+        short_intervals = intervals_of(history_time, request_time, offsets, recent_indices)
         return self.attend(target, retrieved, retrieved_offsets, intervals, short, short_offsets,
                            short_intervals), aux
 
@@ -157,6 +164,8 @@ class SearchBasedInterest(nn.Module):
         ``[B, output_dim]``. Offsets ``None``: those behaviors are every candidate's (one user's
         window; with ``WholeHistory``, the user's whole history)."""
         long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
+        if self.short_term is None:
+            return torch.cat([target, long_term], dim=1)
         short_term = self.short_term(target, short, short_offsets,
                                      self.esu.time_embedding(short_intervals))
         return torch.cat([target, long_term, short_term], dim=1)
