@@ -32,18 +32,18 @@ def grouped_auc(groups: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor)
     new_run = torch.ones_like(g, dtype=torch.bool)
     new_run[1:] = (g[1:] != g[:-1]) | (p[1:] != p[:-1])
     run = torch.cumsum(new_run.long(), 0) - 1
-    position = torch.arange(g.numel(), dtype=torch.float64)
-    run_first = torch.zeros(int(run.max()) + 1 if run.numel() else 0, dtype=torch.float64)
+    position = torch.arange(g.numel(), dtype=torch.float64, device=g.device)
+    run_first = position.new_zeros(int(run.max()) + 1 if run.numel() else 0)
     run_first = run_first.scatter_reduce(0, run, position, reduce="amin", include_self=False)
     run_last = torch.zeros_like(run_first).scatter_reduce(0, run, position, reduce="amax", include_self=False)
-    group_start = torch.zeros(num_groups, dtype=torch.float64).scatter_reduce(
+    group_start = position.new_zeros(num_groups).scatter_reduce(
         0, g, position, reduce="amin", include_self=False)
     rank = (run_first[run] + run_last[run]) / 2 - group_start[g] + 1  # 1-based, within group
     y = labels[order].double()
-    pos = torch.zeros(num_groups, dtype=torch.float64).index_add(0, g, y)
-    count = torch.zeros(num_groups, dtype=torch.float64).index_add(0, g, torch.ones_like(y))
+    pos = position.new_zeros(num_groups).index_add(0, g, y)
+    count = position.new_zeros(num_groups).index_add(0, g, torch.ones_like(y))
     neg = count - pos
-    rank_sum = torch.zeros(num_groups, dtype=torch.float64).index_add(0, g, rank * y)
+    rank_sum = position.new_zeros(num_groups).index_add(0, g, rank * y)
     valid = (pos > 0) & (neg > 0)
     auc = (rank_sum - pos * (pos + 1) / 2) / (pos * neg).clamp(min=1)
     return (auc * count)[valid].sum() / count[valid].sum()

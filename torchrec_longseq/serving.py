@@ -112,28 +112,31 @@ def request_batch(request: Request, selection: Optional[Tuple[torch.Tensor, torc
     (chronological per candidate); ``None`` gives every candidate the whole history (C copies).
     """
     c, n = request.num_candidates, request.history_item.numel()
+    device = request.history_item.device
     if selection is None:
-        positions = torch.arange(n).repeat(c)
-        lengths = torch.full((c,), n, dtype=torch.long)
+        positions = torch.arange(n, device=device).repeat(c)
+        lengths = torch.full((c,), n, dtype=torch.long, device=device)
     else:
         positions, lengths = selection
-    ones = torch.ones(c, dtype=torch.long)
-    values = [torch.full((c,), request.user_id), torch.full((c,), request.context_hour),
+    ones = torch.ones(c, dtype=torch.long, device=device)
+    values = [torch.full((c,), request.user_id, device=device),
+              torch.full((c,), request.context_hour, device=device),
               request.candidate_item, request.candidate_category,
               request.history_item[positions], request.history_category[positions]]
     features = KeyedJaggedTensor(
         keys=FEATURE_KEYS, values=torch.cat([v.long() for v in values]),
         lengths=torch.cat([ones, ones, ones, ones, lengths, lengths]).int())
     return Batch(features=features, history_time=request.history_time[positions],
-                 request_time=torch.full((c,), request.request_time),
-                 labels=torch.zeros(c), relevant=torch.zeros(positions.numel(), dtype=torch.bool))
+                 request_time=torch.full((c,), request.request_time, device=device),
+                 labels=torch.zeros(c, device=device),
+                 relevant=torch.zeros(positions.numel(), dtype=torch.bool, device=device))
 
 
 def carried_once(request: Request, positions: torch.Tensor) -> Batch:
     """The request's C candidates in the training layout with the history ``positions [M]``
     carried once, by the first candidate (the others carry none): what one lookup of the
     candidates and of those behaviors takes."""
-    once = torch.zeros(request.num_candidates, dtype=torch.long)
+    once = torch.zeros(request.num_candidates, dtype=torch.long, device=positions.device)
     once[:1] = positions.numel()
     return request_batch(request, (positions, once))
 
@@ -160,7 +163,7 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
                          request.candidate_category, None, bias, search.num_heads, search.k)
     if isinstance(search, SoftSearch):
         # the history's search vectors are looked up and projected once: [L, P]
-        batch = carried_once(request, torch.arange(n))
+        batch = carried_once(request, torch.arange(n, device=request.history_item.device))
         embeddings = search.search_table(search_features(batch.features, search.with_category))
         behaviors = search.w_b(search_vectors(embeddings, SEARCH_HIST, SEARCH_HIST_CATEGORY,
                                               search.with_category))  # [L, P]
@@ -196,17 +199,19 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     """
     arch = model.sequence_arch
     n, c = request.history_item.numel(), request.num_candidates
+    device = request.history_item.device
     if c == 0:
-        return torch.zeros(0)
+        return torch.zeros(0, device=device)
     if arch is None:  # avg-pool: the history is a pooled feature, averaged once
-        return model.head(shared_pooled(model, carried_once(request, torch.arange(n))), None)
+        everything = carried_once(request, torch.arange(n, device=device))
+        return model.head(shared_pooled(model, everything), None)
     lengths: Optional[torch.Tensor] = None  # None: what is read is every candidate's
     if isinstance(arch, DIN):
         window = min(n, arch.last_n)
-        indices = torch.zeros(0, dtype=torch.long)
+        indices = torch.zeros(0, dtype=torch.long, device=device)
     elif isinstance(arch, SearchBasedInterest) and isinstance(arch.search, WholeHistory):
         window = min(n, arch.short_window)
-        indices = torch.arange(n)
+        indices = torch.arange(n, device=device)
     elif isinstance(arch, SearchBasedInterest) and isinstance(
             arch.search, (HardSearch, SimHashSearch, TwinSearch, SoftSearch)):
         window = min(n, arch.short_window)
@@ -218,10 +223,10 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
             request.history_item * arch.category_codes.table.size(0) + request.history_category)
     else:
         return None
-    recent = torch.arange(n - window, n)
+    recent = torch.arange(n - window, n, device=device)
     # the distinct positions read, in history order, and each read's row among them (no sort)
     selected = torch.cat([indices, recent])
-    seen = torch.zeros(n, dtype=torch.bool)
+    seen = torch.zeros(n, dtype=torch.bool, device=device)
     seen[selected] = True
     used = seen.nonzero().squeeze(1)
     inverse = (torch.cumsum(seen, 0) - 1)[selected]
@@ -229,7 +234,7 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     batch = carried_once(request, used)
     target, rows, _, _, _ = lookup_behaviors(
         model.embedding_collection, batch.features,
-        (torch.arange(used.numel()), batch.features[HIST_ITEM].lengths()))
+        (torch.arange(used.numel(), device=device), batch.features[HIST_ITEM].lengths()))
     intervals = request.request_time - request.history_time  # [L], once
     short = rows[inverse[indices.numel():]]  # the window, shared: offsets None
     if isinstance(arch, DIN):

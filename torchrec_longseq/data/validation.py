@@ -23,7 +23,7 @@ def _first(mask: torch.Tensor) -> int:
 
 
 def _sample_of(offsets: torch.Tensor, position: int) -> int:
-    return int(torch.searchsorted(offsets, torch.tensor(position), right=True)) - 1
+    return int(torch.searchsorted(offsets, offsets.new_tensor(position), right=True)) - 1
 
 
 def check_batch(batch: Batch, table_sizes: Dict[str, int]) -> None:
