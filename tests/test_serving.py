@@ -17,9 +17,9 @@ def make_request(length: int, candidates: int, seed: int = 0) -> serving.Request
     return serving.synthetic_request(DATA, length, candidates, seed)
 
 
-def model_of(name: str) -> torch.nn.Module:
+def model_of(name: str, config: ModelConfig = CONFIG) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(name, CONFIG, DATA.table_sizes).eval()
+    model = build_model(name, config, DATA.table_sizes).eval()
     model.refresh_derived_tables()
     return model
 
@@ -44,6 +44,16 @@ def test_shared_history_equals_independent_samples(name: str, kernels: str, monk
         assert got.shape == (candidates,) and torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6,
                                    msg=f"{name} L={length} C={candidates}")
+
+
+@pytest.mark.parametrize("name", ["eta", "twin"])
+def test_shared_history_without_short_term_branch(name: str) -> None:
+    """``short_window=0`` (the long-term path alone) serves like the batch too."""
+    model = model_of(name, ModelConfig(k=8, short_window=0, twin_k=10))
+    assert model.sequence_arch.short_term is None
+    request = make_request(300, 16)
+    torch.testing.assert_close(serving.score_request(model, request), independent(model, request),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["din", "din-full", "sim-hard", "sim-soft", "eta", "twin", "sdim"])

@@ -8,10 +8,11 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.fx import symbolic_trace
 
-from helpers import (B, build_small_model, capture, make_batch, nonzero_rows, per_sample, run,
+from helpers import (B, D, build_small_model, capture, make_batch, nonzero_rows, per_sample, run,
                      with_histories)
 from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain
+from torchrec_longseq.modules.esu import SearchBasedInterest
 
 LAST_N = 4  # histories have >= 10 behaviors, so DIN(last_n=4) must drop most of them
 NAMES = ["avgpool", "din", "din-full"]
@@ -117,6 +118,24 @@ def test_din_full_looks_up_the_whole_history() -> None:
     history = per_sample(batch.features[HIST_ITEM].values(), batch.features[HIST_ITEM].lengths())
     # the whole history for the full-length attention, then the short-term branch's window
     assert history_item_ids(seen[0]) == [h + h[-LAST_N:] for h in history]
+
+
+def test_window_zero_has_no_short_term_branch() -> None:
+    """``short_window=0``: the long-term path alone. Nothing recent is looked up, the output
+    loses the short-term columns, and the logits do not depend on the recent behaviors beyond
+    what the search retrieves (here: the whole history, din-full)."""
+    model = build_small_model("din-full", refresh=False, short_window=0)
+    arch = model.sequence_arch
+    assert arch.short_term is None
+    assert arch.output_dim == make_model("din-full").sequence_arch.output_dim - 2 * D
+    seen = capture(model.embedding_collection)
+    batch = make_batch()
+    logits = run(model, batch)
+    assert torch.isfinite(logits).all()
+    history = per_sample(batch.features[HIST_ITEM].values(), batch.features[HIST_ITEM].lengths())
+    assert history_item_ids(seen[0]) == history  # the history once, no window after it
+    with pytest.raises(ValueError, match="short_window"):
+        SearchBasedInterest(arch.search, arch.esu, None, 50)
 
 
 @pytest.mark.parametrize("name", ["din", "din-full"])
