@@ -18,7 +18,10 @@ get fewer than ``--batch-size`` candidates (the table says how many). Timed, per
 The retrievals keep ``k``; the signatures are SimHash of random tables (``m`` bits per block).
 Each method runs once untimed, then ``--repeats`` times; the table and the plot give the
 fastest call (the CPU is shared: the fastest is the least disturbed), the JSON also the median,
-in microseconds per candidate. Prints a markdown table, writes ``OUT/retrieval.json`` and
+in microseconds per candidate. ``--device cuda`` runs everything on the GPU, where every method
+is its torch-ops path ("hard" is "hard torch ops", "simhash kernel" is ``signature_topk``'s torch
+ops) and each call ends with ``torch.cuda.synchronize``. Prints a markdown table, writes
+``OUT/retrieval.json`` and
 ``OUT/retrieval.png`` (log-log). On a CPU shared with other jobs use ``--threads 1`` (see ``fuxictr_anchor.py``)::
 
     .venv/bin/python benchmarks/retrieval.py --lengths 100 1000 10000 100000 --batch-size 64 \\
@@ -46,13 +49,18 @@ from torchrec_longseq.retrieval.hard import hard_search
 METHODS = ["hard", "hard torch ops", "simhash kernel", "simhash torch ops", "full attention"]
 
 
-def seconds(fn: Callable[[], object], repeats: int) -> List[float]:
-    """Wall time of ``repeats`` calls of ``fn`` after one untimed call (the kernels' first load)."""
-    fn()
+def seconds(fn: Callable[[], object], repeats: int, device: str = "cpu") -> List[float]:
+    """Wall time of ``repeats`` calls of ``fn`` after one untimed call (the kernels' first load);
+    on CUDA each call waits for the GPU."""
+    def call() -> None:
+        fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+    call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - start)
     return times
 
@@ -86,7 +94,11 @@ def measure(length: int, args: argparse.Namespace) -> Dict[str, object]:
     category_emb = torch.randn(data.table_sizes[HIST_CATEGORY], d)
     item_sig = simhash.SimHash(d, args.hash_bits, seed=0)(item_emb)  # [items, W] int64
     category_sig = simhash.SimHash(d, args.hash_bits, seed=1)(category_emb)
-    attention = TargetAttention(2 * d, 2 * d, args.heads, args.head_dim)
+    attention = TargetAttention(2 * d, 2 * d, args.heads, args.head_dim).to(args.device)
+    items, categories, offsets, target_items, target_categories = (t.to(args.device) for t in (
+        items, categories, offsets, target_items, target_categories))
+    item_emb, category_emb, item_sig, category_sig = (t.to(args.device) for t in (
+        item_emb, category_emb, item_sig, category_sig))
 
     def kernel() -> Tuple[torch.Tensor, torch.Tensor]:
         return signature_topk(item_sig, items, target_items, category_sig, categories,
@@ -114,7 +126,8 @@ def measure(length: int, args: argparse.Namespace) -> Dict[str, object]:
            "simhash torch ops": torch_ops, "full attention": full_attention}
     row: Dict[str, object] = {"L": length, "candidates": batch_size}
     for name, fn in fns.items():
-        times = [1e6 * t / batch_size for t in seconds(fn, args.repeats)]  # us per candidate
+        times = [1e6 * t / batch_size  # us per candidate
+                 for t in seconds(fn, args.repeats, args.device)]
         row[name], row[f"{name} median"] = min(times), statistics.median(times)
     # the compiled paths return what the torch ops return
     pairs = ((kernel, torch_ops), (hard, hard_torch_ops))
@@ -135,6 +148,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: every method on the GPU")
     p.add_argument("--out", default="runs/retrieval")
     args = p.parse_args()
     if args.threads:
