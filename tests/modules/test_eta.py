@@ -247,8 +247,8 @@ def plain_forward(model: LongSeqCTR, batch: Batch, indices: torch.Tensor,
                         bags["hour"].weight[f["context_hour"].values()]], dim=1)
     target = torch.cat([items[f[TARGET_ITEM].values()], cats[f[TARGET_CATEGORY].values()]], 1)
     long_term = seq.esu(target, rows(retrieved), offsets(lengths.tolist()), intervals(retrieved))
-    short_term = seq.short_term(target, rows(recent), offsets(recent_counts),
-                                seq.esu.time_embedding(intervals(recent)))
+    # ETA's short-term branch: multi-head target attention of its own over the window
+    short_term = seq.short_term(target, rows(recent), offsets(recent_counts), intervals(recent))
     return model.over_arch(torch.cat([pooled, target, long_term, short_term], dim=1)).squeeze(1)
 
 

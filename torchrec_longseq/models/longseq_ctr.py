@@ -240,7 +240,16 @@ def build_model(
                             config.twin_k, config.refresh_every)
         seq = SearchBasedInterest(search, esu, _short_term(config, config.num_heads),
                                   config.short_window)
-    elif name in ("din-full", "sim-hard", "sim-soft", "eta"):
+    elif name == "eta":
+        # ETA's paper (and FuxiCTR's ETA): multi-head target attention over the retrieved k and,
+        # with its own parameters, over the recent window
+        recent = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
+        short_term = (ExactSearchUnit(2 * d, recent, config.num_heads, config.head_dim)
+                      if config.short_window else None)
+        seq = SearchBasedInterest(_search(name, config, table_sizes, device),
+                                  ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim),
+                                  short_term, config.short_window)
+    elif name in ("din-full", "sim-hard", "sim-soft"):
         seq = SearchBasedInterest(
             _search(name, config, table_sizes, device),
             ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim),

@@ -63,6 +63,7 @@ class DINAttention(nn.Module):
     def __init__(self, embedding_dim: int, hidden: List[int], context_dim: int = 0) -> None:
         super().__init__()
         self.context_dim = context_dim
+        self.output_dim = embedding_dim
         self.score = nn.Sequential(mlp(4 * embedding_dim + context_dim, hidden),
                                    nn.Linear(hidden[-1], 1))
 

@@ -109,17 +109,20 @@ class SearchBasedInterest(nn.Module):
             (``HardSearch``, ``SoftSearch``, ``SimHashSearch``); ``aux`` is an auxiliary logit
             ``[B]`` or ``None``.
         esu (ExactSearchUnit): attention over the retrieved behaviors.
-        short_term (Optional[DINAttention]): the short-term branch over the recent window;
+        short_term (Optional[nn.Module]): the short-term branch over the recent window: DIN's
+            activation unit (``DINAttention``, the interval embedded by the ESU's
+            ``time_embedding`` as side information; SIM, TWIN) or multi-head target attention
+            (an ``ExactSearchUnit`` of its own, as ETA's paper and FuxiCTR's ETA have it);
             ``None`` for none (the long-term path alone: nothing recent is looked up).
         short_window (int): how many recent behaviors the short-term branch sees (0 without one).
 
-    Output: ``[B, 2 D + esu.output_dim + 2 D]`` (candidate, long-term interest, short-term
-    interest; ``[B, 2 D + esu.output_dim]`` without a short-term branch) and the search's
-    auxiliary logit.
+    Output: ``[B, 2 D + esu.output_dim + short_term.output_dim]`` (candidate, long-term interest,
+    short-term interest; no short-term columns without the branch) and the search's auxiliary
+    logit.
     """
 
     def __init__(self, search: nn.Module, esu: ExactSearchUnit,
-                 short_term: Optional[DINAttention], short_window: int) -> None:
+                 short_term: Optional[nn.Module], short_window: int) -> None:
         super().__init__()
         if (short_term is None) != (short_window == 0):
             raise ValueError(f"a short-term branch needs a window and a window needs the branch: "
@@ -129,7 +132,8 @@ class SearchBasedInterest(nn.Module):
         self.short_term = short_term
         self.short_window = short_window
         behavior_dim = esu.attention.q_proj.in_features
-        self.output_dim = behavior_dim + esu.output_dim + (behavior_dim if short_term else 0)
+        self.output_dim = behavior_dim + esu.output_dim + (
+            short_term.output_dim if short_term is not None else 0)
 
     def forward(
         self,
@@ -166,6 +170,9 @@ class SearchBasedInterest(nn.Module):
         long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
         if self.short_term is None:
             return torch.cat([target, long_term], dim=1)
-        short_term = self.short_term(target, short, short_offsets,
-                                     self.esu.time_embedding(short_intervals))
+        if isinstance(self.short_term, ExactSearchUnit):  # multi-head target attention (ETA)
+            short_term = self.short_term(target, short, short_offsets, short_intervals)
+        else:  # DIN: the interval's embedding as side information
+            short_term = self.short_term(target, short, short_offsets,
+                                         self.esu.time_embedding(short_intervals))
         return torch.cat([target, long_term, short_term], dim=1)
