@@ -37,22 +37,20 @@ without a GPU: kernels against torch ops).
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
 import traceback
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._pytree import tree_map
 
 from torchrec_longseq import jagged
 from torchrec_longseq.modules.attention import TargetAttention
-from torchrec_longseq.retrieval import simhash
+from torchrec_longseq.retrieval import kernels, simhash
 from torchrec_longseq.retrieval.hard import hard_search
 from torchrec_longseq.retrieval.topk import jagged_topk
 
@@ -64,20 +62,6 @@ MODEL_TOL = dict(rtol=1e-3, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ plumbing
-
-@contextmanager
-def kernels_off() -> Iterator[None]:
-    """The torch-ops paths (``retrieval.kernels`` reads the variable at every call)."""
-    old = os.environ.get("TORCHREC_LONGSEQ_KERNELS")
-    os.environ["TORCHREC_LONGSEQ_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TORCHREC_LONGSEQ_KERNELS"]
-        else:
-            os.environ["TORCHREC_LONGSEQ_KERNELS"] = old
-
 
 def moved(tree, device):
     """Every tensor of a (nested) structure on ``device``."""
@@ -271,7 +255,7 @@ def check_signature_topk(device: str, g: torch.Generator, shared: bool) -> Tuple
             inputs[1], inputs[4], inputs[6] = inputs[1][start:end], inputs[4][start:end], None
         for k in (0, 1, 7, 50):
             ref = signature_topk(*inputs, k)
-            with kernels_off():
+            with kernels.disabled():
                 got = signature_topk(*moved(inputs, device), k)
             same, _ = equal_pairs(ref, got)
             results.append(same)
@@ -290,7 +274,7 @@ def check_hard(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str
         target = torch.randint(0, categories, (64,), generator=g)
         for k in (0, 1, 7, 50):
             ref = hard_search(history, offsets, target, k)
-            with kernels_off():
+            with kernels.disabled():
                 got = hard_search(*moved((history, offsets, target), device), k)
             same, _ = equal_pairs(ref, got)
             results.append(same)
@@ -308,7 +292,7 @@ def check_jagged_topk(device: str, g: torch.Generator, largest: bool) -> Tuple[b
                    torch.randint(0, 10, (n,), generator=g)):  # integer scores
         for k in (0, 1, 7, 50):
             ref = jagged_topk(scores, offsets, k, largest)
-            with kernels_off():
+            with kernels.disabled():
                 got = jagged_topk(scores.to(device), offsets.to(device), k, largest)
             same, _ = equal_pairs(ref, got)
             results.append(same)
@@ -338,7 +322,7 @@ def check_attention(device: str, g: torch.Generator, bias: bool, shared: bool) -
         return out
 
     out = run(att, query, keys, b if bias else None, offsets, grad_out)
-    with kernels_off():
+    with kernels.disabled():
         out_dev = run(att_dev, leaves_dev[0], leaves_dev[1], leaves_dev[2] if bias else None,
                       None if offsets is None else offsets.to(device), grad_out.to(device))
     pairs = [("out", out, out_dev)] + [
@@ -389,7 +373,7 @@ def check_twin(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str
     exact, explained, unexplained = 0, 0, 0
     for k in (1, 7, 50):
         ref = twin_topk(*inputs, k)
-        with kernels_off():
+        with kernels.disabled():
             got = on_cpu(twin_topk(*moved(inputs, device), k))
         if not torch.equal(ref[1], got[1]):
             unexplained += batch
@@ -428,7 +412,7 @@ def check_sdim(device: str, g: torch.Generator) -> Tuple[bool, str]:
               torch.randint(0, items, (batch,), generator=g),
               torch.randint(0, categories, (batch,), generator=g), offsets, tau, groups)
     ref = collisions_by_id(*inputs)
-    with kernels_off():
+    with kernels.disabled():
         got = on_cpu(collisions_by_id(*moved(inputs, device)))
 
     def by_position(found):
@@ -524,7 +508,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
     model = build_model(name, config, data.table_sizes)
     model.refresh_derived_tables()
     model_dev = copy.deepcopy(model).to(device)
-    with kernels_off():
+    with kernels.disabled():
         model_dev.refresh_derived_tables()  # rebuilt on the device from the same embeddings
     notes: List[str] = []
     ok_tables, note = compare_tables(derived_tables(model), derived_tables(model_dev))
@@ -540,7 +524,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
         with torch.no_grad():
             ref = arch.search(batch.features, model.embedding_collection, batch.history_time,
                               batch.request_time)
-            with kernels_off():
+            with kernels.disabled():
                 got = model_dev.sequence_arch.search(
                     batch_dev.features, model_dev.embedding_collection, batch_dev.history_time,
                     batch_dev.request_time)
@@ -565,7 +549,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
     model.train()
     model_dev.train()
     logits, grads = step(model, batch, opt)
-    with kernels_off():
+    with kernels.disabled():
         logits_dev, grads_dev = step(model_dev, batch_dev, opt_dev)
     same, diff = close(logits, logits_dev, MODEL_TOL)
     ok &= same
@@ -588,7 +572,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
     model_dev.eval()
     with torch.no_grad():
         after, _ = model(batch.features, batch.history_time, batch.request_time)
-        with kernels_off():
+        with kernels.disabled():
             after_dev, _ = model_dev(batch_dev.features, batch_dev.history_time,
                                      batch_dev.request_time)
     same, diff = close(after, after_dev, MODEL_TOL)
@@ -609,7 +593,7 @@ def check_serving(name: str, device: str) -> Tuple[bool, str]:
     request = synthetic_request(data, 60, 20)
     request_dev = Request(**{k: moved(v, device) for k, v in vars(request).items()})
     ref = score_request(model, request)
-    with kernels_off():
+    with kernels.disabled():
         got = score_request(model_dev, request_dev)
     same, diff = close(ref, got, MODEL_TOL)
     return same, (f"{ref.numel()} candidates, L = {request.history_item.numel()}, "
@@ -771,10 +755,10 @@ def run_timing(args: argparse.Namespace, have_torchrec: bool) -> List[Dict[str, 
             try:
                 row["cpu_ms"] = 1e3 * median_seconds(make("cpu"), "cpu", args.cpu_repeats, 1)
                 if has_kernel:
-                    with kernels_off():
+                    with kernels.disabled():
                         row["cpu_torch_ops_ms"] = 1e3 * median_seconds(
                             make("cpu"), "cpu", args.cpu_repeats, 1)
-                with kernels_off():
+                with kernels.disabled():
                     row["device_ms"] = 1e3 * median_seconds(make(args.device), args.device,
                                                             args.repeats, 3)
             except Exception as e:

@@ -30,12 +30,10 @@ ops) and each call ends with ``torch.cuda.synchronize``. Prints a markdown table
 
 import argparse
 import json
-import os
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -43,7 +41,7 @@ from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules.attention import TargetAttention
 from torchrec_longseq.modules.eta import signature_topk
-from torchrec_longseq.retrieval import simhash
+from torchrec_longseq.retrieval import kernels, simhash
 from torchrec_longseq.retrieval.hard import hard_search
 
 METHODS = ["hard", "hard torch ops", "simhash kernel", "simhash torch ops", "full attention"]
@@ -63,20 +61,6 @@ def seconds(fn: Callable[[], object], repeats: int, device: str = "cpu") -> List
         call()
         times.append(time.perf_counter() - start)
     return times
-
-
-@contextmanager
-def kernels_off() -> Iterator[None]:
-    """Run the torch-ops paths (``retrieval.kernels`` reads the variable at every call)."""
-    old = os.environ.get("TORCHREC_LONGSEQ_KERNELS")
-    os.environ["TORCHREC_LONGSEQ_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TORCHREC_LONGSEQ_KERNELS"]
-        else:
-            os.environ["TORCHREC_LONGSEQ_KERNELS"] = old
 
 
 @torch.no_grad()
@@ -107,14 +91,14 @@ def measure(length: int, args: argparse.Namespace) -> Dict[str, object]:
     def torch_ops() -> Tuple[torch.Tensor, torch.Tensor]:
         history = torch.cat([item_sig[items], category_sig[categories]], dim=1)
         targets = torch.cat([item_sig[target_items], category_sig[target_categories]], dim=1)
-        with kernels_off():
+        with kernels.disabled():
             return simhash.simhash_topk(history, offsets, targets, k)
 
     def hard() -> Tuple[torch.Tensor, torch.Tensor]:
         return hard_search(categories, offsets, target_categories, k)
 
     def hard_torch_ops() -> Tuple[torch.Tensor, torch.Tensor]:
-        with kernels_off():
+        with kernels.disabled():
             return hard()
 
     def full_attention() -> torch.Tensor:

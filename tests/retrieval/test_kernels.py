@@ -2,6 +2,8 @@
 brute force): ETA's Hamming top-k, SIM's hard search, float top-k, TWIN's search, SDIM's
 collisions, and the target attention (whose gradients are also checked numerically)."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -92,6 +94,19 @@ def test_disabled_kernel_returns_none(monkeypatch) -> None:
     ids = torch.tensor([0])
     assert kernels.hamming_topk_by_id(table, ids, table[:1], table, ids, table[:1],
                                       torch.tensor([0, 1]), 1) is None
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_disabled_block_restores_the_setting(before, monkeypatch) -> None:
+    if before is None:
+        monkeypatch.delenv("TORCHREC_LONGSEQ_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", before)
+    categories, offsets, targets = torch.tensor([1, 0, 1]), torch.tensor([0, 3]), torch.tensor([1])
+    with kernels.disabled():
+        assert kernels.hard_topk(categories, offsets, targets, 1) is None
+    assert os.environ.get("TORCHREC_LONGSEQ_KERNELS") == before
+    assert kernels.hard_topk(categories, offsets, targets, 1) is not None
 
 
 JAGGED = st.lists(st.integers(0, 40), min_size=0, max_size=6)

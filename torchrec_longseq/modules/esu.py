@@ -9,7 +9,7 @@ from torchrec import EmbeddingCollection, KeyedJaggedTensor
 from torchrec_longseq import jagged
 from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules import derived
-from torchrec_longseq.modules.attention import DINAttention, TargetAttention
+from torchrec_longseq.modules.attention import TargetAttention
 from torchrec_longseq.modules.lookup import lookup_behaviors
 from torchrec_longseq.modules.time import TimeIntervalEmbedding, intervals_of
 

@@ -30,7 +30,8 @@ lock file / Debian; about a minute, cached in ``TORCH_EXTENSIONS_DIR``). The tor
 
 import os
 import sys
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -731,6 +732,21 @@ _MODULE = None
 
 def kernels_enabled() -> bool:
     return os.environ.get("TORCHREC_LONGSEQ_KERNELS", "1") != "0"
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block every device runs the torch ops, as with ``TORCHREC_LONGSEQ_KERNELS=0``
+    (the variable is read at every call), e.g. to compare the two paths."""
+    old = os.environ.get("TORCHREC_LONGSEQ_KERNELS")
+    os.environ["TORCHREC_LONGSEQ_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TORCHREC_LONGSEQ_KERNELS"]
+        else:
+            os.environ["TORCHREC_LONGSEQ_KERNELS"] = old
 
 
 def _module():
