@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--throughput")
     p.add_argument("--retrieval")
     p.add_argument("--anchor", nargs="*", default=[])
-    p.add_argument("--serving")
+    p.add_argument("--serving", nargs="*", default=[])
     p.add_argument("--out", default="benchmarks/RESULTS.md")
     args = p.parse_args()
     out: List[str] = [
@@ -150,12 +150,19 @@ def main() -> None:
                        + " | ".join(f"{r[k]:.2f}" for k in keys) + f" | {r['same_results']} |")
         out += ["", "![retrieval cost against L](retrieval.png)", ""]
         copy_plot(args.retrieval, "retrieval.png", args.out)
-    serving = args.serving and load(args.serving, "serving.json")
-    if serving:
+    servings = [x for x in (load(d, "serving.json") for d in args.serving) if x]
+    if servings:
+        out += ["## Serving one user", ""]
+    for serving in servings:
         a = serving["args"]
-        out += ["## Serving one user", "",
-                f"`benchmarks/serving.py --length {a['length']} --candidates {a['candidates']} "
-                f"--reps {a['reps']}`: one request, one fresh process per model, the three ways timed in alternating blocks; ms.", "",
+        memory = (" `--retain-memory`: glibc keeps freed memory mapped (no page faults after "
+                  "warm-up, as with a caching allocator)." if a.get("retain_memory") else
+                  " glibc's default allocation: large temporaries are fresh mappings whose "
+                  "pages fault in on first touch.")
+        out += [f"`benchmarks/serving.py --length {a['length']} --candidates {a['candidates']} "
+                f"--reps {a['reps']}" + " --retain-memory" * bool(a.get("retain_memory"))
+                + "`: one request, one fresh process per model, the three ways timed in "
+                "alternating blocks; ms." + memory, "",
                 "| model | shared p50 | shared p99 | batched p50 | batched p99 | one by one p50 | "
                 "batched / shared | one by one / shared |", "|---|---|---|---|---|---|---|---|"]
         for r in serving["results"]:
