@@ -338,7 +338,7 @@ def check_attention(device: str, g: torch.Generator, bias: bool, shared: bool) -
         (out_dev[(lengths == 0).to(device)] == 0).all()) and not bool(out_dev.isnan().any())
     if offsets is not None:
         ok &= empty
-    detail = f"{len(pairs)} tensors (output, input and weight gradients), max |diff| {worst:.2e}"
+    detail = f"{len(pairs)} tensors (output, input and weight gradients), max abs diff {worst:.2e}"
     return ok, detail + ("; empty samples give exact zeros" if offsets is not None else "")
 
 
@@ -393,7 +393,7 @@ def check_twin(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str
             else:
                 unexplained += 1
     return unexplained == 0, (f"k = 1, 7, 50 x {batch} samples: {exact} identical, {explained} "
-                              f"differ only in near ties (|score diff| <= 1e-5), {unexplained} not")
+                              f"differ only in near ties (abs score diff <= 1e-5), {unexplained} not")
 
 
 def check_sdim(device: str, g: torch.Generator) -> Tuple[bool, str]:
@@ -429,7 +429,7 @@ def check_sdim(device: str, g: torch.Generator) -> Tuple[bool, str]:
     mean_got = bucket_mean(*moved((behaviors, pair_offsets, got_sorted[2]), device))
     ok_mean, diff = close(mean_ref, mean_got, OP_TOL)
     return same and ok_mean, (f"{ref[0].numel()} colliding pairs, equal as sets per sample: "
-                              f"{same}; bucket_mean max |diff| {diff:.1e}")
+                              f"{same}; bucket_mean max abs diff {diff:.1e}")
 
 
 # ------------------------------------------------------------------------------ whole models
@@ -488,7 +488,7 @@ def compare_tables(ref: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor]) -
         other = got[name].cpu()
         if table.is_floating_point():
             same, diff = close(table, other, MODEL_TOL)
-            notes.append(f"{name.split('.')[-1]} max |diff| {diff:.1e}")
+            notes.append(f"{name.split('.')[-1]} max abs diff {diff:.1e}")
         else:
             rows = int((table != other).any(1).sum())
             same = rows == 0
@@ -562,7 +562,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
         if not g_same:
             bad.append(pname)
     ok &= not bad
-    notes.append(f"logits max |diff| {diff:.1e}; {len(grads)} gradients max |diff| {worst:.1e}"
+    notes.append(f"logits max abs diff {diff:.1e}; {len(grads)} gradients max abs diff {worst:.1e}"
                  + (f", not close: {bad}" if bad else ""))
     ok_tables, note = compare_tables(derived_tables(model), derived_tables(model_dev))
     if note:
@@ -577,7 +577,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
                                      batch_dev.request_time)
     same, diff = close(after, after_dev, MODEL_TOL)
     ok &= same
-    notes.append(f"logits after the step max |diff| {diff:.1e}")
+    notes.append(f"logits after the step max abs diff {diff:.1e}")
     return ok, "; ".join(notes)
 
 
@@ -597,7 +597,7 @@ def check_serving(name: str, device: str) -> Tuple[bool, str]:
         got = score_request(model_dev, request_dev)
     same, diff = close(ref, got, MODEL_TOL)
     return same, (f"{ref.numel()} candidates, L = {request.history_item.numel()}, "
-                  f"max |diff| {diff:.1e}")
+                  f"max abs diff {diff:.1e}")
 
 
 def check_validation(device: str) -> Tuple[bool, str]:
