@@ -61,7 +61,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--k", type=int, default=50, help="behaviors retrieved by SIM / ETA")
     p.add_argument("--heads", type=int, default=4, help="ESU attention heads")
-    p.add_argument("--short-window", type=int, default=50, help="recent behaviors (DIN, short-term branch)")
+    p.add_argument("--short-window", type=int, default=50,
+                   help="recent behaviors (DIN, short-term branch; 0: no short-term branch)")
     p.add_argument("--time-buckets", type=int, default=32, help="log-spaced time-interval buckets")
     p.add_argument("--hash-bits", type=int, default=64, help="ETA SimHash bits m")
     p.add_argument("--refresh-every", type=int, default=1,

@@ -165,7 +165,8 @@ class ModelConfig:
     months; SIM soft search uses a ``search_dim``-wide table; ETA hashes to ``hash_bits`` bits
     and rebuilds its signature table every ``refresh_every`` steps (1 = exact; the same for
     SDIM's code tables and TWIN's key tables); SDIM hashes to ``sdim_bits`` bits in signatures of
-    ``sdim_tau`` bits; TWIN keeps ``twin_k`` behaviors.
+    ``sdim_tau`` bits; TWIN keeps ``twin_k`` behaviors. The short-term branch (and DIN) sees
+    the last ``short_window`` behaviors; 0 builds SIM, ETA, TWIN and din-full without one.
     """
 
     embedding_dim: int = 16

@@ -138,13 +138,14 @@ def read_rows(lookup: EmbeddingCollection, key: str, items: torch.Tensor) -> tor
         return weight.detach()[items]
     # the metadata, not the ShardedTensor's own methods: those go through __torch_function__
     # (about 1.7 ms a call here)
-    num_rows, dim = weight.metadata().size
+    metadata = weight.metadata()
+    num_rows, dim = metadata.size
     shards = weight.local_shards()
     if len(shards) == 1 and list(shards[0].metadata.shard_sizes) == [num_rows, dim]:
         rows = shards[0].tensor[items]  # the whole table (table-wise, or one rank)
-    else:
+    else:  # (a rank may hold none of it: the dtype comes from the metadata every rank has)
         rows = torch.zeros(items.numel(), dim, device=items.device,
-                           dtype=shards[0].tensor.dtype if shards else torch.float32)
+                           dtype=metadata.tensor_properties.dtype)
         for shard in shards:
             (row, col), (height, width) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
             if height == num_rows:  # every row, some columns (column-wise)
