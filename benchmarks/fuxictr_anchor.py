@@ -10,10 +10,14 @@ every behavior under a fixed random projection, ``|code - code_target|`` summed,
 branch), user and hour embeddings, an MLP of our over-arch widths to a logit, BCE, backward,
 FuxiCTR's ``clip_grad_norm_(10)`` and Adam on every parameter. Both see the same synthetic
 batches (every sample has exactly L behaviors); the anchor's padded tensors are built outside the
-timed region, and both are timed by ``throughput.time_steps``. The table gives the fastest
-timed step (the CPU is shared: the fastest is the least disturbed), the JSON also the mean and
-the median. Each (model, L) runs in a fresh process, so the peak RSS column is that run's own
-(batches and the torch/torchrec import included).
+timed region. The two run in two fresh processes that take turns in blocks of ``--turn-steps``
+training steps (one waits while the other trains; both set up first), so that both see the same
+phases of this CPU, whose speed moves by up to 2x over minutes; the first step of each block is
+not timed (stepping one at a time would time ours with the caches FuxiCTR's 100+ MB step has
+just evicted, which slows ours, many small ops, by 1.3-1.5x). ``--sequential`` runs ours, then
+FuxiCTR (as before this option, and always with ``--ours-ranks 2``). The table gives the fastest
+timed step (the fastest is the least disturbed), the JSON also the mean and the median. The peak RSS column is
+each process's own (batches and the torch/torchrec import included).
 
 ``--ours-ranks 2`` trains ours the way ``torchrun`` runs it on this machine: 2 processes of 1
 thread (DMP over a 2-rank gloo group, all-to-all lookups and gradient all-reduce included), each
@@ -43,9 +47,11 @@ import argparse
 import ast
 import json
 import os
+import queue
 import socket
 import statistics
 import sys
+import time
 import types
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -238,38 +244,111 @@ def ours_rank(rank: int, world: int, port: int, length: int,
     return time_steps(step, batches[rank::world], args.warmup), peak_rss_gib()
 
 
+def summary(ms: List[float], steps: int, rss: float) -> Dict[str, float]:
+    return {"ms_per_sample": min(ms), "ms_per_sample_mean": statistics.mean(ms),
+            "ms_per_sample_median": statistics.median(ms), "steps": steps, "peak_rss_gib": rss}
+
+
+def setup(system: str, length: int, args: argparse.Namespace
+          ) -> Tuple[Callable[[int, Batch], None], List[Batch]]:
+    """``system``'s training step ("ours": one rank; "fuxictr") and its batches, in this process."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.fuxi_steps if system == "fuxictr" and args.fuxi_steps else args.steps
+    count = args.warmup + steps
+    if args.ours_ranks == 1 and not args.sequential:  # taking turns: the first step of a turn
+        while sum(i > args.warmup and (i - 1) % args.turn_steps != 0  # is not timed either
+                  for i in range(1, count + 1)) < steps:
+            count += 1
+    data, batches = synthetic_batches(length, args.batch_size, count)
+    if system == "ours":
+        os.environ["MASTER_PORT"] = str(free_port())  # for the one-rank gloo group
+        init_distributed()
+        return train_step("eta", data, args), batches
+    torch.manual_seed(0)
+    config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, hash_bits=args.hash_bits)
+    model = FuxiETA(data.table_sizes, config, args.fuxi_hash_bits or args.hash_bits,
+                    short_seq_len=0 if args.long_path_only else 50)
+    return fuxi_step(model, [fuxi_inputs(b, length) for b in batches]), batches
+
+
 def run_one(system: str, length: int, args: argparse.Namespace) -> Dict[str, float]:
     """Time ``system`` ("ours" or "fuxictr") at history length ``length``, in this process (with
     ``--ours-ranks 2``, ours in 2 processes: a step ends when the slower rank's does, and a step
     trains 2 batches)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = args.fuxi_steps if system == "fuxictr" and args.fuxi_steps else args.steps
     if system == "ours" and args.ours_ranks > 1:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         world, port = args.ours_ranks, free_port()
         with ProcessPoolExecutor(world, mp_context=get_context("spawn")) as pool:
             runs = [f.result() for f in [pool.submit(ours_rank, r, world, port, length, args)
                                          for r in range(world)]]
         step_times = [max(t) for t in zip(*(times for times, _ in runs))]
         ms = [1000 * t / (world * args.batch_size) for t in step_times]
-        return {"ms_per_sample": min(ms), "ms_per_sample_mean": statistics.mean(ms),
-                "ms_per_sample_median": statistics.median(ms), "steps": steps,
-                "peak_rss_gib": max(rss for _, rss in runs)}
-    data, batches = synthetic_batches(length, args.batch_size, args.warmup + steps)
-    if system == "ours":
-        os.environ["MASTER_PORT"] = str(free_port())  # for the one-rank gloo group
-        init_distributed()
-        step = train_step("eta", data, args)
-    else:
-        torch.manual_seed(0)
-        config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, hash_bits=args.hash_bits)
-        model = FuxiETA(data.table_sizes, config, args.fuxi_hash_bits or args.hash_bits,
-                        short_seq_len=0 if args.long_path_only else 50)
-        step = fuxi_step(model, [fuxi_inputs(b, length) for b in batches])
+        return summary(ms, args.steps, max(rss for _, rss in runs))
+    step, batches = setup(system, length, args)
     ms = [1000 * t / args.batch_size for t in time_steps(step, batches, args.warmup)]  # per sample
-    return {"ms_per_sample": min(ms), "ms_per_sample_mean": statistics.mean(ms),
-            "ms_per_sample_median": statistics.median(ms), "steps": steps,
-            "peak_rss_gib": peak_rss_gib()}
+    return summary(ms, len(batches) - args.warmup, peak_rss_gib())
+
+
+def take_turns(system: str, length: int, args: argparse.Namespace, mine, theirs, ready,
+               results) -> None:
+    """``run_one`` for one system of an interleaved pair: after setup, the two systems take turns
+    in blocks of ``--turn-steps`` training steps (waiting for ``mine``, handing over with
+    ``theirs``), so that both see the same phases of the machine; the first step of each block
+    is not timed (it pays for the caches the other system's block evicted)."""
+    step, batches = setup(system, length, args)
+    ready.release()
+    ms = []
+    for i, batch in enumerate(batches, start=1):
+        first = (i - 1) % args.turn_steps == 0
+        if first:
+            mine.acquire()
+        start = time.perf_counter()
+        step(i, batch)
+        elapsed = time.perf_counter() - start
+        if i > args.warmup and not first:
+            ms.append(1000 * elapsed / args.batch_size)
+        if i % args.turn_steps == 0 or i == len(batches):
+            theirs.release()
+    results.put((system, summary(ms, len(ms), peak_rss_gib())))
+
+
+def run_interleaved(length: int, args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+    """Ours and FuxiCTR in two processes that take turns (``take_turns``; ours first), after both
+    have set up: ``{system: run_one's dict}``."""
+    ctx = get_context("spawn")
+    turns, ready, results = [ctx.Semaphore(0), ctx.Semaphore(0)], ctx.Semaphore(0), ctx.Queue()
+    systems = ("ours", "fuxictr")
+    procs = [ctx.Process(target=take_turns, args=(system, length, args, turns[i], turns[1 - i],
+                                                  ready, results))
+             for i, system in enumerate(systems)]
+    for proc in procs:
+        proc.start()
+    out: Dict[str, Dict[str, float]] = {}
+    try:
+        for _ in systems:
+            while not ready.acquire(timeout=5):
+                check_alive(procs)
+        turns[0].release()
+        while len(out) < len(systems):
+            try:
+                system, row = results.get(timeout=5)
+                out[system] = row
+            except queue.Empty:
+                check_alive(procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    return out
+
+
+def check_alive(procs) -> None:
+    dead = [p for p in procs if p.exitcode not in (None, 0)]
+    if dead:
+        raise RuntimeError(f"an interleaved run failed (exit code {dead[0].exitcode})")
 
 
 def main() -> None:
@@ -283,7 +362,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20,
                    help="timed steps; the table gives the fastest (on a noisy CPU more steps give "
                         "a steadier minimum)")
-    p.add_argument("--fuxi-steps", type=int, default=0, help="timed FuxiCTR steps (0: --steps)")
+    p.add_argument("--fuxi-steps", type=int, default=0,
+                   help="timed FuxiCTR steps (0: --steps; with --sequential only)")
+    p.add_argument("--sequential", action="store_true",
+                   help="ours, then FuxiCTR (default with one rank: the two take turns)")
+    p.add_argument("--turn-steps", type=int, default=6,
+                   help="steps per turn when taking turns (the first of each is not timed)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--ours-ranks", type=int, default=1,
@@ -293,6 +377,8 @@ def main() -> None:
                    help="both without their short-term branch (ours: --short-window 0)")
     p.add_argument("--out", default="runs/anchor")
     args = p.parse_args()
+    if args.fuxi_steps and args.ours_ranks == 1 and not args.sequential:
+        p.error("--fuxi-steps needs --sequential (taking turns, both run --steps steps)")
     print(check_verbatim(), flush=True)
 
     results = []
@@ -301,10 +387,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for length in args.lengths:
         row: Dict[str, float] = {"L": length}
-        for system in ("ours", "fuxictr"):
-            # a fresh process per run: its own peak RSS, no state shared between the two
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                r = pool.submit(run_one, system, length, args).result()
+        if args.ours_ranks == 1 and not args.sequential:
+            runs = run_interleaved(length, args)
+        else:  # a fresh process per run, one after the other
+            runs = {}
+            for system in ("ours", "fuxictr"):
+                with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                    runs[system] = pool.submit(run_one, system, length, args).result()
+        for system, r in runs.items():
             row.update({f"{system}_{key}": value for key, value in r.items()})
         row["speedup"] = row["fuxictr_ms_per_sample"] / row["ours_ms_per_sample"]
         row["speedup_mean"] = row["fuxictr_ms_per_sample_mean"] / row["ours_ms_per_sample_mean"]
