@@ -118,6 +118,11 @@ def main() -> None:
         what = ("the long-sequence path only (both without their short-term branch)"
                 if a.get("long_path_only") else "whole models (each with its short-term branch)")
         ranks = a.get("ours_ranks", 1)
+        if ranks == 1 and "turn_steps" in a and not a.get("sequential"):
+            what += (f"; the two take turns in blocks of {a['turn_steps']} steps (the first of "
+                     "each not timed)")
+        else:
+            what += "; ours, then FuxiCTR"
         if ranks > 1:
             what += (f"; ours trained on {ranks} ranks of 1 thread (as `torchrun` runs it), each "
                      f"with its own batch of {a['batch_size']}, per sample of the {ranks} batches;"
