@@ -10,7 +10,11 @@ dense parameters use Adam. Validation runs every ``--eval-every`` steps, the tes
 the end; ``DIR/metrics.json`` gets auc, gauc, logloss (test), samples_per_sec, model and
 max_seq_len. ``--checkpoint-every`` saves with torch.distributed.checkpoint to ``DIR/checkpoint``;
 ``--resume`` continues from it (the data stream is a pure function of the step, so a resumed run
-sees the batches it would have seen).
+sees the batches it would have seen). ``--pipeline`` trains through TorchRec's
+``TrainPipelineSparseDist``: the next batch's input distribution for the pooled features (the
+sharded module fed straight from the batch) starts during this step; the EmbeddingCollection's
+input is the search's output, so its lookup stays in the step. Same updates, same results
+(tested); the derived tables are refreshed after each step as without it.
 """
 
 import argparse
@@ -28,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -80,6 +85,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--sharding", default="auto", choices=["auto", "table_wise", "column_wise", "row_wise"])
     p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers per rank")
+    p.add_argument("--pipeline", action="store_true",
+                   help="train with TorchRec's TrainPipelineSparseDist")
     return p.parse_args(argv)
 
 
@@ -140,6 +147,14 @@ def shard(model: nn.Module, device: torch.device, sharding: str, sparse_lr: floa
 def batches(dataset: SyntheticLifelongSequences, num_workers: int) -> Iterator[Batch]:
     return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
                            persistent_workers=False))
+
+
+def checked_batches(dataset: SyntheticLifelongSequences, num_workers: int,
+                    table_sizes: Dict[str, int]) -> Iterator[Batch]:
+    """The training batches, each validated (``check_batch``) as it is read."""
+    for batch in batches(dataset, num_workers):
+        check_batch(batch, table_sizes)
+        yield batch
 
 
 @torch.no_grad()
@@ -242,26 +257,37 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     train_time = 0.0
     progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc=args.model,
                     mininterval=2.0)
-    for step, batch in enumerate(batches(train, args.num_workers), start=start + 1):
-        check_batch(batch, data.table_sizes)
+    checked = checked_batches(train, args.num_workers, data.table_sizes)
+    pipeline = TrainPipelineSparseDist(model, optimizer, device) if args.pipeline else None
+    for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
-        batch = batch.to(device)
-        loss, _ = model(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        if pipeline is not None:  # reads the next batch itself (and the one after it)
+            loss = pipeline.progress(checked)[0]  # the model's (loss, logits, labels), detached
+        else:
+            batch = next(checked)
+            t0 = time.perf_counter()
+            loss, _ = model(batch.to(device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
         ctr.refresh_derived_tables(step)
         train_time += time.perf_counter() - t0
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            if pipeline is not None:
+                pipeline.detach()  # the model's own forwards back, for evaluation
             val = evaluate(model, data, "val", args, device)
+            if pipeline is not None:
+                pipeline.attach(model)
             history.append({"step": step, **val})
             if rank == 0:
                 progress.write(f"step {step} validation " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             dcp.save(checkpoint_state(model, optimizer, step), checkpoint_id=str(ckpt))
     progress.close()
+    if pipeline is not None:
+        pipeline.detach()
 
     val = evaluate(model, data, "val", args, device)
     test = evaluate(model, data, "test", args, device)
