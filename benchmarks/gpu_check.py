@@ -146,6 +146,20 @@ def equal_pairs(a: Pair, b: Pair) -> Tuple[bool, str]:
     return same, f"{a[0].numel()} selected"
 
 
+def same_selections(fn: Callable[..., Pair], args: Tuple, device: str,
+                    ks: Tuple[int, ...]) -> Tuple[bool, int]:
+    """``fn(*args, k)`` for each ``k``: on CPU (the compiled kernel where there is one) against
+    ``fn`` on ``device`` with the torch ops. Returns (all identical, CPU selections in all)."""
+    same, selected = True, 0
+    for k in ks:
+        ref = fn(*args, k)
+        with kernels.disabled():
+            got = fn(*moved(args, device), k)
+        same = equal_pairs(ref, got)[0] and same
+        selected += ref[0].numel()
+    return same, selected
+
+
 def close(a: torch.Tensor, b: torch.Tensor, tol: Dict[str, float]) -> Tuple[bool, float]:
     a, b = a.detach().cpu().double(), b.detach().cpu().double()
     if a.shape != b.shape:
@@ -221,12 +235,10 @@ def check_simhash_topk(device: str, g: torch.Generator) -> Tuple[bool, str]:
         else:
             hist[:, 1] &= 0xFF
             target[:, 1] &= 0xFF
-        for k in (0, 1, 7, 50, 400):
-            ref = simhash.simhash_topk(hist, offsets, target, k)
-            got = simhash.simhash_topk(*moved((hist, offsets, target), device), k)
-            same, _ = equal_pairs(ref, got)
-            results.append(same)
-            selected += ref[0].numel()
+        same, count = same_selections(simhash.simhash_topk, (hist, offsets, target), device,
+                                      (0, 1, 7, 50, 400))
+        results.append(same)
+        selected += count
     return all(results), f"W = 1, 2; k = 0, 1, 7, 50, 400; {selected} selected"
 
 
@@ -253,13 +265,9 @@ def check_signature_topk(device: str, g: torch.Generator, shared: bool) -> Tuple
         if shared:  # one history (the first non-empty sample's) for all 64 candidates
             start, end = int(inputs[6][1]), int(inputs[6][2])
             inputs[1], inputs[4], inputs[6] = inputs[1][start:end], inputs[4][start:end], None
-        for k in (0, 1, 7, 50):
-            ref = signature_topk(*inputs, k)
-            with kernels.disabled():
-                got = signature_topk(*moved(inputs, device), k)
-            same, _ = equal_pairs(ref, got)
-            results.append(same)
-            selected += ref[0].numel()
+        same, count = same_selections(signature_topk, tuple(inputs), device, (0, 1, 7, 50))
+        results.append(same)
+        selected += count
     return all(results), f"m = 8, 64 per block; k = 0, 1, 7, 50; {selected} selected"
 
 
@@ -272,13 +280,10 @@ def check_hard(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str
         if shared:
             history, offsets = history[: int(lengths[1])], None
         target = torch.randint(0, categories, (64,), generator=g)
-        for k in (0, 1, 7, 50):
-            ref = hard_search(history, offsets, target, k)
-            with kernels.disabled():
-                got = hard_search(*moved((history, offsets, target), device), k)
-            same, _ = equal_pairs(ref, got)
-            results.append(same)
-            selected += ref[0].numel()
+        same, count = same_selections(hard_search, (history, offsets, target), device,
+                                      (0, 1, 7, 50))
+        results.append(same)
+        selected += count
     return all(results), f"3 and 50 categories; k = 0, 1, 7, 50; {selected} selected"
 
 
@@ -290,13 +295,10 @@ def check_jagged_topk(device: str, g: torch.Generator, largest: bool) -> Tuple[b
     for scores in (torch.randn(n, generator=g),  # distinct
                    torch.randint(0, 10, (n,), generator=g).float(),  # many ties
                    torch.randint(0, 10, (n,), generator=g)):  # integer scores
-        for k in (0, 1, 7, 50):
-            ref = jagged_topk(scores, offsets, k, largest)
-            with kernels.disabled():
-                got = jagged_topk(scores.to(device), offsets.to(device), k, largest)
-            same, _ = equal_pairs(ref, got)
-            results.append(same)
-            selected += ref[0].numel()
+        same, count = same_selections(lambda s, o, k: jagged_topk(s, o, k, largest),
+                                      (scores, offsets), device, (0, 1, 7, 50))
+        results.append(same)
+        selected += count
     return all(results), f"float, tied float, int scores; k = 0, 1, 7, 50; {selected} selected"
 
 
