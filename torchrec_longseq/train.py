@@ -260,12 +260,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     checked = checked_batches(train, args.num_workers, data.table_sizes)
     pipeline = TrainPipelineSparseDist(model, optimizer, device) if args.pipeline else None
     for step in range(start + 1, args.steps + 1):
+        batch = next(checked) if pipeline is None else None  # read outside the timing
         t0 = time.perf_counter()
-        if pipeline is not None:  # reads the next batch itself (and the one after it)
+        if pipeline is not None:  # its step reads this batch and the one after it itself
             loss = pipeline.progress(checked)[0]  # the model's (loss, logits, labels), detached
         else:
-            batch = next(checked)
-            t0 = time.perf_counter()
             loss, _ = model(batch.to(device))
             loss.backward()
             optimizer.step()

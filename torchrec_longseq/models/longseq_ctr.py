@@ -107,7 +107,7 @@ class LongSeqCTR(nn.Module):
             return
         tables = [t for t in self.modules() if isinstance(t, ItemDerivedTable)]
         exact = [t for t in tables if step is not None and t.exact]
-        if exact:  # one lookup for all of them
+        if exact:  # the touched rows, read from the (local shards of the) tables
             derived.refresh_touched(exact, self.embedding_collection)
         for table in tables:  # whole rebuilds: at start, and every refresh_every steps if periodic
             if step is None or (not table.exact and step % table.refresh_every == 0):
