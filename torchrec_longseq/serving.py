@@ -28,7 +28,7 @@ products). ``score_request`` scores a model with a sequence module it does not k
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torchrec import KeyedJaggedTensor
@@ -48,7 +48,12 @@ from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import SearchBasedInterest, WholeHistory
-from torchrec_longseq.modules.lookup import lookup_behaviors
+from torchrec_longseq.modules.lookup import (
+    LOOKUP_KEYS,
+    SHORT_CATEGORY,
+    SHORT_ITEM,
+    embed_selection,
+)
 from torchrec_longseq.modules.sdim import SDIM, first_occurrences
 from torchrec_longseq.modules.eta import SimHashSearch, signature_topk
 from torchrec_longseq.modules.sim import (
@@ -61,6 +66,9 @@ from torchrec_longseq.modules.sim import (
     search_features,
     search_vectors,
 )
+
+# the request features soft search reads: the candidates and the whole history
+SEARCH_SOURCE_KEYS = [TARGET_ITEM, TARGET_CATEGORY, HIST_ITEM, HIST_CATEGORY]
 from torchrec_longseq.modules.twin import TwinSearch, twin_topk
 from torchrec_longseq.retrieval import hard, topk
 
@@ -104,41 +112,56 @@ def synthetic_request(data: SyntheticConfig, length: int, candidates: int,
         candidate_category=items // data.items_per_category)
 
 
-def request_batch(request: Request, selection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-                  ) -> Batch:
-    """The request as C independent samples in the training layout.
-
-    ``selection = (positions [M], lengths [C])`` gives each candidate only those history positions
-    (chronological per candidate); ``None`` gives every candidate the whole history (C copies).
-    """
+def request_batch(request: Request) -> Batch:
+    """The request as C independent samples in the training layout: every candidate with its
+    own copy of the history."""
     c, n = request.num_candidates, request.history_item.numel()
     device = request.history_item.device
-    if selection is None:
-        positions = torch.arange(n, device=device).repeat(c)
-        lengths = torch.full((c,), n, dtype=torch.long, device=device)
-    else:
-        positions, lengths = selection
     ones = torch.ones(c, dtype=torch.long, device=device)
+    lengths = torch.full((c,), n, dtype=torch.long, device=device)
     values = [torch.full((c,), request.user_id, device=device),
               torch.full((c,), request.context_hour, device=device),
               request.candidate_item, request.candidate_category,
-              request.history_item[positions], request.history_category[positions]]
+              request.history_item.repeat(c), request.history_category.repeat(c)]
     features = KeyedJaggedTensor(
         keys=FEATURE_KEYS, values=torch.cat([v.long() for v in values]),
         lengths=torch.cat([ones, ones, ones, ones, lengths, lengths]).int())
-    return Batch(features=features, history_time=request.history_time[positions],
+    return Batch(features=features, history_time=request.history_time.repeat(c),
                  request_time=torch.full((c,), request.request_time, device=device),
                  labels=torch.zeros(c, device=device),
-                 relevant=torch.zeros(positions.numel(), dtype=torch.bool, device=device))
+                 relevant=torch.zeros(c * n, dtype=torch.bool, device=device))
 
 
-def carried_once(request: Request, positions: torch.Tensor) -> Batch:
-    """The request's C candidates in the training layout with the history ``positions [M]``
-    carried once, by the first candidate (the others carry none): what one lookup of the
-    candidates and of those behaviors takes."""
-    once = torch.zeros(request.num_candidates, dtype=torch.long, device=positions.device)
-    once[:1] = positions.numel()
-    return request_batch(request, (positions, once))
+def request_features(request: Request, keys: List[str], positions: torch.Tensor
+                     ) -> KeyedJaggedTensor:
+    """The request's features ``keys`` as C samples in which every id appears once: what one
+    lookup of the candidates, the user and the history ``positions [M]`` reads.
+
+    Candidate keys (``target_*``) hold each candidate's id; the user, the context hour and the
+    history positions (``hist_*``) are carried by the first candidate only, the other samples
+    empty; ``short_*`` keys are empty. A module that pools (the EBC) gives the first candidate's
+    row for everything per user (``shared_pooled``)."""
+    c, device = request.num_candidates, request.history_item.device
+    lengths = torch.zeros(len(keys), c, dtype=torch.int32, device=device)
+    values = []
+    for i, key in enumerate(keys):
+        if key in (TARGET_ITEM, TARGET_CATEGORY):
+            ids = request.candidate_item if key == TARGET_ITEM else request.candidate_category
+            lengths[i] = 1
+        elif key in (USER_ID, CONTEXT_HOUR):
+            ids = torch.full((1,), request.user_id if key == USER_ID else request.context_hour,
+                             dtype=torch.long, device=device)
+        elif key in (HIST_ITEM, HIST_CATEGORY):
+            ids = (request.history_item if key == HIST_ITEM
+                   else request.history_category).index_select(0, positions)
+        elif key in (SHORT_ITEM, SHORT_CATEGORY):
+            ids = positions[:0]
+        else:
+            raise KeyError(f"a request has no feature {key!r}")
+        if key not in (TARGET_ITEM, TARGET_CATEGORY) and c > 0:
+            lengths[i, 0] = ids.numel()
+        values.append(ids.long())
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths.flatten())
 
 
 @torch.no_grad()
@@ -163,8 +186,9 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
                          request.candidate_category, None, bias, search.num_heads, search.k)
     if isinstance(search, SoftSearch):
         # the history's search vectors are looked up and projected once: [L, P]
-        batch = carried_once(request, torch.arange(n, device=request.history_item.device))
-        embeddings = search.search_table(search_features(batch.features, search.with_category))
+        features = request_features(request, SEARCH_SOURCE_KEYS,
+                                    torch.arange(n, device=request.history_item.device))
+        embeddings = search.search_table(search_features(features, search.with_category))
         behaviors = search.w_b(search_vectors(embeddings, SEARCH_HIST, SEARCH_HIST_CATEGORY,
                                               search.with_category))  # [L, P]
         targets = search.w_a(search_vectors(embeddings, SEARCH_TARGET, SEARCH_TARGET_CATEGORY,
@@ -175,11 +199,13 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
     raise TypeError(f"no shared search for {type(search).__name__}")
 
 
-def shared_pooled(model: LongSeqCTR, batch: Batch) -> torch.Tensor:
-    """``[C, P]`` pooled features of a ``carried_once`` batch: each candidate's own columns, and the
-    first candidate's for everything per user (user, context, avg-pool's history), broadcast."""
-    pooled = model.sparse_arch(batch.features)
-    c = batch.request_time.numel()
+def shared_pooled(model: LongSeqCTR, request: Request, positions: torch.Tensor) -> torch.Tensor:
+    """``[C, P]`` pooled features of the request, the history ``positions`` pooled if the model
+    pools history (avg-pool): one EBC call on ``request_features``; each candidate's own
+    columns, and the first candidate's for everything per user (user, context, avg-pool's
+    history), broadcast."""
+    pooled = model.sparse_arch(request_features(request, model.pooled_keys, positions))
+    c = request.num_candidates
     return torch.cat([pooled[key] if key in (TARGET_ITEM, TARGET_CATEGORY)
                       else pooled[key][:1].expand(c, -1) for key in model.pooled_keys], dim=1)
 
@@ -203,8 +229,7 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     if c == 0:
         return torch.zeros(0, device=device)
     if arch is None:  # avg-pool: the history is a pooled feature, averaged once
-        everything = carried_once(request, torch.arange(n, device=device))
-        return model.head(shared_pooled(model, everything), None)
+        return model.head(shared_pooled(model, request, torch.arange(n, device=device)), None)
     lengths: Optional[torch.Tensor] = None  # None: what is read is every candidate's
     if isinstance(arch, DIN):
         window = min(n, arch.last_n)
@@ -226,30 +251,30 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     recent = torch.arange(n - window, n, device=device)
     # the distinct positions read, in history order, and each read's row among them (no sort)
     selected = torch.cat([indices, recent])
-    seen = torch.zeros(n, dtype=torch.bool, device=device)
-    seen[selected] = True
+    seen = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, selected, True)
     used = seen.nonzero().squeeze(1)
-    inverse = (torch.cumsum(seen, 0) - 1)[selected]
+    inverse = (torch.cumsum(seen, 0) - 1).index_select(0, selected)
+    long_rows, short_rows = inverse[:indices.numel()], inverse[indices.numel():]
     # one lookup: the candidates, and the used positions once
-    batch = carried_once(request, used)
-    target, rows, _, _, _ = lookup_behaviors(
-        model.embedding_collection, batch.features,
-        (torch.arange(used.numel(), device=device), batch.features[HIST_ITEM].lengths()))
-    intervals = request.request_time - request.history_time  # [L], once
-    short = rows[inverse[indices.numel():]]  # the window, shared: offsets None
+    target, rows, _, _, _ = embed_selection(model.embedding_collection,
+                                            request_features(request, LOOKUP_KEYS, used))
+    intervals = request.request_time - request.history_time.index_select(0, used)  # [U]
+    short = rows.index_select(0, short_rows)  # the window, shared: offsets None
+    short_intervals = intervals.index_select(0, short_rows)
     if isinstance(arch, DIN):
-        sequence = arch.attend(target, short, None, intervals[recent])
+        sequence = arch.attend(target, short, None, short_intervals)
     elif isinstance(arch, SDIM):
-        long_term = arch.shared_interest(rows[inverse[:indices.numel()]],
-                                         request.history_item[indices],
-                                         request.history_category[indices], counts,
-                                         request.candidate_item, request.candidate_category)
-        sequence = arch.attend(target, long_term, short, None, intervals[recent])
-    else:
+        long_term = arch.shared_interest(rows.index_select(0, long_rows),
+                                         request.history_item.index_select(0, indices),
+                                         request.history_category.index_select(0, indices),
+                                         counts, request.candidate_item,
+                                         request.candidate_category)
+        sequence = arch.attend(target, long_term, short, None, short_intervals)
+    else:  # each used behavior's key is built once (retrieved_index)
         offsets = None if lengths is None else jagged.lengths_to_offsets(lengths)
-        sequence = arch.attend(target, rows[inverse[:indices.numel()]], offsets,
-                               intervals[indices], short, None, intervals[recent])
-    return model.head(shared_pooled(model, batch), sequence)
+        sequence = arch.attend(target, rows, offsets, intervals, short, None, short_intervals,
+                               retrieved_index=long_rows)
+    return model.head(shared_pooled(model, request, used[:0]), sequence)
 
 
 @torch.no_grad()

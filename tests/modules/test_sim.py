@@ -418,6 +418,27 @@ def test_esu_of_zero_retrieved_behaviors_is_exactly_zero() -> None:
     torch.testing.assert_close(single[0], esu.attention.v_proj.weight @ z)
 
 
+@pytest.mark.parametrize("time_as_bias", [False, True])
+def test_esu_index_reads_the_indexed_behaviors(time_as_bias: bool) -> None:
+    """``index``: attending over ``behaviors[index]`` (serving's distinct rows, each keyed once)
+    is attending over the gathered rows, outputs and gradients, repeats and empty samples too."""
+    torch.manual_seed(0)
+    time = TimeIntervalEmbedding(2 if time_as_bias else 3, num_buckets=8)
+    esu = ExactSearchUnit(6, time, num_heads=2, head_dim=4, time_as_bias=time_as_bias)
+    target = torch.randn(3, 6)
+    behaviors = torch.randn(4, 6, requires_grad=True)
+    intervals = torch.tensor([10, 1000, 10**5, 10**7])
+    index = torch.tensor([3, 0, 3, 1, 1, 2])  # rows read twice, row order not chronological
+    offsets = torch.tensor([0, 3, 3, 6])
+    indexed = esu(target, behaviors, offsets, intervals, index)
+    (grad_indexed,) = torch.autograd.grad(indexed.square().sum(), behaviors)
+    gathered = esu(target, behaviors[index], offsets, intervals[index])
+    (grad_gathered,) = torch.autograd.grad(gathered.square().sum(), behaviors)
+    torch.testing.assert_close(indexed, gathered)
+    torch.testing.assert_close(grad_indexed, grad_gathered)
+    assert torch.equal(indexed[1], torch.zeros(8)) and indexed[0].abs().sum() > 0
+
+
 def total_loss(logits: torch.Tensor, aux: Optional[torch.Tensor], labels: torch.Tensor
                ) -> torch.Tensor:
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)

@@ -52,13 +52,21 @@ class ExactSearchUnit(nn.Module):
         self.output_dim = self.attention.output_dim
 
     def forward(self, target: torch.Tensor, behaviors: torch.Tensor,
-                offsets: Optional[torch.Tensor], intervals: torch.Tensor) -> torch.Tensor:
+                offsets: Optional[torch.Tensor], intervals: torch.Tensor,
+                index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``target [B, D]``, ``behaviors [M, D]``, ``offsets [B + 1]`` (``None``: the M
-        behaviors are every candidate's), ``intervals [M]`` -> ``[B, H * Dh]``."""
-        if self.time_as_bias:
-            return self.attention(target, behaviors, offsets, self.time_embedding(intervals))
-        keys = torch.cat([behaviors, self.time_embedding(intervals)], dim=1)  # [M, D + Dt]
-        return self.attention(target, keys, offsets)
+        behaviors are every candidate's), ``intervals [M]`` -> ``[B, H * Dh]``.
+
+        ``index [M']``: the attended behaviors are ``behaviors[index]`` (jagged by ``offsets``);
+        serving passes each distinct behavior of the request once (``behaviors [U, D]``,
+        ``intervals [U]``), so its key is built once however many candidates retrieved it."""
+        time = self.time_embedding(intervals)
+        keys = behaviors if self.time_as_bias else torch.cat([behaviors, time], dim=1)  # [M, Dk]
+        bias = time if self.time_as_bias else None  # [M, H]
+        if index is not None:
+            keys = keys.index_select(0, index)
+            bias = bias.index_select(0, index) if bias is not None else None
+        return self.attention(target, keys, offsets, bias)
 
 
 HISTORY_KEY = {TARGET_ITEM: HIST_ITEM, TARGET_CATEGORY: HIST_CATEGORY}
@@ -161,13 +169,15 @@ class SearchBasedInterest(nn.Module):
     def attend(self, target: torch.Tensor, retrieved: torch.Tensor,
                retrieved_offsets: Optional[torch.Tensor], intervals: torch.Tensor,
                short: torch.Tensor, short_offsets: Optional[torch.Tensor],
-               short_intervals: torch.Tensor) -> torch.Tensor:
+               short_intervals: torch.Tensor,
+               retrieved_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Everything after the search and the lookup (serving calls it with looked-up rows it
         shares between candidates): ``target [B, D]``, the retrieved ``[M, D]`` and recent
         ``[S, D]`` behaviors with their offsets ``[B + 1]`` and intervals ``[M]``, ``[S]`` ->
         ``[B, output_dim]``. Offsets ``None``: those behaviors are every candidate's (one user's
-        window; with ``WholeHistory``, the user's whole history)."""
-        long_term = self.esu(target, retrieved, retrieved_offsets, intervals)
+        window; with ``WholeHistory``, the user's whole history). ``retrieved_index``: the
+        retrieved behaviors are ``retrieved[retrieved_index]`` (see ``ExactSearchUnit``)."""
+        long_term = self.esu(target, retrieved, retrieved_offsets, intervals, retrieved_index)
         if self.short_term is None:
             return torch.cat([target, long_term], dim=1)
         if isinstance(self.short_term, ExactSearchUnit):  # multi-head target attention (ETA)

@@ -87,11 +87,20 @@ def lookup_behaviors(
 
     Returns:
         ``(target [B, 2D], long [M, 2D], long_offsets [B + 1], short [S, 2D],
-        short_offsets [B + 1])``.
+        short_offsets [B + 1])``, as ``embed_selection``.
     """
     long_indices, long_lengths = long
     short_indices, short_lengths = short if short is not None else (None, None)
     kjt = selection_features(features, long_indices, long_lengths, short_indices, short_lengths)
+    return embed_selection(lookup, kjt)
+
+
+def embed_selection(
+    lookup: EmbeddingCollection, kjt: KeyedJaggedTensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ``lookup`` call on a KJT of ``LOOKUP_KEYS`` -> ``(target [B, 2D], long [M, 2D],
+    long_offsets [B + 1], short [S, 2D], short_offsets [B + 1])``, item and category
+    embeddings concatenated (serving builds the KJT itself: ``serving.request_features``)."""
     embeddings = lookup(kjt)  # one all-to-all for everything this module reads
     return (
         _concat(embeddings, TARGET_ITEM, TARGET_CATEGORY),
