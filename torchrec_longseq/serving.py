@@ -52,7 +52,7 @@ from torchrec_longseq.modules.lookup import (
     LOOKUP_KEYS,
     SHORT_CATEGORY,
     SHORT_ITEM,
-    embed_selection,
+    behavior_rows,
 )
 from torchrec_longseq.modules.sdim import SDIM, first_occurrences
 from torchrec_longseq.modules.eta import SimHashSearch, signature_topk
@@ -161,10 +161,13 @@ def request_features(request: Request, keys: List[str], positions: torch.Tensor
         if key not in (TARGET_ITEM, TARGET_CATEGORY) and c > 0:
             lengths[i, 0] = ids.numel()
         values.append(ids.long())
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths.flatten())
+    counts = [v.numel() for v in values]  # known here: spares the KJT a sum and a sync
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths.flatten(),
+                             stride=c, length_per_key=counts,
+                             offset_per_key=[sum(counts[:i]) for i in range(len(keys) + 1)])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(positions [M], lengths [C])``: what ``search`` retrieves for each candidate, as positions
     into the one history: the searches' own functions with ``offsets=None`` (compiled kernels
@@ -206,11 +209,14 @@ def shared_pooled(model: LongSeqCTR, request: Request, positions: torch.Tensor) 
     history), broadcast."""
     pooled = model.sparse_arch(request_features(request, model.pooled_keys, positions))
     c = request.num_candidates
+    if not any(key in (TARGET_ITEM, TARGET_CATEGORY) for key in model.pooled_keys):
+        values = pooled.values() if pooled.keys() == model.pooled_keys else model.pooled_of(pooled)
+        return values[:1].expand(c, -1)  # all per user
     return torch.cat([pooled[key] if key in (TARGET_ITEM, TARGET_CATEGORY)
                       else pooled[key][:1].expand(c, -1) for key in model.pooled_keys], dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     """``[C]`` logits with the history read once, or ``None`` for a sequence module this function
     does not know.
@@ -256,8 +262,9 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     inverse = (torch.cumsum(seen, 0) - 1).index_select(0, selected)
     long_rows, short_rows = inverse[:indices.numel()], inverse[indices.numel():]
     # one lookup: the candidates, and the used positions once
-    target, rows, _, _, _ = embed_selection(model.embedding_collection,
-                                            request_features(request, LOOKUP_KEYS, used))
+    embeddings = model.embedding_collection(request_features(request, LOOKUP_KEYS, used))
+    target = behavior_rows(embeddings, TARGET_ITEM, TARGET_CATEGORY)  # [C, 2D]
+    rows = behavior_rows(embeddings, HIST_ITEM, HIST_CATEGORY)  # [U, 2D]
     intervals = request.request_time - request.history_time.index_select(0, used)  # [U]
     short = rows.index_select(0, short_rows)  # the window, shared: offsets None
     short_intervals = intervals.index_select(0, short_rows)
@@ -277,7 +284,7 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     return model.head(shared_pooled(model, request, used[:0]), sequence)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
     """``[C]`` logits of the request's candidates, the history read once (``score_shared``, see
     the module docstring), or as C independent samples for a sequence module ``score_shared``

@@ -128,7 +128,11 @@ class LongSeqCTR(nn.Module):
 
     def pooled(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """The pooled features (user, context; avg-pool's history) ``[B, P]``, in a fixed order."""
-        return KeyedTensor.regroup([self.sparse_arch(features)], [self.pooled_keys])[0]
+        return self.pooled_of(self.sparse_arch(features))
+
+    def pooled_of(self, pooled: KeyedTensor) -> torch.Tensor:
+        """The EBC's output ``pooled`` as ``[B, P]`` in the order of ``pooled_keys``."""
+        return KeyedTensor.regroup([pooled], [self.pooled_keys])[0]
 
     def head(self, pooled: torch.Tensor, sequence: Optional[torch.Tensor]) -> torch.Tensor:
         """``pooled [B, P]`` and the sequence module's output ``[B, S]`` -> logits ``[B]``."""

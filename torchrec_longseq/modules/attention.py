@@ -163,20 +163,23 @@ def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tens
     and values. The two agree to float rounding (tested). ``offsets=None`` (every query attends
     to all N keys: one user's history in serving) is two matrix products, absorbed the same way.
     """
-    head_dim = query.size(1) // num_heads
-    h_k = k_weight.view(num_heads, head_dim, -1)  # [H, Dh, Dk]
-    qa = torch.einsum("bhd,hdk->bhk", query.view(-1, num_heads, head_dim), h_k) / head_dim**0.5
-    if offsets is None:
-        logits = torch.einsum("bhk,nk->bhn", qa, keys)  # [B, H, N]
+    b, head_dim, key_dim = query.size(0), query.size(1) // num_heads, keys.size(1)
+    per_head = query.view(b, num_heads, head_dim).transpose(0, 1)  # [H, B, Dh]
+    h_k = k_weight.view(num_heads, head_dim, key_dim)  # [H, Dh, Dk]
+    qa = torch.bmm(per_head, h_k).transpose(0, 1) / head_dim**0.5  # [B, H, Dk]
+    if offsets is None:  # [B H, Dk] @ [Dk, N]: every query against the shared keys
+        n = keys.size(0)
+        logits = (qa.reshape(b * num_heads, key_dim) @ keys.t()).view(b, num_heads, n)
         if bias is not None:
             logits = logits + bias.t()
-        pooled: Optional[torch.Tensor] = torch.einsum(
-            "bhn,nk->bhk", torch.softmax(logits, dim=2), keys)
+        weights = torch.softmax(logits, dim=2).view(b * num_heads, n)  # [B H, N]
+        pooled: Optional[torch.Tensor] = (weights @ keys).view(b, num_heads, key_dim)
     else:
         pooled = kernels.target_attention(qa, keys, offsets, bias)  # [B, H, Dk]
-    if pooled is not None:
-        h_v = v_weight.view(num_heads, head_dim, -1)  # [H, Dh, Dk]
-        return torch.einsum("bhk,hdk->bhd", pooled, h_v).flatten(1)
+    if pooled is not None:  # per head: [B, Dk] @ [Dk, Dh]
+        h_v = v_weight.view(num_heads, head_dim, key_dim).transpose(1, 2)  # [H, Dk, Dh]
+        return torch.bmm(pooled.transpose(0, 1), h_v).transpose(0, 1).reshape(
+            b, num_heads * head_dim)
     seg = jagged.segment_ids(offsets, keys.size(0))
     v = nn.functional.linear(keys, v_weight).view(-1, num_heads, head_dim)  # [N, H, Dh]
     scores = head_logits(query, nn.functional.linear(keys, k_weight), seg, num_heads, bias)

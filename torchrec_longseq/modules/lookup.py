@@ -67,7 +67,9 @@ def selection_features(
     )
 
 
-def _concat(embeddings: Dict[str, JaggedTensor], item: str, category: str) -> torch.Tensor:
+def behavior_rows(embeddings: Dict[str, JaggedTensor], item: str, category: str) -> torch.Tensor:
+    """``[N, 2D]``: the looked-up item embeddings of key ``item`` next to the category
+    embeddings of key ``category`` (a behavior, or the candidate, is its item and category)."""
     return torch.cat([embeddings[item].values(), embeddings[category].values()], dim=1)
 
 
@@ -87,25 +89,16 @@ def lookup_behaviors(
 
     Returns:
         ``(target [B, 2D], long [M, 2D], long_offsets [B + 1], short [S, 2D],
-        short_offsets [B + 1])``, as ``embed_selection``.
+        short_offsets [B + 1])``.
     """
     long_indices, long_lengths = long
     short_indices, short_lengths = short if short is not None else (None, None)
     kjt = selection_features(features, long_indices, long_lengths, short_indices, short_lengths)
-    return embed_selection(lookup, kjt)
-
-
-def embed_selection(
-    lookup: EmbeddingCollection, kjt: KeyedJaggedTensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ``lookup`` call on a KJT of ``LOOKUP_KEYS`` -> ``(target [B, 2D], long [M, 2D],
-    long_offsets [B + 1], short [S, 2D], short_offsets [B + 1])``, item and category
-    embeddings concatenated (serving builds the KJT itself: ``serving.request_features``)."""
     embeddings = lookup(kjt)  # one all-to-all for everything this module reads
     return (
-        _concat(embeddings, TARGET_ITEM, TARGET_CATEGORY),
-        _concat(embeddings, HIST_ITEM, HIST_CATEGORY),
+        behavior_rows(embeddings, TARGET_ITEM, TARGET_CATEGORY),
+        behavior_rows(embeddings, HIST_ITEM, HIST_CATEGORY),
         jagged.lengths_to_offsets(embeddings[HIST_ITEM].lengths()),
-        _concat(embeddings, SHORT_ITEM, SHORT_CATEGORY),
+        behavior_rows(embeddings, SHORT_ITEM, SHORT_CATEGORY),
         jagged.lengths_to_offsets(embeddings[SHORT_ITEM].lengths()),
     )

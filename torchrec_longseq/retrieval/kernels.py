@@ -274,35 +274,104 @@ std::vector<torch::Tensor> hamming_topk_shared(
     std::vector<int64_t> fill(off.begin(), off.end() - 1);
     for (int64_t p = 0; p < n; ++p) pos[fill[behavior[p]]++] = p;
   }
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> du(U);
-    std::vector<int64_t> hist(max_d + 1), tied;
-    std::vector<std::pair<int64_t, int64_t>> picked;
-    for (int64_t b = begin; b < end; ++b) {
-      hamming_distances(A, pair_a.data(), WA, C, pair_c.data(), WC, U, at + b * WA,
-                        ct + b * WC, du.data());
-      std::fill(hist.begin(), hist.end(), 0);
-      for (int64_t u = 0; u < U; ++u) hist[du[u]] += off[u + 1] - off[u];
-      int64_t t = 0, below = 0;
-      while (below + hist[t] < want) below += hist[t++];
-      picked.clear();
-      tied.clear();
-      for (int64_t u = 0; u < U; ++u) {
-        if (du[u] < t) {
-          for (int64_t i = off[u]; i < off[u + 1]; ++i) picked.emplace_back(du[u], -pos[i]);
-        } else if (du[u] == t) {
-          tied.insert(tied.end(), pos.begin() + off[u], pos.begin() + off[u + 1]);
+  // the distinct behaviors' signatures side by side (read in order, not by id) and their counts
+  std::vector<int64_t> sa(U * WA), sc(U * WC), cnt(U), row(U);
+  for (int64_t u = 0; u < U; ++u) {
+    std::copy(A + pair_a[u] * WA, A + (pair_a[u] + 1) * WA, sa.begin() + u * WA);
+    std::copy(C + pair_c[u] * WC, C + (pair_c[u] + 1) * WC, sc.begin() + u * WC);
+    cnt[u] = off[u + 1] - off[u];
+    row[u] = u;
+  }
+  auto scan = [&](auto zero) {  // distances in bytes when they fit, else in 16 bits
+    using D = decltype(zero);
+    constexpr int64_t LANES = sizeof(Vec<D>) / sizeof(D);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<D> du(U);
+      std::vector<int64_t> hist(4 * (max_d + 1)), tied;
+      std::vector<std::pair<int64_t, int64_t>> picked;
+      for (int64_t b = begin; b < end; ++b) {
+        hamming_distances(sa.data(), row.data(), WA, sc.data(), row.data(), WC, U, at + b * WA,
+                          ct + b * WC, du.data());
+        // occurrences per distance, in 4 interleaved histograms: distances cluster, and one
+        // histogram would make each add wait for the previous add to the same count
+        std::fill(hist.begin(), hist.end(), 0);
+        int64_t u = 0;
+        for (; u + 4 <= U; u += 4)
+          for (int64_t j = 0; j < 4; ++j) hist[4 * du[u + j] + j] += cnt[u + j];
+        for (; u < U; ++u) hist[4 * du[u]] += cnt[u];
+        for (int64_t d = 0; d <= max_d; ++d)
+          hist[d] = hist[4 * d] + hist[4 * d + 1] + hist[4 * d + 2] + hist[4 * d + 3];
+        int64_t t = 0, below = 0;
+        while (below + hist[t] < want) below += hist[t++];
+        picked.clear();
+        tied.clear();
+        const Vec<D> tv = Vec<D>{} + (D)t;
+        for (int64_t s = 0; s < U; s += LANES) {
+          const int64_t e = std::min(U, s + LANES);
+          if (e - s == LANES) {  // skip a whole vector of behaviors farther than t
+            const Vec<D> hit = (Vec<D>)(load_vec(du.data() + s) <= tv);
+            uint64_t words[sizeof hit / 8];
+            std::memcpy(words, &hit, sizeof hit);
+            uint64_t any = 0;
+            for (uint64_t w : words) any |= w;
+            if (!any) continue;
+          }
+          for (int64_t u = s; u < e; ++u) {
+            if (du[u] < t) {
+              for (int64_t i = off[u]; i < off[u + 1]; ++i) picked.emplace_back(du[u], -pos[i]);
+            } else if (du[u] == t) {
+              tied.insert(tied.end(), pos.begin() + off[u], pos.begin() + off[u + 1]);
+            }
+          }
         }
+        const int64_t ties = want - below;  // the most recent of those at the threshold
+        std::nth_element(tied.begin(), tied.begin() + (ties - 1), tied.end(),
+                         std::greater<int64_t>());
+        for (int64_t i = 0; i < ties; ++i) picked.emplace_back(t, -tied[i]);
+        std::sort(picked.begin(), picked.end());  // distance asc, position desc
+        for (int64_t i = 0; i < want; ++i) out[b * want + i] = -picked[i].second;
       }
-      const int64_t ties = want - below;  // the most recent of those at the threshold
-      std::nth_element(tied.begin(), tied.begin() + (ties - 1), tied.end(),
-                       std::greater<int64_t>());
-      for (int64_t i = 0; i < ties; ++i) picked.emplace_back(t, -tied[i]);
-      std::sort(picked.begin(), picked.end());  // distance asc, position desc
-      for (int64_t i = 0; i < want; ++i) out[b * want + i] = -picked[i].second;
-    }
-  });
+    });
+  };
+  if (max_d <= 255) scan(uint8_t(0)); else scan(uint16_t(0));
   return {indices, lengths};
+}
+
+// SIM hard search over one history shared by all B candidates (serving): one scan from the most
+// recent behavior backwards collects, for each category some candidate asks for, its k most
+// recent positions, and stops when every one has k; candidates of a category share them. The
+// same (indices, lengths) as hard_topk with every segment the whole history.
+std::vector<torch::Tensor> hard_topk_shared(torch::Tensor cats, torch::Tensor targets, int64_t k) {
+  cats = cats.to(torch::kInt64).contiguous(); targets = targets.to(torch::kInt64).contiguous();
+  const int64_t n = cats.numel(), B = targets.numel();
+  const int64_t *c = cats.data_ptr<int64_t>(), *t = targets.data_ptr<int64_t>();
+  int64_t slots = 16;  // open addressing: category -> its group
+  while (slots < 2 * B) slots *= 2;
+  std::vector<int64_t> slot_category(slots), slot_group(slots, -1), group(B);
+  auto find = [&](int64_t category) {
+    const uint64_t h = (uint64_t)category * 0x9E3779B97F4A7C15ULL;
+    int64_t i = (h ^ (h >> 29)) & (slots - 1);
+    while (slot_group[i] >= 0 && slot_category[i] != category) i = (i + 1) & (slots - 1);
+    return i;
+  };
+  int64_t G = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t i = find(t[b]);
+    if (slot_group[i] < 0) slot_category[i] = t[b], slot_group[i] = G++;
+    group[b] = slot_group[i];
+  }
+  std::vector<std::vector<int64_t>> found(G);
+  int64_t open = k > 0 ? G : 0;  // categories still short of k
+  for (int64_t p = n - 1; p >= 0 && open > 0; --p) {
+    const int64_t g = slot_group[find(c[p])];
+    if (g < 0 || (int64_t)found[g].size() == k) continue;
+    found[g].push_back(p);
+    if ((int64_t)found[g].size() == k) --open;
+  }
+  std::vector<std::vector<int64_t>> per_candidate(B);
+  for (auto& f : found) std::reverse(f.begin(), f.end());
+  for (int64_t b = 0; b < B; ++b) per_candidate[b] = found[group[b]];
+  return concat_segments(per_candidate);
 }
 
 // SIM hard search: the k most recent positions whose category equals the target's, returned
@@ -718,6 +787,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hamming_topk_by_id", &hamming_topk_by_id, "Hamming top-k per jagged segment");
   m.def("hamming_topk_shared", &hamming_topk_shared, "Hamming top-k over one shared history");
   m.def("hard_topk", &hard_topk, "SIM hard search per jagged segment");
+  m.def("hard_topk_shared", &hard_topk_shared, "SIM hard search over one shared history");
   m.def("float_topk", &float_topk, "float top-k per jagged segment");
   m.def("twin_topk_by_id", &twin_topk_by_id, "TWIN search per jagged segment");
   m.def("sdim_collisions", &sdim_collisions, "SDIM collisions per jagged segment");
@@ -762,7 +832,7 @@ def _module():
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v20", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v22", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
@@ -836,9 +906,13 @@ def hard_topk(history_category: torch.Tensor, offsets: Optional[torch.Tensor],
               target_category: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``retrieval.hard.hard_search`` compiled (or ``None``): each segment is scanned from its
     most recent behavior backwards and the scan stops at the ``k``-th match, so the cost is the
-    distance back to the ``k``-th match, not L."""
+    distance back to the ``k``-th match, not L. ``offsets=None`` (one history, serving): one
+    backward scan serves every candidate, stopping when each asked-for category has ``k``."""
     if not _applies(history_category):
         return None
+    if offsets is None:  # one history: one scan collects every asked-for category's k
+        indices, lengths = _module().hard_topk_shared(history_category, target_category, int(k))
+        return indices, lengths
     starts, ends = segments(offsets, history_category.numel(), target_category.numel())
     indices, lengths = _module().hard_topk(history_category, target_category, starts, ends, int(k))
     return indices, lengths
