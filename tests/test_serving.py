@@ -108,3 +108,17 @@ def test_hard_search_shared_matches_per_candidate_loop() -> None:
         expected = [p for p, cat in enumerate(cats) if cat == target][-CONFIG.k:]
         assert positions[start:start + n].tolist() == expected
         start += n
+
+
+def test_request_features_carry_every_id_once() -> None:
+    """The candidates one id each; the user and the history positions on the first sample only;
+    a key a request does not have is an error naming it."""
+    request = make_request(300, 4)
+    positions = torch.tensor([3, 7, 299])
+    kjt = serving.request_features(request, ["user_id", TARGET_ITEM, HIST_ITEM], positions)
+    assert kjt.lengths().tolist() == [1, 0, 0, 0, 1, 1, 1, 1, 3, 0, 0, 0]
+    assert kjt[TARGET_ITEM].values().tolist() == request.candidate_item.tolist()
+    assert kjt[HIST_ITEM].values().tolist() == request.history_item[positions].tolist()
+    assert kjt["user_id"].values().tolist() == [request.user_id]
+    with pytest.raises(KeyError, match="no_such_feature"):
+        serving.request_features(request, ["no_such_feature"], positions)

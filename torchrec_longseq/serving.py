@@ -8,13 +8,15 @@ every O(L) step runs over C copies. ``score_request`` instead (``score_shared``)
    kernels read a single copy (``offsets=None``: every candidate's segment is the whole history),
    and per-user work (reading the history's signatures or search vectors, bucketing its time
    intervals) is done once, not C times;
-2. looks up, in one EmbeddingCollection call, the candidates and the distinct history positions
+2. looks up, in one EmbeddingCollection call on a KJT built straight from the request
+   (``request_features``: every id once), the candidates and the distinct history positions
    that any candidate retrieved or that are in the recent window (candidates of one category
-   mostly retrieve the same behaviors), and the user's pooled features;
-3. gathers each candidate's retrieved rows from those and runs the model's own post-lookup code
-   (``attend`` of the sequence module, ``head`` of the model) with the recent window passed once
-   (``offsets=None``: DIN's per-behavior terms are computed once, not C times), so the logits
-   equal scoring C independent samples (tested for every model, kernels on and off).
+   mostly retrieve the same behaviors), and the user's pooled features in one EBC call;
+3. runs the model's own post-lookup code (``attend`` of the sequence module, ``head`` of the
+   model) on those rows: the retrieved behaviors as the distinct rows plus each candidate's
+   index into them (the ESU builds each distinct behavior's key once), the recent window passed
+   once (``offsets=None``: DIN's per-behavior terms are computed once, not C times), so the
+   logits equal scoring C independent samples (tested for every model, kernels on and off).
 
 The pooled features are per user except the candidate's own: the user's (and avg-pool's
 averaged history, carried by the first candidate only) are looked up once and broadcast.
@@ -66,11 +68,11 @@ from torchrec_longseq.modules.sim import (
     search_features,
     search_vectors,
 )
+from torchrec_longseq.modules.twin import TwinSearch, twin_topk
+from torchrec_longseq.retrieval import hard, topk
 
 # the request features soft search reads: the candidates and the whole history
 SEARCH_SOURCE_KEYS = [TARGET_ITEM, TARGET_CATEGORY, HIST_ITEM, HIST_CATEGORY]
-from torchrec_longseq.modules.twin import TwinSearch, twin_topk
-from torchrec_longseq.retrieval import hard, topk
 
 
 @dataclass

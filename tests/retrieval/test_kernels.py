@@ -140,6 +140,26 @@ def test_hard_kernel_equals_torch_ops(lengths, num_categories: int, k: int, seed
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
 
+@settings(max_examples=60, deadline=None)
+@given(length=st.one_of(st.integers(0, 40), st.integers(40, 3000)), candidates=st.integers(0, 8),
+       num_categories=st.sampled_from([1, 3, 40]), k=st.one_of(st.integers(0, 10),
+                                                                 st.integers(10, 500)),
+       seed=st.integers(0, 2**31 - 1))
+def test_shared_hard_kernel_equals_torch_ops(length: int, candidates: int, num_categories: int,
+                                             k: int, seed: int) -> None:
+    """``offsets=None`` (one history for every candidate; one backward scan that stops once
+    every asked-for category has k): equal to the torch ops on a copy per candidate, with
+    repeated candidate categories, categories absent from the history, k = 0 and k > L."""
+    g = torch.Generator().manual_seed(seed)
+    categories = torch.randint(0, num_categories, (length,), generator=g)
+    targets = torch.randint(0, num_categories + 1, (candidates,), generator=g)  # may match none
+    found = kernels.hard_topk(categories, None, targets, k)
+    with pytest.MonkeyPatch.context() as mp:
+        expected = torch_ops(mp, hard.hard_search, categories, None, targets, k)
+    assert found is not None
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 3000), num_bits=st.sampled_from([1, 7, 63, 64, 128, 192]),
        seed=st.integers(0, 2**31 - 1))
