@@ -40,7 +40,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/fuxictr_anchor.py --long-path-only --threads 1 --out runs/anchor-long-t1
 	$(BIN)/python benchmarks/fuxictr_anchor.py --long-path-only --ours-ranks 2 --out runs/anchor-long-r2
 	$(BIN)/python benchmarks/serving.py --reps 30 --out runs/serving
-	$(BIN)/python benchmarks/serving.py --reps 30 --retain-memory --out runs/serving-retain
+	$(BIN)/python benchmarks/serving.py --reps 30 --retain-memory --breakdown --out runs/serving-retain
 	$(BIN)/python benchmarks/report.py --quality $(dir $(wildcard runs/q-L*/quality.json)) --throughput runs/throughput \
 	    --retrieval runs/retrieval --anchor runs/anchor-t2 runs/anchor-t1 runs/anchor-long runs/anchor-long-t1 \
 	    runs/anchor-long-r2 \

@@ -17,6 +17,10 @@ speed-up of ``shared`` over the others; writes ``OUT/serving.json``::
 
     .venv/bin/python benchmarks/serving.py --length 10000 --candidates 200 --reps 30
 
+``--breakdown`` also profiles ``score_shared``'s four stages (``serving.search``: the search and
+the distinct positions; ``.lookup``: the EmbeddingCollection call; ``.attend``: the sequence
+module's attention; ``.head``: the pooled features and the MLP) over ``--reps`` requests.
+
 ``--retain-memory`` runs each model's process with glibc told to keep freed memory mapped
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``), as a server with a
 caching allocator would: with glibc's defaults every large temporary is a fresh mapping whose
@@ -98,7 +102,20 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
         row[f"{way}_p99_ms"] = percentile(values, 0.99)
     row["batched_over_shared"] = row["batched_p50_ms"] / row["shared_p50_ms"]
     row["one_by_one_over_shared"] = row["one_by_one_p50_ms"] / row["shared_p50_ms"]
+    if args.breakdown:
+        row["stages_ms"] = stages(shared, args.reps)
     return row
+
+
+def stages(fn: Callable[[], torch.Tensor], reps: int) -> Dict[str, float]:
+    """Mean ms per request of each ``serving.*`` profiler scope of ``score_shared`` over ``reps``
+    requests, and of the whole request (``total``), all under the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("total"):
+            for _ in range(reps):
+                fn()
+    return {e.key: e.cpu_time_total / 1000 / reps for e in prof.key_averages()
+            if e.key.startswith("serving.") or e.key == "total"}
 
 
 def main() -> None:
@@ -111,6 +128,9 @@ def main() -> None:
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--retain-memory", action="store_true",
                    help="glibc keeps freed memory mapped (no page faults after warm-up)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile the shared path's stages (serving.search, .lookup, "
+                        ".attend, .head)")
     p.add_argument("--out", default="runs/serving")
     args = p.parse_args()
     if args.retain_memory:  # read by glibc when each model's (spawned) process starts
@@ -130,6 +150,16 @@ def main() -> None:
               f"{row['batched_p50_ms']:.1f} | {row['batched_p99_ms']:.1f} | "
               f"{row['one_by_one_p50_ms']:.0f} | {row['batched_over_shared']:.1f}x | "
               f"{row['one_by_one_over_shared']:.1f}x |", flush=True)
+    if args.breakdown:
+        names = ["serving.search", "serving.lookup", "serving.attend", "serving.head"]
+        print("\nshared path by stage, under the profiler (which adds its own cost per op); ms "
+              "per request")
+        print("| model | " + " | ".join(n.split(".")[1] for n in names) + " | whole request |")
+        print("|---|" + "---|" * (len(names) + 1))
+        for row in rows:
+            got = row["stages_ms"]
+            print(f"| {row['model']} | " + " | ".join(f"{got.get(n, 0.0):.2f}" for n in names)
+                  + f" | {got['total']:.2f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+from torch.profiler import record_function
 from torchrec import KeyedJaggedTensor
 
 from torchrec_longseq import jagged
@@ -218,18 +219,43 @@ def shared_pooled(model: LongSeqCTR, request: Request, positions: torch.Tensor) 
                       else pooled[key][:1].expand(c, -1) for key in model.pooled_keys], dim=1)
 
 
+def shared_selection(model: LongSeqCTR, request: Request) -> Optional[
+        Tuple[int, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """What the sequence module reads of the one history, or ``None`` for a module this file does
+    not know: ``(window, indices [M], lengths [C], counts [M])``, the recent window's length and
+    the long-term positions read: retrieved per candidate (``lengths``; ``None``: every
+    candidate reads all ``M``), or, for SDIM, the user's distinct behaviors occurring
+    ``counts`` times."""
+    arch = model.sequence_arch
+    n, device = request.history_item.numel(), request.history_item.device
+    if isinstance(arch, DIN):
+        return min(n, arch.last_n), torch.zeros(0, dtype=torch.long, device=device), None, None
+    if isinstance(arch, SearchBasedInterest) and isinstance(arch.search, WholeHistory):
+        return min(n, arch.short_window), torch.arange(n, device=device), None, None
+    if isinstance(arch, SearchBasedInterest) and isinstance(
+            arch.search, (HardSearch, SimHashSearch, TwinSearch, SoftSearch)):
+        return (min(n, arch.short_window), *shared_search(arch.search, request), None)
+    if isinstance(arch, SDIM):
+        # the user's distinct (item, category) behaviors, each looked up once
+        indices, counts = first_occurrences(  # [U] positions
+            request.history_item * arch.category_codes.table.size(0) + request.history_category)
+        return min(n, arch.short_window), indices, None, counts
+    return None
+
+
 @torch.inference_mode()
 def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     """``[C]`` logits with the history read once, or ``None`` for a sequence module this function
     does not know.
 
-    The history is searched once for all candidates (``shared_search``; for SDIM: its distinct
-    behaviors are found; the whole-history model keeps them all); the distinct positions any
-    candidate reads, plus the recent window, are looked up once, together with the candidates,
-    in one EmbeddingCollection call; each candidate's retrieved rows are gathered from those
-    (SDIM: the user's buckets are summed), windows every candidate shares are passed once
-    (``offsets=None``), and the model's own ``attend`` and ``head`` finish the job. Nothing of
-    size C x L is looked up or gathered.
+    The history is searched once for all candidates (``shared_selection``); the distinct
+    positions any candidate reads, plus the recent window, are looked up once, together with the
+    candidates, in one EmbeddingCollection call; each candidate reads its retrieved rows from
+    those by index (SDIM: the user's buckets are summed), windows every candidate shares are
+    passed once (``offsets=None``), and the model's own ``attend`` and ``head`` finish the job.
+    Nothing of size C x L is looked up or gathered. The four stages are profiler scopes
+    (``serving.search``, ``serving.lookup``, ``serving.attend``, ``serving.head``), which
+    ``benchmarks/serving.py --breakdown`` reports.
     """
     arch = model.sequence_arch
     n, c = request.history_item.numel(), request.num_candidates
@@ -237,53 +263,43 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     if c == 0:
         return torch.zeros(0, device=device)
     if arch is None:  # avg-pool: the history is a pooled feature, averaged once
-        return model.head(shared_pooled(model, request, torch.arange(n, device=device)), None)
-    lengths: Optional[torch.Tensor] = None  # None: what is read is every candidate's
-    if isinstance(arch, DIN):
-        window = min(n, arch.last_n)
-        indices = torch.zeros(0, dtype=torch.long, device=device)
-    elif isinstance(arch, SearchBasedInterest) and isinstance(arch.search, WholeHistory):
-        window = min(n, arch.short_window)
-        indices = torch.arange(n, device=device)
-    elif isinstance(arch, SearchBasedInterest) and isinstance(
-            arch.search, (HardSearch, SimHashSearch, TwinSearch, SoftSearch)):
-        window = min(n, arch.short_window)
-        indices, lengths = shared_search(arch.search, request)
-    elif isinstance(arch, SDIM):
-        # the user's distinct (item, category) behaviors, each looked up once
-        window = min(n, arch.short_window)
-        indices, counts = first_occurrences(  # [U] positions
-            request.history_item * arch.category_codes.table.size(0) + request.history_category)
-    else:
-        return None
-    recent = torch.arange(n - window, n, device=device)
-    # the distinct positions read, in history order, and each read's row among them (no sort)
-    selected = torch.cat([indices, recent])
-    seen = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, selected, True)
-    used = seen.nonzero().squeeze(1)
-    inverse = (torch.cumsum(seen, 0) - 1).index_select(0, selected)
-    long_rows, short_rows = inverse[:indices.numel()], inverse[indices.numel():]
-    # one lookup: the candidates, and the used positions once
-    embeddings = model.embedding_collection(request_features(request, LOOKUP_KEYS, used))
-    target = behavior_rows(embeddings, TARGET_ITEM, TARGET_CATEGORY)  # [C, 2D]
-    rows = behavior_rows(embeddings, HIST_ITEM, HIST_CATEGORY)  # [U, 2D]
-    intervals = request.request_time - request.history_time.index_select(0, used)  # [U]
-    short = rows.index_select(0, short_rows)  # the window, shared: offsets None
-    short_intervals = intervals.index_select(0, short_rows)
-    if isinstance(arch, DIN):
-        sequence = arch.attend(target, short, None, short_intervals)
-    elif isinstance(arch, SDIM):
-        long_term = arch.shared_interest(rows.index_select(0, long_rows),
-                                         request.history_item.index_select(0, indices),
-                                         request.history_category.index_select(0, indices),
-                                         counts, request.candidate_item,
-                                         request.candidate_category)
-        sequence = arch.attend(target, long_term, short, None, short_intervals)
-    else:  # each used behavior's key is built once (retrieved_index)
-        offsets = None if lengths is None else jagged.lengths_to_offsets(lengths)
-        sequence = arch.attend(target, rows, offsets, intervals, short, None, short_intervals,
-                               retrieved_index=long_rows)
-    return model.head(shared_pooled(model, request, used[:0]), sequence)
+        with record_function("serving.head"):
+            return model.head(shared_pooled(model, request, torch.arange(n, device=device)), None)
+    with record_function("serving.search"):
+        selection = shared_selection(model, request)
+        if selection is None:
+            return None
+        window, indices, lengths, counts = selection
+        recent = torch.arange(n - window, n, device=device)
+        # the distinct positions read, in history order, and each read's row among them
+        selected = torch.cat([indices, recent])
+        seen = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, selected, True)
+        used = seen.nonzero().squeeze(1)
+        inverse = (torch.cumsum(seen, 0) - 1).index_select(0, selected)
+        long_rows, short_rows = inverse[:indices.numel()], inverse[indices.numel():]
+    with record_function("serving.lookup"):  # the candidates, and the used positions once
+        embeddings = model.embedding_collection(request_features(request, LOOKUP_KEYS, used))
+        target = behavior_rows(embeddings, TARGET_ITEM, TARGET_CATEGORY)  # [C, 2D]
+        rows = behavior_rows(embeddings, HIST_ITEM, HIST_CATEGORY)  # [U, 2D]
+        intervals = request.request_time - request.history_time.index_select(0, used)  # [U]
+        short = rows.index_select(0, short_rows)  # the window, shared: offsets None
+        short_intervals = intervals.index_select(0, short_rows)
+    with record_function("serving.attend"):
+        if isinstance(arch, DIN):
+            sequence = arch.attend(target, short, None, short_intervals)
+        elif counts is not None:  # SDIM
+            long_term = arch.shared_interest(rows.index_select(0, long_rows),
+                                             request.history_item.index_select(0, indices),
+                                             request.history_category.index_select(0, indices),
+                                             counts, request.candidate_item,
+                                             request.candidate_category)
+            sequence = arch.attend(target, long_term, short, None, short_intervals)
+        else:  # each used behavior's key is built once (retrieved_index)
+            offsets = None if lengths is None else jagged.lengths_to_offsets(lengths)
+            sequence = arch.attend(target, rows, offsets, intervals, short, None,
+                                   short_intervals, retrieved_index=long_rows)
+    with record_function("serving.head"):  # with the pooled features
+        return model.head(shared_pooled(model, request, used[:0]), sequence)
 
 
 @torch.inference_mode()
