@@ -122,3 +122,35 @@ def test_request_features_carry_every_id_once() -> None:
     assert kjt["user_id"].values().tolist() == [request.user_id]
     with pytest.raises(KeyError, match="no_such_feature"):
         serving.request_features(request, ["no_such_feature"], positions)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("history_item", lambda r: r.history_item.index_fill(0, torch.tensor([7]), 10**6),
+     "history_item, behavior 7: id 1000000 outside the table of 400 rows"),
+    ("history_category", lambda r: r.history_category.index_fill(0, torch.tensor([0]), -1),
+     "history_category, behavior 0: id -1 outside"),
+    ("candidate_item", lambda r: r.candidate_item.index_fill(0, torch.tensor([2]), 400),
+     "candidate_item, candidate 2: id 400 outside the table of 400 rows"),
+    ("candidate_category", lambda r: r.candidate_category.index_fill(0, torch.tensor([3]), 20),
+     "candidate_category, candidate 3: id 20 outside"),
+    ("user_id", lambda r: 100, "user_id: id 100 outside the table of 100 rows"),
+    ("history_time", lambda r: r.history_time.index_fill(0, torch.tensor([299]), r.request_time),
+     "history_time, behavior 299: time .* is not before the request time"),
+    ("history_time", lambda r: r.history_time.flip(0), "history_time, behavior 1: earlier than"),
+    ("history_category", lambda r: r.history_category[:-1], "behaviors: the fields"),
+    ("candidate_category", lambda r: r.candidate_category.view(2, 2), "candidates: the fields"),
+])
+def test_bad_requests_name_the_field_and_position(field: str, value, message: str) -> None:
+    model = model_of("eta")
+    request = make_request(300, 4)
+    serving.score_request(model, request)  # the good one passes
+    bad = serving.Request(**{**request.__dict__, field: value(request)})
+    with pytest.raises(serving.RequestError, match=message):
+        serving.score_request(model, bad)
+
+
+def test_table_rows_of_every_feature() -> None:
+    assert serving.table_rows(model_of("eta")) == {
+        "user_id": 100, "context_hour": 24, TARGET_ITEM: 400, HIST_ITEM: 400, "short_item": 400,
+        "target_category": 20, "hist_category": 20, "short_category": 20}
+    assert serving.table_rows(model_of("avgpool"))[HIST_ITEM] == 400

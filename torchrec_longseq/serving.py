@@ -30,7 +30,7 @@ products). ``score_request`` scores a model with a sequence module it does not k
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.profiler import record_function
@@ -95,6 +95,63 @@ class Request:
     @property
     def num_candidates(self) -> int:
         return self.candidate_item.numel()
+
+
+class RequestError(ValueError):
+    """A request that does not follow ``Request``'s layout; the message names the field and the
+    behavior or candidate."""
+
+
+# the table (feature) whose ids each field of a request holds
+REQUEST_FIELDS = {"user_id": USER_ID, "context_hour": CONTEXT_HOUR,
+                  "history_item": HIST_ITEM, "history_category": HIST_CATEGORY,
+                  "candidate_item": TARGET_ITEM, "candidate_category": TARGET_CATEGORY}
+
+
+def table_rows(model: LongSeqCTR) -> Dict[str, int]:
+    """Rows of the table each feature of ``model`` is looked up in (its EBC's and EC's)."""
+    configs = list(model.sparse_arch.embedding_bag_configs())
+    if model.embedding_collection is not None:
+        configs += list(model.embedding_collection.embedding_configs())
+    return {name: c.num_embeddings for c in configs for name in c.feature_names}
+
+
+def check_request(request: Request, rows: Dict[str, int]) -> None:
+    """Raise ``RequestError`` naming the field and the behavior or candidate if ``request`` is
+    malformed: history fields of one length L and candidate fields of one length C (1-D), ids in
+    ``[0, rows)`` of their table (``rows``: ``table_rows(model)``), history times non-decreasing
+    and strictly before the request time. A few reductions over L: the compiled searches read
+    the per-item tables by id without bounds checks, so ``score_request`` runs this first."""
+    history = ("history_item", "history_category", "history_time")
+    candidates = ("candidate_item", "candidate_category")
+    for fields, what in ((history, "behaviors"), (candidates, "candidates")):
+        counts = {f: getattr(request, f).numel() for f in fields}
+        if len(set(counts.values())) > 1 or any(getattr(request, f).dim() != 1 for f in fields):
+            raise RequestError(f"{what}: the fields {list(fields)} must be 1-D of one length, "
+                               f"got shapes {[tuple(getattr(request, f).shape) for f in fields]}")
+    for field, feature in REQUEST_FIELDS.items():
+        value = getattr(request, field)
+        ids = value if isinstance(value, torch.Tensor) else torch.tensor([value])
+        if ids.numel() == 0:
+            continue
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or int(high) >= rows[feature]:
+            at = int(((ids < 0) | (ids >= rows[feature])).nonzero()[0, 0])
+            where = "" if field in ("user_id", "context_hour") else \
+                f", {'behavior' if field.startswith('history') else 'candidate'} {at}"
+            raise RequestError(f"{field}{where}: id {int(ids[at])} outside the table of "
+                               f"{rows[feature]} rows")
+    times = request.history_time
+    late = times >= request.request_time
+    if late.any():
+        at = int(late.nonzero()[0, 0])
+        raise RequestError(f"history_time, behavior {at}: time {int(times[at])} is not before "
+                           f"the request time {request.request_time}")
+    back = times[1:] < times[:-1]
+    if back.any():
+        at = int(back.nonzero()[0, 0]) + 1
+        raise RequestError(f"history_time, behavior {at}: earlier than behavior {at - 1} (the "
+                           f"history must be oldest first)")
 
 
 def synthetic_request(data: SyntheticConfig, length: int, candidates: int,
@@ -306,7 +363,9 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
 def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
     """``[C]`` logits of the request's candidates, the history read once (``score_shared``, see
     the module docstring), or as C independent samples for a sequence module ``score_shared``
-    does not know; equal to ``model`` on ``request_batch(request)``."""
+    does not know; equal to ``model`` on ``request_batch(request)``. The request is checked first
+    (``check_request``: ``RequestError`` naming the field and the behavior or candidate)."""
+    check_request(request, table_rows(model))
     logits = score_shared(model, request)
     if logits is None:
         batch = request_batch(request)
