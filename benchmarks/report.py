@@ -177,16 +177,15 @@ def main() -> None:
                        f"{r['one_by_one_over_shared']:.1f}x |")
         out.append("")
         staged = [r for r in serving["results"] if "stages_ms" in r]
-        if staged:
-            names = ["search", "lookup", "attend", "head"]
+        if staged:  # the scopes in score_shared's order, then the whole request ("total")
+            names = [key.split(".")[-1] for key in staged[0]["stages_ms"] if key != "total"]
             out += ["The shared path by stage (`--breakdown`: profiler scopes of `score_shared`, "
                     "under the profiler, which adds its own cost per op); ms per request:", "",
                     "| model | " + " | ".join(names) + " | whole request |",
                     "|---|" + "---|" * (len(names) + 1)]
             for r in staged:
-                got = r["stages_ms"]
-                out.append(f"| {r['model']} | " + " | ".join(
-                    f"{got.get('serving.' + n, 0.0):.2f}" for n in names) + f" | {got['total']:.2f} |")
+                out.append(f"| {r['model']} | "
+                           + " | ".join(f"{ms:.2f}" for ms in r["stages_ms"].values()) + " |")
             out.append("")
     Path(args.out).write_text("\n".join(out))
     print(f"wrote {args.out}")

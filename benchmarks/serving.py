@@ -12,14 +12,14 @@ blocks alternate so that drift of the machine hits all ways):
 * ``one by one``: C separate one-sample calls (only ``--one-by-one-reps`` times: it is slow).
 
 All three run under ``torch.inference_mode()``, and each time includes building the model
-input from the request (for ``batched``: C copies of the history, made with ``repeat``). Prints p50 / p99 in ms and the
-speed-up of ``shared`` over the others; writes ``OUT/serving.json``::
+input from the request (for ``batched``: C copies of the history, made with ``repeat``). Prints
+p50 / p99 in ms and the speed-up of ``shared`` over the others; writes ``OUT/serving.json``::
 
     .venv/bin/python benchmarks/serving.py --length 10000 --candidates 200 --reps 30
 
-``--breakdown`` also profiles ``score_shared``'s four stages (``serving.search``: the search and
-the distinct positions; ``.lookup``: the EmbeddingCollection call; ``.attend``: the sequence
-module's attention; ``.head``: the pooled features and the MLP) over ``--reps`` requests.
+``--breakdown`` also profiles ``score_shared``'s four stages (``serving.STAGES``: ``search``, the
+search and the distinct positions; ``lookup``, the EmbeddingCollection call; ``attend``, the
+sequence module's attention; ``head``, the pooled features and the MLP) over ``--reps`` requests.
 
 ``--retain-memory`` runs each model's process with glibc told to keep freed memory mapped
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``), as a server with a
@@ -108,14 +108,15 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
 
 
 def stages(fn: Callable[[], torch.Tensor], reps: int) -> Dict[str, float]:
-    """Mean ms per request of each ``serving.*`` profiler scope of ``score_shared`` over ``reps``
-    requests, and of the whole request (``total``), all under the profiler."""
+    """Mean ms per request of each of ``score_shared``'s profiler scopes (``serving.STAGES``, in
+    order; 0 for one a model does not run) over ``reps`` requests, and of the whole request
+    (``total``), all under the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with torch.profiler.record_function("total"):
             for _ in range(reps):
                 fn()
-    return {e.key: e.cpu_time_total / 1000 / reps for e in prof.key_averages()
-            if e.key.startswith("serving.") or e.key == "total"}
+    ms = {e.key: e.cpu_time_total / 1000 / reps for e in prof.key_averages()}
+    return {key: ms.get(key, 0.0) for key in (*serving.STAGES, "total")}
 
 
 def main() -> None:
@@ -151,15 +152,14 @@ def main() -> None:
               f"{row['one_by_one_p50_ms']:.0f} | {row['batched_over_shared']:.1f}x | "
               f"{row['one_by_one_over_shared']:.1f}x |", flush=True)
     if args.breakdown:
-        names = ["serving.search", "serving.lookup", "serving.attend", "serving.head"]
         print("\nshared path by stage, under the profiler (which adds its own cost per op); ms "
               "per request")
-        print("| model | " + " | ".join(n.split(".")[1] for n in names) + " | whole request |")
-        print("|---|" + "---|" * (len(names) + 1))
+        print("| model | " + " | ".join(s.split(".")[1] for s in serving.STAGES)
+              + " | whole request |")
+        print("|---|" + "---|" * (len(serving.STAGES) + 1))
         for row in rows:
-            got = row["stages_ms"]
-            print(f"| {row['model']} | " + " | ".join(f"{got.get(n, 0.0):.2f}" for n in names)
-                  + f" | {got['total']:.2f} |")
+            print(f"| {row['model']} | "
+                  + " | ".join(f"{ms:.2f}" for ms in row["stages_ms"].values()) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))

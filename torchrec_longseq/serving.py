@@ -106,6 +106,11 @@ class RequestError(ValueError):
 REQUEST_FIELDS = {"user_id": USER_ID, "context_hour": CONTEXT_HOUR,
                   "history_item": HIST_ITEM, "history_category": HIST_CATEGORY,
                   "candidate_item": TARGET_ITEM, "candidate_category": TARGET_CATEGORY}
+FIELD_OF_FEATURE = {feature: field for field, feature in REQUEST_FIELDS.items()}
+CANDIDATE_KEYS = (TARGET_ITEM, TARGET_CATEGORY)  # one id per candidate; the rest are per user
+USER_KEYS = (USER_ID, CONTEXT_HOUR)
+# the profiler scopes of score_shared, in order (benchmarks/serving.py --breakdown)
+STAGES = ("serving.search", "serving.lookup", "serving.attend", "serving.head")
 
 
 def table_rows(model: LongSeqCTR) -> Dict[str, int]:
@@ -137,7 +142,7 @@ def check_request(request: Request, rows: Dict[str, int]) -> None:
         low, high = torch.aminmax(ids)
         if int(low) < 0 or int(high) >= rows[feature]:
             at = int(((ids < 0) | (ids >= rows[feature])).nonzero()[0, 0])
-            where = "" if field in ("user_id", "context_hour") else \
+            where = "" if feature in USER_KEYS else \
                 f", {'behavior' if field.startswith('history') else 'candidate'} {at}"
             raise RequestError(f"{field}{where}: id {int(ids[at])} outside the table of "
                                f"{rows[feature]} rows")
@@ -205,20 +210,21 @@ def request_features(request: Request, keys: List[str], positions: torch.Tensor
     lengths = torch.zeros(len(keys), c, dtype=torch.int32, device=device)
     values = []
     for i, key in enumerate(keys):
-        if key in (TARGET_ITEM, TARGET_CATEGORY):
-            ids = request.candidate_item if key == TARGET_ITEM else request.candidate_category
-            lengths[i] = 1
-        elif key in (USER_ID, CONTEXT_HOUR):
-            ids = torch.full((1,), request.user_id if key == USER_ID else request.context_hour,
-                             dtype=torch.long, device=device)
-        elif key in (HIST_ITEM, HIST_CATEGORY):
-            ids = (request.history_item if key == HIST_ITEM
-                   else request.history_category).index_select(0, positions)
-        elif key in (SHORT_ITEM, SHORT_CATEGORY):
+        if key in (SHORT_ITEM, SHORT_CATEGORY):
             ids = positions[:0]
-        else:
+        elif key not in FIELD_OF_FEATURE:
             raise KeyError(f"a request has no feature {key!r}")
-        if key not in (TARGET_ITEM, TARGET_CATEGORY) and c > 0:
+        else:
+            value = getattr(request, FIELD_OF_FEATURE[key])
+            if key in CANDIDATE_KEYS:
+                ids = value
+            elif key in USER_KEYS:
+                ids = torch.full((1,), value, dtype=torch.long, device=device)
+            else:  # history
+                ids = value.index_select(0, positions)
+        if key in CANDIDATE_KEYS:
+            lengths[i] = 1
+        elif c > 0:
             lengths[i, 0] = ids.numel()
         values.append(ids.long())
     counts = [v.numel() for v in values]  # known here: spares the KJT a sum and a sync
@@ -269,10 +275,10 @@ def shared_pooled(model: LongSeqCTR, request: Request, positions: torch.Tensor) 
     history), broadcast."""
     pooled = model.sparse_arch(request_features(request, model.pooled_keys, positions))
     c = request.num_candidates
-    if not any(key in (TARGET_ITEM, TARGET_CATEGORY) for key in model.pooled_keys):
+    if not any(key in CANDIDATE_KEYS for key in model.pooled_keys):
         values = pooled.values() if pooled.keys() == model.pooled_keys else model.pooled_of(pooled)
         return values[:1].expand(c, -1)  # all per user
-    return torch.cat([pooled[key] if key in (TARGET_ITEM, TARGET_CATEGORY)
+    return torch.cat([pooled[key] if key in CANDIDATE_KEYS
                       else pooled[key][:1].expand(c, -1) for key in model.pooled_keys], dim=1)
 
 
@@ -310,9 +316,8 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     candidates, in one EmbeddingCollection call; each candidate reads its retrieved rows from
     those by index (SDIM: the user's buckets are summed), windows every candidate shares are
     passed once (``offsets=None``), and the model's own ``attend`` and ``head`` finish the job.
-    Nothing of size C x L is looked up or gathered. The four stages are profiler scopes
-    (``serving.search``, ``serving.lookup``, ``serving.attend``, ``serving.head``), which
-    ``benchmarks/serving.py --breakdown`` reports.
+    Nothing of size C x L is looked up or gathered. The four stages are the profiler scopes
+    ``STAGES``, which ``benchmarks/serving.py --breakdown`` reports.
     """
     arch = model.sequence_arch
     n, c = request.history_item.numel(), request.num_candidates
@@ -320,9 +325,9 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     if c == 0:
         return torch.zeros(0, device=device)
     if arch is None:  # avg-pool: the history is a pooled feature, averaged once
-        with record_function("serving.head"):
+        with record_function(STAGES[3]):
             return model.head(shared_pooled(model, request, torch.arange(n, device=device)), None)
-    with record_function("serving.search"):
+    with record_function(STAGES[0]):
         selection = shared_selection(model, request)
         if selection is None:
             return None
@@ -334,14 +339,14 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
         used = seen.nonzero().squeeze(1)
         inverse = (torch.cumsum(seen, 0) - 1).index_select(0, selected)
         long_rows, short_rows = inverse[:indices.numel()], inverse[indices.numel():]
-    with record_function("serving.lookup"):  # the candidates, and the used positions once
+    with record_function(STAGES[1]):  # the candidates, and the used positions once
         embeddings = model.embedding_collection(request_features(request, LOOKUP_KEYS, used))
         target = behavior_rows(embeddings, TARGET_ITEM, TARGET_CATEGORY)  # [C, 2D]
         rows = behavior_rows(embeddings, HIST_ITEM, HIST_CATEGORY)  # [U, 2D]
         intervals = request.request_time - request.history_time.index_select(0, used)  # [U]
         short = rows.index_select(0, short_rows)  # the window, shared: offsets None
         short_intervals = intervals.index_select(0, short_rows)
-    with record_function("serving.attend"):
+    with record_function(STAGES[2]):
         if isinstance(arch, DIN):
             sequence = arch.attend(target, short, None, short_intervals)
         elif counts is not None:  # SDIM
@@ -355,7 +360,7 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
             offsets = None if lengths is None else jagged.lengths_to_offsets(lengths)
             sequence = arch.attend(target, rows, offsets, intervals, short, None,
                                    short_intervals, retrieved_index=long_rows)
-    with record_function("serving.head"):  # with the pooled features
+    with record_function(STAGES[3]):  # with the pooled features
         return model.head(shared_pooled(model, request, used[:0]), sequence)
 
 
