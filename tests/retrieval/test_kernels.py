@@ -311,3 +311,52 @@ def test_attention_kernel_gradcheck() -> None:
         lambda q, k, b: kernels.target_attention(q, k, offsets, b), (qa, keys, bias))
     assert torch.autograd.gradcheck(
         lambda q, k: kernels.target_attention(q, k, offsets, None), (qa, keys))
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=JAGGED, rows=st.integers(1, 12), heads=st.integers(1, 9),
+       key_dim=st.integers(1, 40), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_indexed_attention_kernel_equals_gathered_rows(lengths, rows: int, heads: int,
+                                                       key_dim: int, with_bias: bool,
+                                                       seed: int) -> None:
+    """``index``: the kernel reading ``keys[index[n]]`` in place (rows read by several
+    positions, in any order) equals the kernel on the gathered rows, output and the gradients
+    of ``qa``, ``keys`` and ``bias`` (added up per row); heads 1-9 cover the four-at-a-time
+    loop and its remainder."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = offsets_of(lengths)
+    m = int(offsets[-1])
+    index = torch.randint(0, rows, (m,), generator=g)
+    qa = torch.randn(len(lengths), heads, key_dim, generator=g).requires_grad_()
+    keys = torch.randn(rows, key_dim, generator=g).requires_grad_()
+    bias = torch.randn(rows, heads, generator=g).requires_grad_() if with_bias else None
+    inputs = [t for t in (qa, keys, bias) if t is not None]
+    upstream = torch.randn(len(lengths), heads, key_dim, generator=g)
+    indexed = kernels.target_attention(qa, keys, offsets, bias, index)
+    grads = torch.autograd.grad((indexed * upstream).sum(), inputs, allow_unused=True)
+    gathered = kernels.target_attention(
+        qa, keys[index], offsets, None if bias is None else bias[index])
+    expected = torch.autograd.grad((gathered * upstream).sum(), inputs, allow_unused=True)
+    torch.testing.assert_close(indexed, gathered, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, expected):
+        if want is None:  # nothing read (no positions)
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_indexed_attention_kernel_gradcheck_and_bad_index() -> None:
+    """Numerical gradients (float64) with an index that reads a row twice and skips one; an
+    index outside the keys is an error naming it, not a read out of bounds."""
+    torch.manual_seed(0)
+    offsets = torch.tensor([0, 3, 3, 5])
+    index = torch.tensor([2, 0, 2, 3, 0])
+    qa = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, b: kernels.target_attention(q, k, offsets, b, index), (qa, keys, bias))
+    with pytest.raises(RuntimeError, match="index 3 is 4, outside the 4 keys"):
+        kernels.target_attention(qa, keys, offsets, bias, torch.tensor([2, 0, 2, 4, 0]))
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        kernels.target_attention(qa, keys, offsets, bias, index[:4])

@@ -140,42 +140,50 @@ class TargetAttention(nn.Module):
         return self.num_heads * self.head_dim
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                bias: Optional[torch.Tensor] = None,
+                index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``query [B, Dq]``, ``keys [N, Dk]``, ``offsets [B + 1]``, ``bias [N, H]`` ->
         ``[B, H * Dh]``. ``offsets=None``: the N keys are every query's (one user's history
-        shared by its candidates, serving)."""
+        shared by its candidates, serving). ``index [M]``: attend over ``keys[index]`` (and
+        ``bias[index]``), jagged by ``offsets`` (serving's distinct behaviors, see ``attend``)."""
         return attend(self.q_proj(query), keys, offsets, self.k_proj.weight, self.v_proj.weight,
-                      self.num_heads, bias)
+                      self.num_heads, bias, index)
 
 
 @torch.fx.wrap
 def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tensor],
            k_weight: torch.Tensor, v_weight: torch.Tensor, num_heads: int,
-           bias: Optional[torch.Tensor]) -> torch.Tensor:
+           bias: Optional[torch.Tensor], index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``TargetAttention`` after the query projection: projected ``query [B, H * Dh]``, raw
-    ``keys [N, Dk]``, ``k_weight`` and ``v_weight [H * Dh, Dk]``, ``bias [N, H]`` ->
-    ``[B, H * Dh]``.
+    ``keys [N, Dk]``, ``k_weight`` and ``v_weight [H * Dh, Dk]``, ``bias [N, H]``, ``index [M]``
+    (optional: the behaviors are ``keys[index]``) -> ``[B, H * Dh]``.
 
     On CPU the compiled kernel computes it with the projections absorbed: ``q_h . (W_k,h z_j) =
     (W_k,h^T q_h) . z_j`` and ``sum_j w_hj W_v,h z_j = W_v,h sum_j w_hj z_j``, so nothing is
     projected per behavior (``H Dk`` multiply-adds per behavior and head pass instead of
-    ``H Dh Dk``). Elsewhere (GPU, ``TORCHREC_LONGSEQ_KERNELS=0``) the torch ops project the keys
-    and values. The two agree to float rounding (tested). ``offsets=None`` (every query attends
-    to all N keys: one user's history in serving) is two matrix products, absorbed the same way.
+    ``H Dh Dk``), and it reads ``keys[index[n]]`` in place (serving's distinct behaviors, each
+    keyed once). Elsewhere (GPU, ``TORCHREC_LONGSEQ_KERNELS=0``) the torch ops gather the indexed
+    rows and project the keys and values. The two agree to float rounding (tested).
+    ``offsets=None`` (every query attends to all N keys: one user's history in serving) is two
+    matrix products, absorbed the same way.
     """
     b, head_dim, key_dim = query.size(0), query.size(1) // num_heads, keys.size(1)
     per_head = query.view(b, num_heads, head_dim).transpose(0, 1)  # [H, B, Dh]
     h_k = k_weight.view(num_heads, head_dim, key_dim)  # [H, Dh, Dk]
     qa = torch.bmm(per_head, h_k).transpose(0, 1) / head_dim**0.5  # [B, H, Dk]
+    pooled: Optional[torch.Tensor] = None
+    if offsets is not None:
+        pooled = kernels.target_attention(qa, keys, offsets, bias, index)  # [B, H, Dk]
+    if pooled is None and index is not None:  # the torch ops read the gathered rows
+        keys = keys.index_select(0, index)
+        bias = bias.index_select(0, index) if bias is not None else None
     if offsets is None:  # [B H, Dk] @ [Dk, N]: every query against the shared keys
         n = keys.size(0)
         logits = (qa.reshape(b * num_heads, key_dim) @ keys.t()).view(b, num_heads, n)
         if bias is not None:
             logits = logits + bias.t()
         weights = torch.softmax(logits, dim=2).view(b * num_heads, n)  # [B H, N]
-        pooled: Optional[torch.Tensor] = (weights @ keys).view(b, num_heads, key_dim)
-    else:
-        pooled = kernels.target_attention(qa, keys, offsets, bias)  # [B, H, Dk]
+        pooled = (weights @ keys).view(b, num_heads, key_dim)
     if pooled is not None:  # per head: [B, Dk] @ [Dk, Dh]
         h_v = v_weight.view(num_heads, head_dim, key_dim).transpose(1, 2)  # [H, Dk, Dh]
         return torch.bmm(pooled.transpose(0, 1), h_v).transpose(0, 1).reshape(

@@ -63,10 +63,7 @@ class ExactSearchUnit(nn.Module):
         time = self.time_embedding(intervals)
         keys = behaviors if self.time_as_bias else torch.cat([behaviors, time], dim=1)  # [M, Dk]
         bias = time if self.time_as_bias else None  # [M, H]
-        if index is not None:
-            keys = keys.index_select(0, index)
-            bias = bias.index_select(0, index) if bias is not None else None
-        return self.attention(target, keys, offsets, bias)
+        return self.attention(target, keys, offsets, bias, index)
 
 
 HISTORY_KEY = {TARGET_ITEM: HIST_ITEM, TARGET_CATEGORY: HIST_CATEGORY}

@@ -56,6 +56,10 @@ _SOURCE = r"""
 #define SIMD_CLONES
 #endif
 
+// the helpers of a SIMD_CLONES function: inlined into each clone, so that they are compiled for
+// its instruction set (called, they would be the baseline's)
+#define FORCE_INLINE static inline __attribute__((always_inline))
+
 // per-segment selections -> (indices [M], lengths [B])
 static std::vector<torch::Tensor> concat_segments(const std::vector<std::vector<int64_t>>& found) {
   const int64_t B = found.size();
@@ -598,12 +602,16 @@ std::vector<torch::Tensor> sdim_collisions(
 }
 
 // ---- jagged multi-head target attention, projections absorbed ----
-// logit[n,h] = qa[b,h,:] . z[n,:] (+ bias[n,h]) for n in segment b; w = softmax over the segment
-// per head; agg[b,h,:] = sum_n w[n,h] z[n,:]. qa = W_k,h^T q_h / sqrt(Dh) and out = W_v,h agg
-// are done by the caller, so the per-behavior work is 2 H K multiply-adds instead of the 2 H Dh K
-// of projecting every key and value. Segments must not overlap (backward writes dz per segment).
+// logit[n,h] = qa[b,h,:] . z[r,:] (+ bias[r,h]) for the positions n of segment b, with r = index[n]
+// when indexed (serving: each distinct behavior's row once, read by every candidate that
+// retrieved it) and r = n otherwise; w = softmax over the segment per head; agg[b,h,:] = sum_n
+// w[n,h] z[r,:]. qa = W_k,h^T q_h / sqrt(Dh) and out = W_v,h agg are done by the caller, so the
+// per-behavior work is 2 H K multiply-adds instead of the 2 H Dh K of projecting every key and
+// value. Heads go four at a time: one read of z[r] feeds four independent sums (one head at a
+// time, each sum waits on its own previous add). Segments must not overlap (backward writes
+// dz[n] per position).
 template <typename T>
-static inline T dot(const T* a, const T* b, int64_t n) {
+FORCE_INLINE T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -611,151 +619,287 @@ static inline T dot(const T* a, const T* b, int64_t n) {
 }
 
 template <typename T>
-static inline void axpy(T a, const T* x, T* y, int64_t n) {
+FORCE_INLINE void axpy(T a, const T* x, T* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-
+// out[h] = q[h K : (h + 1) K] . z for the H heads
 template <typename T>
-static inline void forward_sample(const T* q, const T* z, const T* bias, int64_t lo, int64_t hi,
-                                  int64_t H, int64_t K, T* a, T* w, T* top, T* sum) {
-  for (int64_t h = 0; h < H; ++h) top[h] = -std::numeric_limits<T>::infinity(), sum[h] = 0;
-  for (int64_t n = lo; n < hi; ++n)
-    for (int64_t h = 0; h < H; ++h) {
-      T l = dot(q + h * K, z + n * K, K) + (bias ? bias[n * H + h] : T(0));
-      w[n * H + h] = l;
-      top[h] = std::max(top[h], l);
+FORCE_INLINE void head_dots(const T* q, const T* z, int64_t H, int64_t K, T* out) {
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4) {
+    const T *q0 = q + h * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t k = 0; k < K; ++k) {
+      const T zk = z[k];
+      s0 += q0[k] * zk; s1 += q1[k] * zk; s2 += q2[k] * zk; s3 += q3[k] * zk;
     }
-  for (int64_t n = lo; n < hi; ++n)
-    for (int64_t h = 0; h < H; ++h) sum[h] += (w[n * H + h] = std::exp(w[n * H + h] - top[h]));
-  std::fill(a, a + H * K, T(0));
-  for (int64_t n = lo; n < hi; ++n)
-    for (int64_t h = 0; h < H; ++h) axpy(w[n * H + h] /= sum[h], z + n * K, a + h * K, K);
+    out[h] = s0; out[h + 1] = s1; out[h + 2] = s2; out[h + 3] = s3;
+  }
+  for (; h < H; ++h) out[h] = dot(q + h * K, z, K);
 }
 
+// out0[h], out1[h] = q[h K : (h + 1) K] . z0, . z1 for the H heads: two behaviors at a time,
+// so each head row read feeds two sums, and eight sums (four heads) run side by side
 template <typename T>
-static inline void backward_sample(const T* g, const T* q, const T* z, const T* w, int64_t lo,
-                                   int64_t hi, int64_t H, int64_t K, T* dq, T* dz, T* dlogit,
-                                   T* s) {
-  for (int64_t h = 0; h < H; ++h) s[h] = 0;
-  for (int64_t n = lo; n < hi; ++n)  // dlogit holds dL/dw first
-    for (int64_t h = 0; h < H; ++h) {
-      T dw = dot(g + h * K, z + n * K, K);
-      dlogit[n * H + h] = dw;
-      s[h] += w[n * H + h] * dw;
+FORCE_INLINE void head_dots2(const T* q, const T* z0, const T* z1, int64_t H, int64_t K,
+                              T* out0, T* out1) {
+  head_dots(q, z0, H, K, out0);
+  head_dots(q, z1, H, K, out1);
+}
+
+// float: spelled out in 8-lane vectors (GCC leaves eight `omp simd` reductions scalar)
+FORCE_INLINE KeyLanes load_lanes(const float* p) {
+  KeyLanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+FORCE_INLINE float lane_sum(KeyLanes v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+FORCE_INLINE void head_dots2(const float* q, const float* z0, const float* z1, int64_t H,
+                              int64_t K, float* out0, float* out1) {
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4) {
+    const float* qh = q + h * K;
+    KeyLanes a[4] = {}, b[4] = {};
+    int64_t k = 0;
+    for (; k + KEY_LANES <= K; k += KEY_LANES) {
+      const KeyLanes x = load_lanes(z0 + k), y = load_lanes(z1 + k);
+      for (int j = 0; j < 4; ++j) {
+        const KeyLanes qj = load_lanes(qh + j * K + k);
+        a[j] += qj * x;
+        b[j] += qj * y;
+      }
     }
-  for (int64_t n = lo; n < hi; ++n) {
-    T* dzn = dz + n * K;
-    for (int64_t h = 0; h < H; ++h) {
-      const T wn = w[n * H + h], dl = wn * (dlogit[n * H + h] - s[h]);
-      dlogit[n * H + h] = dl;
-      axpy(wn, g + h * K, dzn, K);
-      axpy(dl, q + h * K, dzn, K);
-      axpy(dl, z + n * K, dq + h * K, K);
+    for (int j = 0; j < 4; ++j) {
+      float sa = lane_sum(a[j]), sb = lane_sum(b[j]);
+      for (int64_t t = k; t < K; ++t) sa += qh[j * K + t] * z0[t], sb += qh[j * K + t] * z1[t];
+      out0[h + j] = sa, out1[h + j] = sb;
     }
+  }
+  for (; h < H; ++h) out0[h] = dot(q + h * K, z0, K), out1[h] = dot(q + h * K, z1, K);
+}
+
+// a[h K : (h + 1) K] += w[h] z for the H heads
+template <typename T>
+FORCE_INLINE void head_axpys(const T* w, const T* z, int64_t H, int64_t K, T* a) {
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4) {
+    T *a0 = a + h * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
+    const T w0 = w[h], w1 = w[h + 1], w2 = w[h + 2], w3 = w[h + 3];
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      const T zk = z[k];
+      a0[k] += w0 * zk; a1[k] += w1 * zk; a2[k] += w2 * zk; a3[k] += w3 * zk;
+    }
+  }
+  for (; h < H; ++h) axpy(w[h], z, a + h * K, K);
+}
+
+// a[h K : (h + 1) K] += w0[h] z0 + w1[h] z1 for the H heads (two behaviors per pass over a)
+template <typename T>
+FORCE_INLINE void head_axpys2(const T* w0, const T* z0, const T* w1, const T* z1, int64_t H,
+                               int64_t K, T* a) {
+  for (int64_t h = 0; h < H; ++h) {
+    T* ah = a + h * K;
+    const T u = w0[h], v = w1[h];
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) ah[k] += u * z0[k] + v * z1[k];
   }
 }
 
-SIMD_CLONES static void forward_sample_f(const float* q, const float* z, const float* bias,
-                                         int64_t lo, int64_t hi, int64_t H, int64_t K, float* a,
-                                         float* w, float* top, float* sum) {
-  forward_sample(q, z, bias, lo, hi, H, K, a, w, top, sum);
+// x[i] = exp(x[i]) for x[i] <= 0 (softmax logits less their maximum). float: a loop the
+// compiler vectorizes (libm's expf is a call per value, most of the attention's time at small K):
+// x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' expf polynomial (about 1 ulp), 2^n from the
+// exponent bits; below -87 (e^x < 2^-125) it returns e^-87, which no softmax weight notices.
+FORCE_INLINE void exp_in_place(float* x, int64_t m) {
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) {
+    const float v = x[i] < -87.0f ? -87.0f : x[i];
+    const float n = std::floor(v * 1.44269504088896341f + 0.5f);
+    const float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    x[i] = e * __builtin_bit_cast(float, bits);
+  }
+}
+FORCE_INLINE void exp_in_place(double* x, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) x[i] = std::exp(x[i]);
+}
+
+// the key row position n reads
+FORCE_INLINE int64_t row(const int64_t* idx, int64_t n) { return idx ? idx[n] : n; }
+
+template <typename T>
+FORCE_INLINE void forward_sample(const T* q, const T* z, const int64_t* idx, const T* bias,
+                                  int64_t lo, int64_t hi, int64_t H, int64_t K, T* a, T* w,
+                                  T* top, T* sum) {
+  for (int64_t h = 0; h < H; ++h) top[h] = -std::numeric_limits<T>::infinity(), sum[h] = 0;
+  int64_t n = lo;
+  for (; n + 2 <= hi; n += 2)
+    head_dots2(q, z + row(idx, n) * K, z + row(idx, n + 1) * K, H, K, w + n * H,
+               w + (n + 1) * H);
+  if (n < hi) head_dots(q, z + row(idx, n) * K, H, K, w + n * H);
+  for (n = lo; n < hi; ++n)
+    for (int64_t h = 0; h < H; ++h) {
+      if (bias) w[n * H + h] += bias[row(idx, n) * H + h];
+      top[h] = std::max(top[h], w[n * H + h]);
+    }
+  for (n = lo; n < hi; ++n)
+    for (int64_t h = 0; h < H; ++h) w[n * H + h] -= top[h];
+  exp_in_place(w + lo * H, (hi - lo) * H);
+  for (n = lo; n < hi; ++n)
+    for (int64_t h = 0; h < H; ++h) sum[h] += w[n * H + h];
+  for (n = lo; n < hi; ++n)
+    for (int64_t h = 0; h < H; ++h) w[n * H + h] /= sum[h];
+  std::fill(a, a + H * K, T(0));
+  for (n = lo; n + 2 <= hi; n += 2)
+    head_axpys2(w + n * H, z + row(idx, n) * K, w + (n + 1) * H, z + row(idx, n + 1) * K, H, K,
+                a);
+  if (n < hi) head_axpys(w + n * H, z + row(idx, n) * K, H, K, a);
+}
+
+template <typename T>
+FORCE_INLINE void backward_sample(const T* g, const T* q, const T* z, const int64_t* idx,
+                                   const T* w, int64_t lo, int64_t hi, int64_t H, int64_t K,
+                                   T* dq, T* dz, T* dlogit, T* s) {
+  for (int64_t h = 0; h < H; ++h) s[h] = 0;
+  int64_t n = lo;  // dlogit holds dL/dw first
+  for (; n + 2 <= hi; n += 2)
+    head_dots2(g, z + row(idx, n) * K, z + row(idx, n + 1) * K, H, K, dlogit + n * H,
+               dlogit + (n + 1) * H);
+  if (n < hi) head_dots(g, z + row(idx, n) * K, H, K, dlogit + n * H);
+  for (n = lo; n < hi; ++n)
+    for (int64_t h = 0; h < H; ++h) s[h] += w[n * H + h] * dlogit[n * H + h];
+  for (n = lo; n < hi; ++n) {
+    T* dzn = dz + n * K;
+    T* dl = dlogit + n * H;
+    for (int64_t h = 0; h < H; ++h) {
+      const T wn = w[n * H + h];
+      dl[h] = wn * (dl[h] - s[h]);
+      axpy(wn, g + h * K, dzn, K);
+      axpy(dl[h], q + h * K, dzn, K);
+    }
+    head_axpys(dl, z + row(idx, n) * K, H, K, dq);
+  }
+}
+
+SIMD_CLONES static void forward_sample_f(const float* q, const float* z, const int64_t* idx,
+                                         const float* bias, int64_t lo, int64_t hi, int64_t H,
+                                         int64_t K, float* a, float* w, float* top, float* sum) {
+  forward_sample(q, z, idx, bias, lo, hi, H, K, a, w, top, sum);
 }
 SIMD_CLONES static void backward_sample_f(const float* g, const float* q, const float* z,
-                                          const float* w, int64_t lo, int64_t hi, int64_t H,
-                                          int64_t K, float* dq, float* dz, float* dlogit,
-                                          float* s) {
-  backward_sample(g, q, z, w, lo, hi, H, K, dq, dz, dlogit, s);
+                                          const int64_t* idx, const float* w, int64_t lo,
+                                          int64_t hi, int64_t H, int64_t K, float* dq, float* dz,
+                                          float* dlogit, float* s) {
+  backward_sample(g, q, z, idx, w, lo, hi, H, K, dq, dz, dlogit, s);
 }
-static void forward_sample_any(const float* q, const float* z, const float* bias, int64_t lo,
-                               int64_t hi, int64_t H, int64_t K, float* a, float* w, float* top,
-                               float* sum) {
-  forward_sample_f(q, z, bias, lo, hi, H, K, a, w, top, sum);
+static void forward_sample_any(const float* q, const float* z, const int64_t* idx,
+                               const float* bias, int64_t lo, int64_t hi, int64_t H, int64_t K,
+                               float* a, float* w, float* top, float* sum) {
+  forward_sample_f(q, z, idx, bias, lo, hi, H, K, a, w, top, sum);
 }
-static void forward_sample_any(const double* q, const double* z, const double* bias, int64_t lo,
-                               int64_t hi, int64_t H, int64_t K, double* a, double* w,
-                               double* top, double* sum) {
-  forward_sample(q, z, bias, lo, hi, H, K, a, w, top, sum);
+static void forward_sample_any(const double* q, const double* z, const int64_t* idx,
+                               const double* bias, int64_t lo, int64_t hi, int64_t H, int64_t K,
+                               double* a, double* w, double* top, double* sum) {
+  forward_sample(q, z, idx, bias, lo, hi, H, K, a, w, top, sum);
 }
-static void backward_sample_any(const float* g, const float* q, const float* z, const float* w,
-                                int64_t lo, int64_t hi, int64_t H, int64_t K, float* dq,
-                                float* dz, float* dlogit, float* s) {
-  backward_sample_f(g, q, z, w, lo, hi, H, K, dq, dz, dlogit, s);
+static void backward_sample_any(const float* g, const float* q, const float* z,
+                                const int64_t* idx, const float* w, int64_t lo, int64_t hi,
+                                int64_t H, int64_t K, float* dq, float* dz, float* dlogit,
+                                float* s) {
+  backward_sample_f(g, q, z, idx, w, lo, hi, H, K, dq, dz, dlogit, s);
 }
 static void backward_sample_any(const double* g, const double* q, const double* z,
-                                const double* w, int64_t lo, int64_t hi, int64_t H, int64_t K,
-                                double* dq, double* dz, double* dlogit, double* s) {
-  backward_sample(g, q, z, w, lo, hi, H, K, dq, dz, dlogit, s);
+                                const int64_t* idx, const double* w, int64_t lo, int64_t hi,
+                                int64_t H, int64_t K, double* dq, double* dz, double* dlogit,
+                                double* s) {
+  backward_sample(g, q, z, idx, w, lo, hi, H, K, dq, dz, dlogit, s);
 }
 
-template <typename T>
-static void attention_forward_impl(const T* qa, const T* z, const T* bias, const int64_t* off,
-                                   int64_t B, int64_t H, int64_t K, T* agg, T* w) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> top(H), sum(H);
-    for (int64_t b = begin; b < end; ++b)
-      forward_sample_any(qa + b * H * K, z, bias, off[b], off[b + 1], H, K, agg + b * H * K, w,
-                         top.data(), sum.data());
-  });
-}
-
-template <typename T>
-static void attention_backward_impl(const T* dagg, const T* qa, const T* z, const T* w,
-                                    const int64_t* off, int64_t B, int64_t H, int64_t K,
-                                    T* dqa, T* dz, T* dlogit) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(H);
-    for (int64_t b = begin; b < end; ++b)
-      backward_sample_any(dagg + b * H * K, qa + b * H * K, z, w, off[b], off[b + 1], H, K,
-                          dqa + b * H * K, dz, dlogit, s.data());
-  });
-}
-
-static void check_attention(const torch::Tensor& qa, const torch::Tensor& z,
-                            const torch::Tensor& offsets) {
+// checks the shapes; returns the positions (offsets[B]) and the index pointer (nullptr unindexed)
+static const int64_t* check_attention(const torch::Tensor& qa, const torch::Tensor& z,
+                                      const torch::Tensor& offsets, const torch::Tensor& index,
+                                      bool indexed) {
   TORCH_CHECK(qa.dim() == 3 && z.dim() == 2 && qa.size(2) == z.size(1),
               "attention: qa [B, H, K] and keys [N, K]");
   TORCH_CHECK(offsets.numel() == qa.size(0) + 1, "attention: offsets must be [B + 1]");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t B = qa.size(0), rows = indexed ? index.numel() : z.size(0);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= off[b] && off[b] <= off[b + 1] && off[b + 1] <= rows,
+                "attention: offsets must be non-decreasing within the ", rows, " positions");
+  if (!indexed) return nullptr;
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t n = 0; n < rows; ++n)
+    TORCH_CHECK(0 <= idx[n] && idx[n] < z.size(0), "attention: index ", n, " is ", idx[n],
+                ", outside the ", z.size(0), " keys");
+  return idx;
 }
 
-// (qa [B, H, K], keys [N, K], offsets [B + 1], bias [N, H] or empty) -> (agg [B, H, K], w [N, H])
+// (qa [B, H, K], keys [N, K], offsets [B + 1], bias [N, H] or empty, index [M] if indexed)
+// -> (agg [B, H, K], w [M or N, H])
 std::vector<torch::Tensor> attention_forward(torch::Tensor qa, torch::Tensor z,
-                                             torch::Tensor offsets, torch::Tensor bias) {
-  check_attention(qa, z, offsets);
+                                             torch::Tensor offsets, torch::Tensor bias,
+                                             torch::Tensor index, bool indexed) {
   qa = qa.contiguous(); z = z.contiguous().to(qa.dtype());
-  offsets = offsets.to(torch::kInt64).contiguous();
+  offsets = offsets.to(torch::kInt64).contiguous(); index = index.to(torch::kInt64).contiguous();
+  const int64_t* idx = check_attention(qa, z, offsets, index, indexed);
   const bool has_bias = bias.numel() > 0;
   if (has_bias) bias = bias.contiguous().to(qa.dtype());
   const int64_t B = qa.size(0), H = qa.size(1), K = qa.size(2);
   auto agg = torch::empty({B, H, K}, qa.options());
-  auto w = torch::empty({z.size(0), H}, qa.options());
+  auto w = torch::empty({indexed ? index.numel() : z.size(0), H}, qa.options());
   AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attention_forward", [&] {
-    attention_forward_impl<scalar_t>(qa.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                                     has_bias ? bias.data_ptr<scalar_t>() : nullptr,
-                                     offsets.data_ptr<int64_t>(), B, H, K,
-                                     agg.data_ptr<scalar_t>(), w.data_ptr<scalar_t>());
+    const scalar_t *q = qa.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
+    const scalar_t* bp = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    scalar_t *a = agg.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> top(H), sum(H);
+      for (int64_t b = begin; b < end; ++b)
+        forward_sample_any(q + b * H * K, zp, idx, bp, off[b], off[b + 1], H, K, a + b * H * K,
+                           wp, top.data(), sum.data());
+    });
   });
   return {agg, w};
 }
 
-// gradients of attention_forward's agg: (dqa [B, H, K], dkeys [N, K], dlogits [N, H])
+// gradients of attention_forward's agg: (dqa [B, H, K], dz [M or N, K], dlogits [M or N, H]),
+// per position: indexed, the caller adds them up per key row
 std::vector<torch::Tensor> attention_backward(torch::Tensor dagg, torch::Tensor qa,
                                               torch::Tensor z, torch::Tensor offsets,
-                                              torch::Tensor w) {
-  check_attention(qa, z, offsets);
+                                              torch::Tensor w, torch::Tensor index, bool indexed) {
   dagg = dagg.contiguous().to(qa.dtype()); qa = qa.contiguous(); z = z.contiguous();
   w = w.contiguous(); offsets = offsets.to(torch::kInt64).contiguous();
+  index = index.to(torch::kInt64).contiguous();
+  const int64_t* idx = check_attention(qa, z, offsets, index, indexed);
   const int64_t B = qa.size(0), H = qa.size(1), K = qa.size(2);
   auto dqa = torch::zeros_like(qa);
-  auto dz = torch::zeros_like(z);
+  auto dz = torch::zeros({w.size(0), K}, z.options());
   auto dlogit = torch::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attention_backward", [&] {
-    attention_backward_impl<scalar_t>(dagg.data_ptr<scalar_t>(), qa.data_ptr<scalar_t>(),
-                                      z.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                      offsets.data_ptr<int64_t>(), B, H, K,
-                                      dqa.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
-                                      dlogit.data_ptr<scalar_t>());
+    const scalar_t *g = dagg.data_ptr<scalar_t>(), *q = qa.data_ptr<scalar_t>();
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    scalar_t *dq = dqa.data_ptr<scalar_t>(), *dzp = dz.data_ptr<scalar_t>();
+    scalar_t* dl = dlogit.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> s(H);
+      for (int64_t b = begin; b < end; ++b)
+        backward_sample_any(g + b * H * K, q + b * H * K, zp, idx, wp, off[b], off[b + 1], H, K,
+                            dq + b * H * K, dzp, dl, s.data());
+    });
   });
   return {dqa, dz, dlogit};
 }
@@ -831,9 +975,12 @@ def _module():
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
         # -fopenmp: at::parallel_for is an OpenMP loop in the headers (serial without it); the
-        # module then needs libgomp.so.1, which resolves to the copy torch has already loaded
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v22", cpp_sources=[_SOURCE],
-                              extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"],
+        # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
+        # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
+        # will not vectorize loops with a conditional (exp_in_place's clamp)
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v27", cpp_sources=[_SOURCE],
+                              extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
+                                            "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
     return _MODULE
 
@@ -969,37 +1116,49 @@ class _TargetAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+                bias: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> torch.Tensor:
         empty = qa.new_zeros(0)
+        rows = offsets.new_zeros(0) if index is None else index
         agg, weights = _module().attention_forward(qa, keys, offsets,
-                                                   empty if bias is None else bias)
-        ctx.save_for_backward(qa, keys, offsets, weights)
-        ctx.has_bias = bias is not None
+                                                   empty if bias is None else bias, rows,
+                                                   index is not None)
+        ctx.save_for_backward(qa, keys, offsets, weights, rows)
+        ctx.has_bias, ctx.indexed = bias is not None, index is not None
         return agg
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        qa, keys, offsets, weights = ctx.saved_tensors
-        dqa, dkeys, dlogits = _module().attention_backward(grad, qa, keys, offsets, weights)
-        return dqa, dkeys.to(keys.dtype), None, dlogits if ctx.has_bias else None
+        qa, keys, offsets, weights, rows = ctx.saved_tensors
+        dqa, dkeys, dlogits = _module().attention_backward(grad, qa, keys, offsets, weights, rows,
+                                                           ctx.indexed)
+        if ctx.indexed:  # per position: added up per key row
+            dkeys = keys.new_zeros(keys.shape).index_add_(0, rows, dkeys.to(keys.dtype))
+            dlogits = dlogits.new_zeros(keys.size(0), dlogits.size(1)).index_add_(0, rows, dlogits)
+        return dqa, dkeys.to(keys.dtype), None, dlogits if ctx.has_bias else None, None
 
 
 def target_attention(qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
-                     bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                     bias: Optional[torch.Tensor],
+                     index: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Softmax attention per jagged segment with the key projection absorbed into the query, or
     ``None`` where it does not apply (GPU, kernels off, not float32 / float64).
 
-    ``logits[n, h] = qa[b, h] . keys[n] + bias[n, h]`` for the behaviors ``n`` of sample ``b``,
-    softmax per sample and head, ``-> [B, H, K]`` the weighted sums of the keys (zeros for an empty
-    sample). Differentiable in ``qa``, ``keys`` and ``bias``.
+    ``logits[n, h] = qa[b, h] . keys[r] + bias[r, h]`` for the positions ``n`` of sample ``b``,
+    with ``r = index[n]`` (or ``n`` without an index), softmax per sample and head, ``-> [B, H,
+    K]`` the weighted sums of the keys (zeros for an empty sample). Differentiable in ``qa``,
+    ``keys`` and ``bias``.
 
     Args:
         qa (Tensor): ``[B, H, K]`` queries in key space (``W_k,h^T q_h``, scaled).
         keys (Tensor): ``[N, K]`` behaviors, jagged by ``offsets [B + 1]`` (non-overlapping).
         bias (Optional[Tensor]): ``[N, H]`` logit biases.
+        index (Optional[Tensor]): ``[M]`` rows of ``keys`` (and ``bias``) that the positions
+            read, jagged by ``offsets``: serving's distinct behaviors, each keyed once and read by
+            every candidate that retrieved it (as attending over ``keys[index]``, without the
+            gather).
     """
     if (not _applies(qa) or qa.dtype not in (torch.float32, torch.float64)
             or keys.dtype != qa.dtype or (bias is not None and bias.dtype != qa.dtype)):
         return None
-    return _TargetAttention.apply(qa, keys, offsets, bias)
+    return _TargetAttention.apply(qa, keys, offsets, bias, index)
