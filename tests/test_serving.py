@@ -32,10 +32,20 @@ def independent(model, request: serving.Request) -> torch.Tensor:
         return model(batch.features, batch.history_time, batch.request_time)[0]
 
 
+def through_the_modules(monkeypatch) -> None:
+    """Serve as for a lookup module whose tables cannot be read directly (sharded, quantized):
+    every lookup through the module's forward on ``request_features``."""
+    monkeypatch.setattr(serving, "table_weights", lambda collection: None)
+
+
+@pytest.mark.parametrize("lookup", ["tables", "modules"])
 @pytest.mark.parametrize("kernels", ["1", "0"])
 @pytest.mark.parametrize("name", MODELS)
-def test_shared_history_equals_independent_samples(name: str, kernels: str, monkeypatch) -> None:
+def test_shared_history_equals_independent_samples(name: str, kernels: str, lookup: str,
+                                                   monkeypatch) -> None:
     monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
+    if lookup == "modules":
+        through_the_modules(monkeypatch)
     model = model_of(name)
     for length, candidates in [(300, 16), (5, 3), (0, 2), (300, 1), (300, 0)]:
         request = make_request(length, candidates)
@@ -62,6 +72,7 @@ def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     C k (TWIN's k) + window distinct history rows per table (SDIM: the user's distinct behaviors
     + window; the whole-history model: each behavior once), whatever L is; the sequence module's
     own forward is not called."""
+    through_the_modules(monkeypatch)
     model = model_of(name)
     request = make_request(300, 16)
     calls = []
@@ -88,6 +99,7 @@ def test_avgpool_pools_the_history_once(monkeypatch) -> None:
     (the first candidate carries it; the others get its average broadcast)."""
     model = model_of("avgpool")
     request = make_request(300, 16)
+    through_the_modules(monkeypatch)
     calls = []
     lookup = model.sparse_arch.forward
     monkeypatch.setattr(model.sparse_arch, "forward", lambda kjt: calls.append(kjt) or lookup(kjt))
@@ -154,3 +166,32 @@ def test_table_rows_of_every_feature() -> None:
         "user_id": 100, "context_hour": 24, TARGET_ITEM: 400, HIST_ITEM: 400, "short_item": 400,
         "target_category": 20, "hist_category": 20, "short_category": 20}
     assert serving.table_rows(model_of("avgpool"))[HIST_ITEM] == 400
+
+
+def test_table_weights_read_the_rows_the_modules_look_up() -> None:
+    """The plain collections' tables, read by id, give the rows their forward gives (the EBC's
+    one-id bags pooled, sum or mean); a weighted EBC's are not read directly (``None``)."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.modules.embedding_configs import PoolingType
+
+    model = model_of("eta")
+    request = make_request(300, 16)
+    used = torch.tensor([3, 7, 7, 120, 299]).unique()
+    weights = serving.table_weights(model.embedding_collection)
+    target, rows = serving.request_rows(model, request, used)
+    embeddings = model.embedding_collection(
+        serving.request_features(request, serving.LOOKUP_KEYS, used))
+    assert torch.equal(rows[:, :weights[HIST_ITEM].size(1)], embeddings[HIST_ITEM].values())
+    assert torch.equal(target[:, :weights[TARGET_ITEM].size(1)], embeddings[TARGET_ITEM].values())
+    assert torch.equal(target, serving.behavior_rows(embeddings, TARGET_ITEM, "target_category"))
+    for pooling in (PoolingType.SUM, PoolingType.MEAN):
+        torch.manual_seed(0)
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"], pooling=pooling)])
+        kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([4, 9, 0]),
+                                lengths=torch.tensor([1, 1, 1]))
+        direct = serving.table_weights(ebc)["f"].index_select(0, torch.tensor([4, 9, 0]))
+        assert torch.equal(ebc(kjt)["f"], direct)
+    weighted = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])], is_weighted=True)
+    assert serving.table_weights(weighted) is None
