@@ -660,24 +660,26 @@ FORCE_INLINE float lane_sum(KeyLanes v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 FORCE_INLINE void head_dots2(const float* q, const float* z0, const float* z1, int64_t H,
-                              int64_t K, float* out0, float* out1) {
+                             int64_t K, float* out0, float* out1) {
   int64_t h = 0;
   for (; h + 4 <= H; h += 4) {
-    const float* qh = q + h * K;
-    KeyLanes a[4] = {}, b[4] = {};
+    const float *q0 = q + h * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
+    // eight named accumulators (an array of them is zeroed through memory, not in registers)
+    KeyLanes a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
     int64_t k = 0;
     for (; k + KEY_LANES <= K; k += KEY_LANES) {
       const KeyLanes x = load_lanes(z0 + k), y = load_lanes(z1 + k);
-      for (int j = 0; j < 4; ++j) {
-        const KeyLanes qj = load_lanes(qh + j * K + k);
-        a[j] += qj * x;
-        b[j] += qj * y;
-      }
+      const KeyLanes r0 = load_lanes(q0 + k), r1 = load_lanes(q1 + k);
+      const KeyLanes r2 = load_lanes(q2 + k), r3 = load_lanes(q3 + k);
+      a0 += r0 * x; a1 += r1 * x; a2 += r2 * x; a3 += r3 * x;
+      b0 += r0 * y; b1 += r1 * y; b2 += r2 * y; b3 += r3 * y;
     }
+    float sa[4] = {lane_sum(a0), lane_sum(a1), lane_sum(a2), lane_sum(a3)};
+    float sb[4] = {lane_sum(b0), lane_sum(b1), lane_sum(b2), lane_sum(b3)};
     for (int j = 0; j < 4; ++j) {
-      float sa = lane_sum(a[j]), sb = lane_sum(b[j]);
-      for (int64_t t = k; t < K; ++t) sa += qh[j * K + t] * z0[t], sb += qh[j * K + t] * z1[t];
-      out0[h + j] = sa, out1[h + j] = sb;
+      const float* qj = q + (h + j) * K;
+      for (int64_t t = k; t < K; ++t) sa[j] += qj[t] * z0[t], sb[j] += qj[t] * z1[t];
+      out0[h + j] = sa[j], out1[h + j] = sb[j];
     }
   }
   for (; h < H; ++h) out0[h] = dot(q + h * K, z0, K), out1[h] = dot(q + h * K, z1, K);
@@ -978,7 +980,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v27", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v28", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
