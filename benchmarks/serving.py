@@ -11,7 +11,7 @@ blocks alternate so that drift of the machine hits all ways):
   the history (``request_batch``: the training layout);
 * ``one by one``: C separate one-sample calls (only ``--one-by-one-reps`` times: it is slow).
 
-All three run under ``torch.inference_mode()``, and each time includes building the model
+All three run under ``torch.no_grad()``, and each time includes building the model
 input from the request (for ``batched``: C copies of the history, made with ``repeat``). Prints
 p50 / p99 in ms and the speed-up of ``shared`` over the others; writes ``OUT/serving.json``::
 
@@ -69,12 +69,12 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
     def shared() -> torch.Tensor:
         return serving.score_request(model, request)
 
-    @torch.inference_mode()  # as score_request runs
+    @torch.no_grad()  # as score_request runs
     def batched() -> torch.Tensor:
         batch = serving.request_batch(request)
         return model(batch.features, batch.history_time, batch.request_time)[0]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def one_by_one() -> torch.Tensor:
         out = []
         for c in range(request.num_candidates):

@@ -162,10 +162,10 @@ def test_bad_requests_name_the_field_and_position(field: str, value, message: st
 
 
 def test_table_rows_of_every_feature() -> None:
-    assert serving.table_rows(model_of("eta")) == {
+    assert model_of("eta").table_rows == {
         "user_id": 100, "context_hour": 24, TARGET_ITEM: 400, HIST_ITEM: 400, "short_item": 400,
         "target_category": 20, "hist_category": 20, "short_category": 20}
-    assert serving.table_rows(model_of("avgpool"))[HIST_ITEM] == 400
+    assert model_of("avgpool").table_rows[HIST_ITEM] == 400
 
 
 def test_table_weights_read_the_rows_the_modules_look_up() -> None:

@@ -118,18 +118,10 @@ USER_KEYS = (USER_ID, CONTEXT_HOUR)
 STAGES = ("serving.search", "serving.lookup", "serving.attend", "serving.head")
 
 
-def table_rows(model: LongSeqCTR) -> Dict[str, int]:
-    """Rows of the table each feature of ``model`` is looked up in (its EBC's and EC's)."""
-    configs = list(model.sparse_arch.embedding_bag_configs())
-    if model.embedding_collection is not None:
-        configs += list(model.embedding_collection.embedding_configs())
-    return {name: c.num_embeddings for c in configs for name in c.feature_names}
-
-
 def check_request(request: Request, rows: Dict[str, int]) -> None:
     """Raise ``RequestError`` naming the field and the behavior or candidate if ``request`` is
     malformed: history fields of one length L and candidate fields of one length C (1-D), ids in
-    ``[0, rows)`` of their table (``rows``: ``table_rows(model)``), history times non-decreasing
+    ``[0, rows)`` of their table (``rows``: ``model.table_rows``), history times non-decreasing
     and strictly before the request time. A few reductions over L: the compiled searches read
     the per-item tables by id without bounds checks, so ``score_request`` runs this first."""
     history = ("history_item", "history_category", "history_time")
@@ -264,6 +256,7 @@ def request_rows(model: LongSeqCTR, request: Request,
     EmbeddingCollection on ``request_features``."""
     weights = table_weights(model.embedding_collection)
     if weights is None:
+        # LOOKUP_KEYS, in the order training's lookup sends them (a sharded module fixes it)
         embeddings = model.embedding_collection(request_features(request, LOOKUP_KEYS, positions))
         return (behavior_rows(embeddings, TARGET_ITEM, TARGET_CATEGORY),
                 behavior_rows(embeddings, HIST_ITEM, HIST_CATEGORY))
@@ -275,7 +268,7 @@ def request_rows(model: LongSeqCTR, request: Request,
                        weights[HIST_CATEGORY].index_select(0, categories)], 1))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(positions [M], lengths [C])``: what ``search`` retrieves for each candidate, as positions
     into the one history: the searches' own functions with ``offsets=None`` (compiled kernels
@@ -312,10 +305,10 @@ def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tens
 
 def shared_pooled(model: LongSeqCTR, request: Request, positions: torch.Tensor) -> torch.Tensor:
     """``[C, P]`` pooled features of the request, the history ``positions`` pooled if the model
-    pools history (avg-pool): one EBC call on ``request_features``; each candidate's own
-    columns, and the first candidate's for everything per user (user, context, avg-pool's
-    history), broadcast. Features of one id each (no history) from a plain EBC are read from its
-    tables (``table_weights``)."""
+    pools history (avg-pool): one EBC call on ``request_features`` (all of the batch's keys);
+    each candidate's own columns, and the first candidate's for everything per user (user,
+    context, avg-pool's history), broadcast. Features of one id each (no history) from a plain
+    EBC are read from its tables (``table_weights``)."""
     c = request.num_candidates
     weights = table_weights(model.sparse_arch)
     if weights is not None and all(key in CANDIDATE_KEYS or key in USER_KEYS
@@ -325,7 +318,9 @@ def shared_pooled(model: LongSeqCTR, request: Request, positions: torch.Tensor) 
             if key in CANDIDATE_KEYS else
             weights[key][getattr(request, FIELD_OF_FEATURE[key])].unsqueeze(0).expand(c, -1)
             for key in model.pooled_keys], dim=1)
-    pooled = model.sparse_arch(request_features(request, model.pooled_keys, positions))
+    # the training batch's keys in its order: a sharded EBC fixes the order of its input's keys
+    # on the first call and reads every later KJT in that order
+    pooled = model.sparse_arch(request_features(request, FEATURE_KEYS, positions))
     if not any(key in CANDIDATE_KEYS for key in model.pooled_keys):
         values = pooled.values() if pooled.keys() == model.pooled_keys else model.pooled_of(pooled)
         return values[:1].expand(c, -1)  # all per user
@@ -357,7 +352,7 @@ def shared_selection(model: LongSeqCTR, request: Request) -> Optional[
     return None
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     """``[C]`` logits with the history read once, or ``None`` for a sequence module this function
     does not know.
@@ -413,13 +408,13 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
         return model.head(shared_pooled(model, request, used[:0]), sequence)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
     """``[C]`` logits of the request's candidates, the history read once (``score_shared``, see
     the module docstring), or as C independent samples for a sequence module ``score_shared``
     does not know; equal to ``model`` on ``request_batch(request)``. The request is checked first
     (``check_request``: ``RequestError`` naming the field and the behavior or candidate)."""
-    check_request(request, table_rows(model))
+    check_request(request, model.table_rows)
     logits = score_shared(model, request)
     if logits is None:
         batch = request_batch(request)

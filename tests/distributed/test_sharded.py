@@ -1,4 +1,5 @@
-"""2-rank gloo tests: DistributedModelParallel on CPU equals the unsharded model.
+"""2-rank gloo tests: DistributedModelParallel on CPU equals the unsharded model (training
+forward, and serving a request).
 
 TorchRec does not test EmbeddingCollection sharding on CPU itself, so these do: table-wise,
 column-wise and row-wise (EmbeddingCollection only: no CPU kernel for a row-wise
@@ -22,6 +23,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from torchrec_longseq import serving
 from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig, build_model
 from torchrec_longseq.modules.derived import ItemDerivedTable
@@ -109,6 +111,12 @@ def _forward_equal(rank: int, model_name: str, sharding: str) -> None:
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
     if expected_aux is not None:
         torch.testing.assert_close(aux, expected_aux, rtol=1e-4, atol=1e-5)
+    # serving on the sharded model (its lookups called on the request's KJT, a collective: each
+    # rank serves its own user) scores as the unsharded model (which reads its tables directly)
+    request = serving.synthetic_request(DATA, 100, 7, seed=rank)
+    assert serving.table_weights(ctr.embedding_collection or ctr.sparse_arch) is None
+    torch.testing.assert_close(serving.score_request(ctr, request),
+                               serving.score_request(reference, request), rtol=1e-4, atol=1e-5)
 
 
 FORWARD_CASES = [

@@ -90,6 +90,11 @@ class LongSeqCTR(nn.Module):
         configs = embedding_bag_collection.embedding_bag_configs()
         # a sharded EBC orders its output by shard placement: regroup in this fixed order
         self.pooled_keys = [f for c in configs for f in c.feature_names]
+        lookups = list(configs) + list(embedding_collection.embedding_configs()
+                                       if embedding_collection is not None else [])
+        # rows of the table each feature is looked up in (kept: a sharded module has no configs)
+        self.table_rows: Dict[str, int] = {feature: c.num_embeddings for c in lookups
+                                           for feature in c.feature_names}
         in_dim = sum(c.embedding_dim * len(c.feature_names) for c in configs)
         if sequence_arch is not None:
             in_dim += sequence_arch.output_dim
