@@ -738,6 +738,24 @@ FORCE_INLINE void exp_in_place(double* x, int64_t m) {
   for (int64_t i = 0; i < m; ++i) x[i] = std::exp(x[i]);
 }
 
+// out += sum_h a[h] x[h K : (h + 1) K] + b[h] y[h K : (h + 1) K], two heads per pass over out
+template <typename T>
+FORCE_INLINE void head_combine(const T* a, const T* x, const T* b, const T* y, int64_t H,
+                               int64_t K, T* out) {
+  int64_t h = 0;
+  for (; h + 2 <= H; h += 2) {
+    const T *x0 = x + h * K, *x1 = x0 + K, *y0 = y + h * K, *y1 = y0 + K;
+    const T a0 = a[h], a1 = a[h + 1], b0 = b[h], b1 = b[h + 1];
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k)
+      out[k] += (a0 * x0[k] + b0 * y0[k]) + (a1 * x1[k] + b1 * y1[k]);
+  }
+  for (; h < H; ++h) {
+    axpy(a[h], x + h * K, out, K);
+    axpy(b[h], y + h * K, out, K);
+  }
+}
+
 // the key row position n reads
 FORCE_INLINE int64_t row(const int64_t* idx, int64_t n) { return idx ? idx[n] : n; }
 
@@ -783,14 +801,9 @@ FORCE_INLINE void backward_sample(const T* g, const T* q, const T* z, const int6
   for (n = lo; n < hi; ++n)
     for (int64_t h = 0; h < H; ++h) s[h] += w[n * H + h] * dlogit[n * H + h];
   for (n = lo; n < hi; ++n) {
-    T* dzn = dz + n * K;
     T* dl = dlogit + n * H;
-    for (int64_t h = 0; h < H; ++h) {
-      const T wn = w[n * H + h];
-      dl[h] = wn * (dl[h] - s[h]);
-      axpy(wn, g + h * K, dzn, K);
-      axpy(dl[h], q + h * K, dzn, K);
-    }
+    for (int64_t h = 0; h < H; ++h) dl[h] = w[n * H + h] * (dl[h] - s[h]);
+    head_combine(w + n * H, g, dl, q, H, K, dz + n * K);
     head_axpys(dl, z + row(idx, n) * K, H, K, dq);
   }
 }
@@ -980,7 +993,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v28", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v29", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
