@@ -18,8 +18,9 @@ p50 / p99 in ms and the speed-up of ``shared`` over the others; writes ``OUT/ser
     .venv/bin/python benchmarks/serving.py --length 10000 --candidates 200 --reps 30
 
 ``--breakdown`` also profiles ``score_shared``'s four stages (``serving.STAGES``: ``search``, the
-search and the distinct positions; ``lookup``, the EmbeddingCollection call; ``attend``, the
-sequence module's attention; ``head``, the pooled features and the MLP) over ``--reps`` requests.
+search and the distinct positions; ``lookup``, the rows of the candidates and those positions
+(``serving.request_rows``); ``attend``, the sequence module's attention; ``head``, the pooled
+features and the MLP) over ``--reps`` requests.
 
 ``--retain-memory`` runs each model's process with glibc told to keep freed memory mapped
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``), as a server with a

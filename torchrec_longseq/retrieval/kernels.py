@@ -842,7 +842,7 @@ static void backward_sample_any(const double* g, const double* q, const double* 
   backward_sample(g, q, z, idx, w, lo, hi, H, K, dq, dz, dlogit, s);
 }
 
-// checks the shapes; returns the positions (offsets[B]) and the index pointer (nullptr unindexed)
+// checks the shapes, the offsets and the index; returns the index pointer (nullptr unindexed)
 static const int64_t* check_attention(const torch::Tensor& qa, const torch::Tensor& z,
                                       const torch::Tensor& offsets, const torch::Tensor& index,
                                       bool indexed) {
@@ -1148,7 +1148,7 @@ class _TargetAttention(torch.autograd.Function):
         dqa, dkeys, dlogits = _module().attention_backward(grad, qa, keys, offsets, weights, rows,
                                                            ctx.indexed)
         if ctx.indexed:  # per position: added up per key row
-            dkeys = keys.new_zeros(keys.shape).index_add_(0, rows, dkeys.to(keys.dtype))
+            dkeys = keys.new_zeros(keys.shape).index_add_(0, rows, dkeys)
             dlogits = dlogits.new_zeros(keys.size(0), dlogits.size(1)).index_add_(0, rows, dlogits)
         return dqa, dkeys.to(keys.dtype), None, dlogits if ctx.has_bias else None, None
 
