@@ -277,7 +277,7 @@ def attention_paths(module, *inputs):
 
 
 @settings(max_examples=40, deadline=None)
-@given(lengths=JAGGED, heads=st.integers(1, 4), head_dim=st.integers(1, 5),
+@given(lengths=JAGGED, heads=st.integers(1, 9), head_dim=st.integers(1, 5),
        key_dim=st.integers(1, 40), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_attention_kernel_equals_torch_ops(lengths, heads: int, head_dim: int, key_dim: int,
                                            with_bias: bool, seed: int) -> None:

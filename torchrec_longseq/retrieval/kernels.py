@@ -608,8 +608,9 @@ std::vector<torch::Tensor> sdim_collisions(
 // w[n,h] z[r,:]. qa = W_k,h^T q_h / sqrt(Dh) and out = W_v,h agg are done by the caller, so the
 // per-behavior work is 2 H K multiply-adds instead of the 2 H Dh K of projecting every key and
 // value. Heads go four at a time: one read of z[r] feeds four independent sums (one head at a
-// time, each sum waits on its own previous add). Segments must not overlap (backward writes
-// dz[n] per position).
+// time, each sum waits on its own previous add); the weighted sums over a segment stay in
+// registers until its end (weighted_rows). Segments must not overlap (backward writes dz[n]
+// per position).
 template <typename T>
 FORCE_INLINE T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
@@ -656,8 +657,25 @@ FORCE_INLINE KeyLanes load_lanes(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-FORCE_INLINE float lane_sum(KeyLanes v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+FORCE_INLINE void store_lanes(float* p, KeyLanes v) { std::memcpy(p, &v, sizeof v); }
+
+// the lane sums of eight vectors, [sum a0, .., sum a3, sum b0, .., sum b3]: pairs of vectors
+// are shuffled and added (a transposing reduction: 14 shuffles and 7 adds) instead of summing
+// each vector's lanes on its own (a chain of shuffles and adds per vector)
+FORCE_INLINE KeyLanes lane_sums8(KeyLanes a0, KeyLanes a1, KeyLanes a2, KeyLanes a3, KeyLanes b0,
+                                 KeyLanes b1, KeyLanes b2, KeyLanes b3) {
+  typedef int32_t Mask __attribute__((vector_size(KEY_LANES * sizeof(int32_t))));
+  const Mask pairs_lo = {0, 1, 8, 9, 4, 5, 12, 13}, pairs_hi = {2, 3, 10, 11, 6, 7, 14, 15};
+  const Mask quads_lo = {0, 2, 8, 10, 4, 6, 12, 14}, quads_hi = {1, 3, 9, 11, 5, 7, 13, 15};
+  const Mask halves_lo = {0, 1, 2, 3, 8, 9, 10, 11}, halves_hi = {4, 5, 6, 7, 12, 13, 14, 15};
+  auto pair = [&](KeyLanes x, KeyLanes y) {  // [x0+x2, x1+x3, y0+y2, y1+y3, x4+x6, ..]
+    return __builtin_shuffle(x, y, pairs_lo) + __builtin_shuffle(x, y, pairs_hi);
+  };
+  auto quad = [&](KeyLanes x, KeyLanes y) {  // of two pairs: [sum x 0..3 per vector, 4..7]
+    return __builtin_shuffle(x, y, quads_lo) + __builtin_shuffle(x, y, quads_hi);
+  };
+  const KeyLanes a = quad(pair(a0, a1), pair(a2, a3)), b = quad(pair(b0, b1), pair(b2, b3));
+  return __builtin_shuffle(a, b, halves_lo) + __builtin_shuffle(a, b, halves_hi);
 }
 FORCE_INLINE void head_dots2(const float* q, const float* z0, const float* z1, int64_t H,
                              int64_t K, float* out0, float* out1) {
@@ -674,8 +692,9 @@ FORCE_INLINE void head_dots2(const float* q, const float* z0, const float* z1, i
       a0 += r0 * x; a1 += r1 * x; a2 += r2 * x; a3 += r3 * x;
       b0 += r0 * y; b1 += r1 * y; b2 += r2 * y; b3 += r3 * y;
     }
-    float sa[4] = {lane_sum(a0), lane_sum(a1), lane_sum(a2), lane_sum(a3)};
-    float sb[4] = {lane_sum(b0), lane_sum(b1), lane_sum(b2), lane_sum(b3)};
+    const KeyLanes sums = lane_sums8(a0, a1, a2, a3, b0, b1, b2, b3);
+    float sa[4], sb[4];
+    for (int j = 0; j < 4; ++j) sa[j] = sums[j], sb[j] = sums[4 + j];
     for (int j = 0; j < 4; ++j) {
       const float* qj = q + (h + j) * K;
       for (int64_t t = k; t < K; ++t) sa[j] += qj[t] * z0[t], sb[j] += qj[t] * z1[t];
@@ -713,6 +732,66 @@ FORCE_INLINE void head_axpys2(const T* w0, const T* z0, const T* w1, const T* z1
   }
 }
 
+// the key row position n reads
+FORCE_INLINE int64_t row(const int64_t* idx, int64_t n) { return idx ? idx[n] : n; }
+
+// a[h K : (h + 1) K] = sum_n w[n H + h] z[row n] over the positions lo..hi, per head: the
+// forward's weighted sum of the keys, the backward's dqa
+template <typename T>
+FORCE_INLINE void weighted_rows(const T* w, const T* z, const int64_t* idx, int64_t lo,
+                                int64_t hi, int64_t H, int64_t K, T* a) {
+  std::fill(a, a + H * K, T(0));
+  int64_t n = lo;
+  for (; n + 2 <= hi; n += 2)
+    head_axpys2(w + n * H, z + row(idx, n) * K, w + (n + 1) * H, z + row(idx, n + 1) * K, H, K,
+                a);
+  if (n < hi) head_axpys(w + n * H, z + row(idx, n) * K, H, K, a);
+}
+// float: four heads x 16 key columns summed in eight registers over the whole segment, `a`
+// written once (added to in memory behavior by behavior, each add waits on the last store)
+FORCE_INLINE void weighted_rows(const float* w, const float* z, const int64_t* idx, int64_t lo,
+                                int64_t hi, int64_t H, int64_t K, float* a) {
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4) {
+    float *a0 = a + h * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
+    int64_t k = 0;
+    for (; k + 2 * KEY_LANES <= K; k += 2 * KEY_LANES) {
+      KeyLanes c0 = {}, c1 = {}, c2 = {}, c3 = {}, d0 = {}, d1 = {}, d2 = {}, d3 = {};
+      for (int64_t n = lo; n < hi; ++n) {
+        const float *zn = z + row(idx, n) * K + k, *wn = w + n * H + h;
+        const KeyLanes x = load_lanes(zn), y = load_lanes(zn + KEY_LANES);
+        c0 += wn[0] * x; c1 += wn[1] * x; c2 += wn[2] * x; c3 += wn[3] * x;
+        d0 += wn[0] * y; d1 += wn[1] * y; d2 += wn[2] * y; d3 += wn[3] * y;
+      }
+      store_lanes(a0 + k, c0); store_lanes(a1 + k, c1);
+      store_lanes(a2 + k, c2); store_lanes(a3 + k, c3);
+      store_lanes(a0 + k + KEY_LANES, d0); store_lanes(a1 + k + KEY_LANES, d1);
+      store_lanes(a2 + k + KEY_LANES, d2); store_lanes(a3 + k + KEY_LANES, d3);
+    }
+    for (; k + KEY_LANES <= K; k += KEY_LANES) {
+      KeyLanes c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      for (int64_t n = lo; n < hi; ++n) {
+        const float *zn = z + row(idx, n) * K + k, *wn = w + n * H + h;
+        const KeyLanes x = load_lanes(zn);
+        c0 += wn[0] * x; c1 += wn[1] * x; c2 += wn[2] * x; c3 += wn[3] * x;
+      }
+      store_lanes(a0 + k, c0); store_lanes(a1 + k, c1);
+      store_lanes(a2 + k, c2); store_lanes(a3 + k, c3);
+    }
+    for (; k < K; ++k) {
+      float c[4] = {0, 0, 0, 0};
+      for (int64_t n = lo; n < hi; ++n)
+        for (int j = 0; j < 4; ++j) c[j] += w[n * H + h + j] * z[row(idx, n) * K + k];
+      a0[k] = c[0], a1[k] = c[1], a2[k] = c[2], a3[k] = c[3];
+    }
+  }
+  for (; h < H; ++h) {
+    float* ah = a + h * K;
+    std::fill(ah, ah + K, 0.f);
+    for (int64_t n = lo; n < hi; ++n) axpy(w[n * H + h], z + row(idx, n) * K, ah, K);
+  }
+}
+
 // x[i] = exp(x[i]) for x[i] <= 0 (softmax logits less their maximum). float: a loop the
 // compiler vectorizes (libm's expf is a call per value, most of the attention's time at small K):
 // x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' expf polynomial (about 1 ulp), 2^n from the
@@ -743,6 +822,16 @@ template <typename T>
 FORCE_INLINE void head_combine(const T* a, const T* x, const T* b, const T* y, int64_t H,
                                int64_t K, T* out) {
   int64_t h = 0;
+  for (; h + 4 <= H; h += 4) {
+    const T *x0 = x + h * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+    const T *y0 = y + h * K, *y1 = y0 + K, *y2 = y1 + K, *y3 = y2 + K;
+    const T a0 = a[h], a1 = a[h + 1], a2 = a[h + 2], a3 = a[h + 3];
+    const T b0 = b[h], b1 = b[h + 1], b2 = b[h + 2], b3 = b[h + 3];
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k)
+      out[k] += ((a0 * x0[k] + b0 * y0[k]) + (a1 * x1[k] + b1 * y1[k])) +
+                ((a2 * x2[k] + b2 * y2[k]) + (a3 * x3[k] + b3 * y3[k]));
+  }
   for (; h + 2 <= H; h += 2) {
     const T *x0 = x + h * K, *x1 = x0 + K, *y0 = y + h * K, *y1 = y0 + K;
     const T a0 = a[h], a1 = a[h + 1], b0 = b[h], b1 = b[h + 1];
@@ -755,9 +844,6 @@ FORCE_INLINE void head_combine(const T* a, const T* x, const T* b, const T* y, i
     axpy(b[h], y + h * K, out, K);
   }
 }
-
-// the key row position n reads
-FORCE_INLINE int64_t row(const int64_t* idx, int64_t n) { return idx ? idx[n] : n; }
 
 template <typename T>
 FORCE_INLINE void forward_sample(const T* q, const T* z, const int64_t* idx, const T* bias,
@@ -779,13 +865,10 @@ FORCE_INLINE void forward_sample(const T* q, const T* z, const int64_t* idx, con
   exp_in_place(w + lo * H, (hi - lo) * H);
   for (n = lo; n < hi; ++n)
     for (int64_t h = 0; h < H; ++h) sum[h] += w[n * H + h];
+  for (int64_t h = 0; h < H; ++h) sum[h] = T(1) / sum[h];
   for (n = lo; n < hi; ++n)
-    for (int64_t h = 0; h < H; ++h) w[n * H + h] /= sum[h];
-  std::fill(a, a + H * K, T(0));
-  for (n = lo; n + 2 <= hi; n += 2)
-    head_axpys2(w + n * H, z + row(idx, n) * K, w + (n + 1) * H, z + row(idx, n + 1) * K, H, K,
-                a);
-  if (n < hi) head_axpys(w + n * H, z + row(idx, n) * K, H, K, a);
+    for (int64_t h = 0; h < H; ++h) w[n * H + h] *= sum[h];
+  weighted_rows(w, z, idx, lo, hi, H, K, a);
 }
 
 template <typename T>
@@ -804,8 +887,8 @@ FORCE_INLINE void backward_sample(const T* g, const T* q, const T* z, const int6
     T* dl = dlogit + n * H;
     for (int64_t h = 0; h < H; ++h) dl[h] = w[n * H + h] * (dl[h] - s[h]);
     head_combine(w + n * H, g, dl, q, H, K, dz + n * K);
-    head_axpys(dl, z + row(idx, n) * K, H, K, dq);
   }
+  weighted_rows(dlogit, z, idx, lo, hi, H, K, dq);
 }
 
 SIMD_CLONES static void forward_sample_f(const float* q, const float* z, const int64_t* idx,
@@ -993,7 +1076,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v29", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v30", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
