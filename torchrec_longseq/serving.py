@@ -10,11 +10,12 @@ every O(L) step runs over C copies. ``score_request`` instead (``score_shared``)
    intervals) is done once, not C times;
 2. looks up, once each, the candidates and the distinct history positions that any candidate
    retrieved or that are in the recent window (candidates of one category mostly retrieve the
-   same behaviors), and the user's pooled features (``request_rows``, ``shared_pooled``): read
-   straight from the tables of a plain (unsharded) EmbeddingCollection / EmbeddingBagCollection
-   (``table_weights``: an ``index_select`` per feature), or, for any other lookup module
-   (sharded, quantized), in one call of it on a KJT built straight from the request
-   (``request_features``: every id once);
+   same behaviors; ``distinct_positions``), and the user's pooled features (``request_rows``,
+   ``shared_pooled``): read straight from the tables of a plain (unsharded) EmbeddingCollection /
+   EmbeddingBagCollection (``table_weights``; on CPU the item and category rows side by side in
+   one copy, ``kernels.gather_rows``, else an ``index_select`` per feature), or, for any other
+   lookup module (sharded, quantized), in one call of it on a KJT built straight from the
+   request (``request_features``: every id once);
 3. runs the model's own post-lookup code (``attend`` of the sequence module, ``head`` of the
    model) on those rows: the retrieved behaviors as the distinct rows plus each candidate's
    index into them (the ESU builds each distinct behavior's key once), the recent window passed
@@ -75,7 +76,7 @@ from torchrec_longseq.modules.sim import (
     search_vectors,
 )
 from torchrec_longseq.modules.twin import TwinSearch, twin_topk
-from torchrec_longseq.retrieval import hard, topk
+from torchrec_longseq.retrieval import hard, kernels, topk
 
 # the request features soft search reads: the candidates and the whole history
 SEARCH_SOURCE_KEYS = [TARGET_ITEM, TARGET_CATEGORY, HIST_ITEM, HIST_CATEGORY]
@@ -132,8 +133,11 @@ def check_request(request: Request, rows: Dict[str, int]) -> None:
             raise RequestError(f"{what}: the fields {list(fields)} must be 1-D of one length, "
                                f"got shapes {[tuple(getattr(request, f).shape) for f in fields]}")
     for field, feature in REQUEST_FIELDS.items():
-        value = getattr(request, field)
-        ids = value if isinstance(value, torch.Tensor) else torch.tensor([value])
+        ids = getattr(request, field)
+        if not isinstance(ids, torch.Tensor):  # the user and the context hour: one int each
+            if not 0 <= ids < rows[feature]:
+                raise RequestError(f"{field}: id {ids} outside the table of {rows[feature]} rows")
+            continue
         if ids.numel() == 0:
             continue
         low, high = torch.aminmax(ids)
@@ -144,16 +148,15 @@ def check_request(request: Request, rows: Dict[str, int]) -> None:
             raise RequestError(f"{field}{where}: id {int(ids[at])} outside the table of "
                                f"{rows[feature]} rows")
     times = request.history_time
-    late = times >= request.request_time
-    if late.any():
-        at = int(late.nonzero()[0, 0])
-        raise RequestError(f"history_time, behavior {at}: time {int(times[at])} is not before "
-                           f"the request time {request.request_time}")
     back = times[1:] < times[:-1]
     if back.any():
         at = int(back.nonzero()[0, 0]) + 1
         raise RequestError(f"history_time, behavior {at}: earlier than behavior {at - 1} (the "
                            f"history must be oldest first)")
+    if times.numel() > 0 and int(times[-1]) >= request.request_time:  # in order: the last is latest
+        at = int((times >= request.request_time).nonzero()[0, 0])
+        raise RequestError(f"history_time, behavior {at}: time {int(times[at])} is not before "
+                           f"the request time {request.request_time}")
 
 
 def synthetic_request(data: SyntheticConfig, length: int, candidates: int,
@@ -260,6 +263,14 @@ def request_rows(model: LongSeqCTR, request: Request,
         embeddings = model.embedding_collection(request_features(request, LOOKUP_KEYS, positions))
         return (behavior_rows(embeddings, TARGET_ITEM, TARGET_CATEGORY),
                 behavior_rows(embeddings, HIST_ITEM, HIST_CATEGORY))
+    target_tables, history_tables = ([weights[TARGET_ITEM], weights[TARGET_CATEGORY]],
+                                     [weights[HIST_ITEM], weights[HIST_CATEGORY]])
+    target = kernels.gather_rows(target_tables, [request.candidate_item,
+                                                 request.candidate_category], None)
+    rows = kernels.gather_rows(history_tables, [request.history_item, request.history_category],
+                               positions)
+    if target is not None and rows is not None:  # one copy each (CPU, no autograd)
+        return target, rows
     items = request.history_item.index_select(0, positions)
     categories = request.history_category.index_select(0, positions)
     return (torch.cat([weights[TARGET_ITEM].index_select(0, request.candidate_item),
@@ -352,6 +363,20 @@ def shared_selection(model: LongSeqCTR, request: Request) -> Optional[
     return None
 
 
+def distinct_positions(indices: torch.Tensor, n: int,
+                       window: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(used [U], inverse [M])``: the positions of the history (``n`` behaviors) that the
+    search's ``indices [M]`` or the recent ``window`` read, ascending (each looked up once), and
+    each index's row among them: ``used[inverse] == indices``, and the window is ``used``'s last
+    ``window`` rows (compiled on CPU, ``kernels.distinct_positions``)."""
+    found = kernels.distinct_positions(indices, n, window)
+    if found is not None:
+        return found
+    seen = torch.zeros(n, dtype=torch.bool, device=indices.device).index_fill_(0, indices, True)
+    seen[n - window:] = True
+    return seen.nonzero().squeeze(1), (torch.cumsum(seen, 0) - 1).index_select(0, indices)
+
+
 @torch.no_grad()
 def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
     """``[C]`` logits with the history read once, or ``None`` for a sequence module this function
@@ -378,18 +403,12 @@ def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
         if selection is None:
             return None
         window, indices, lengths, counts = selection
-        recent = torch.arange(n - window, n, device=device)
-        # the distinct positions read, in history order, and each read's row among them
-        selected = torch.cat([indices, recent])
-        seen = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, selected, True)
-        used = seen.nonzero().squeeze(1)
-        inverse = (torch.cumsum(seen, 0) - 1).index_select(0, selected)
-        long_rows, short_rows = inverse[:indices.numel()], inverse[indices.numel():]
+        used, long_rows = distinct_positions(indices, n, window)
     with record_function(STAGES[1]):  # the candidates, and the used positions once
         target, rows = request_rows(model, request, used)  # [C, 2D], [U, 2D]
         intervals = request.request_time - request.history_time.index_select(0, used)  # [U]
-        short = rows.index_select(0, short_rows)  # the window, shared: offsets None
-        short_intervals = intervals.index_select(0, short_rows)
+        # the window, shared (offsets None): the last rows, as the used positions ascend
+        short, short_intervals = rows[rows.size(0) - window:], intervals[rows.size(0) - window:]
     with record_function(STAGES[2]):
         if isinstance(arch, DIN):
             sequence = arch.attend(target, short, None, short_intervals)

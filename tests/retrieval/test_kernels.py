@@ -1,6 +1,7 @@
 """The compiled CPU kernels equal their torch-ops twins (which the other tests check against
 brute force): ETA's Hamming top-k, SIM's hard search, float top-k, TWIN's search, SDIM's
-collisions, and the target attention (whose gradients are also checked numerically)."""
+collisions, and the target attention (whose gradients are also checked numerically); and
+serving's distinct positions and side-by-side row gather against brute force."""
 
 import os
 
@@ -360,3 +361,61 @@ def test_indexed_attention_kernel_gradcheck_and_bad_index() -> None:
         kernels.target_attention(qa, keys, offsets, bias, torch.tensor([2, 0, 2, 4, 0]))
     with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
         kernels.target_attention(qa, keys, offsets, bias, index[:4])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 300), reads=st.integers(0, 400), window=st.integers(0, 300),
+       seed=st.integers(0, 2**31 - 1))
+def test_distinct_positions_kernel_equals_brute_force(n: int, reads: int, window: int,
+                                                      seed: int) -> None:
+    """Serving's distinct positions: the sorted set of the indices and the last ``window``
+    positions, and each index's row in it, from the kernel and from the torch ops alike."""
+    from torchrec_longseq import serving
+
+    window = min(window, n)
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, max(n, 1), (reads if n else 0,), generator=g)
+    expected = sorted(set(indices.tolist()) | set(range(n - window, n)))
+    with kernels.disabled():
+        torch_ops = serving.distinct_positions(indices, n, window)
+    for used, inverse in (serving.distinct_positions(indices, n, window), torch_ops):
+        assert used.tolist() == expected
+        assert [expected[i] for i in inverse.tolist()] == indices.tolist()
+    assert kernels.distinct_positions(indices, n, window) is not None
+
+
+def test_distinct_positions_kernel_rejects_a_position_outside_the_history() -> None:
+    with pytest.raises(RuntimeError, match="index 1 is 5, outside the history of 5"):
+        kernels.distinct_positions(torch.tensor([0, 5]), 5, 1)
+    with pytest.raises(RuntimeError, match="window 6 outside"):
+        kernels.distinct_positions(torch.tensor([0]), 5, 6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 30), n=st.integers(0, 50), reads=st.integers(0, 60),
+       widths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+       positioned=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_gather_rows_equals_index_select_and_cat(rows: int, n: int, reads: int, widths,
+                                                 dtype: torch.dtype, positioned: bool,
+                                                 seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    tables = [torch.randn(rows, w, generator=g).to(dtype) for w in widths]
+    ids = [torch.randint(0, rows, (n,), generator=g) for _ in widths]
+    positions = torch.randint(0, max(n, 1), (reads if n else 0,), generator=g) \
+        if positioned else None
+    picked = ids if positions is None else [i[positions] for i in ids]
+    expected = torch.cat([t[i] for t, i in zip(tables, picked)], 1)
+    with torch.no_grad():
+        got = kernels.gather_rows(tables, ids, positions)
+    assert got is not None and torch.equal(got, expected)
+
+
+def test_gather_rows_checks_ids_and_leaves_autograd_to_torch() -> None:
+    table = torch.randn(4, 3, requires_grad=True)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="id 4 outside the table of 4 rows"):
+            kernels.gather_rows([table], [torch.tensor([0, 4])], None)
+        with pytest.raises(RuntimeError, match="position 0 is 2, outside the 2 ids"):
+            kernels.gather_rows([table], [torch.tensor([0, 1])], torch.tensor([2]))
+    assert kernels.gather_rows([table], [torch.tensor([0, 1])], None) is None  # grad recorded

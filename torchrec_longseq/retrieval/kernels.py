@@ -1,8 +1,10 @@
 """Small compiled CPU kernels for the O(L) scans: ETA's Hamming top-k straight from the signature
 tables, SIM's hard search, float top-k per segment (SIM soft search), TWIN's search and SDIM's
 collisions; and for the ESU's per-behavior work, the jagged target attention with its key and
-value projections absorbed (``target_attention``, forward and backward). Each has a torch-ops
-twin that the tests compare it with and that GPU tensors use.
+value projections absorbed (``target_attention``, forward and backward); and for serving, the
+distinct history positions a request reads (``distinct_positions``) and the rows of several
+tables side by side (``gather_rows``). Each has a torch-ops twin that the tests compare it with
+and that GPU tensors use.
 
 ETA's kernel:
 
@@ -31,7 +33,7 @@ lock file / Debian; about a minute, cached in ``TORCH_EXTENSIONS_DIR``). The tor
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -1025,7 +1027,78 @@ torch::Tensor pack_signs(torch::Tensor proj) {
   return out;
 }
 
+// Serving's distinct history positions: (used [U], inverse [M]), the positions of one history
+// of n behaviors that `indices` [M] or its last `window` behaviors read, ascending, and each
+// index's row among them (used[inverse[i]] = indices[i]; the window is used's last rows). A
+// mark per position, instead of torch's fill, nonzero, cumsum and gather over the history.
+std::vector<torch::Tensor> distinct_positions(torch::Tensor indices, int64_t n, int64_t window) {
+  TORCH_CHECK(0 <= window && window <= n, "distinct_positions: window ", window, " outside [0, ",
+              n, "]");
+  indices = indices.to(torch::kInt64).contiguous();
+  const int64_t m = indices.numel();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  std::vector<int64_t> rank(n, -1);  // -1: not read; then the position's row among the used
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(0 <= idx[i] && idx[i] < n, "distinct_positions: index ", i, " is ", idx[i],
+                ", outside the history of ", n);
+    rank[idx[i]] = 0;
+  }
+  std::fill(rank.begin() + (n - window), rank.end(), 0);
+  std::vector<int64_t> used;
+  for (int64_t p = 0; p < n; ++p)
+    if (rank[p] == 0) rank[p] = used.size(), used.push_back(p);
+  auto inverse = torch::empty({m}, torch::kInt64);
+  int64_t* inv = inverse.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i) inv[i] = rank[idx[i]];
+  auto out = torch::empty({(int64_t)used.size()}, torch::kInt64);
+  std::copy(used.begin(), used.end(), out.data_ptr<int64_t>());
+  return {out, inverse};
+}
+
+// rows [U, D_0 + D_1 + ..]: row u is [tables[0][ids[0][p]], tables[1][ids[1][p]], ..] with
+// p = positions[u] (or u without positions): the rows of several tables, each read through its
+// own id list, side by side, copied once (any one dtype; no autograd).
+torch::Tensor gather_rows(std::vector<torch::Tensor> tables, std::vector<torch::Tensor> ids,
+                          torch::Tensor positions, bool has_positions) {
+  TORCH_CHECK(!tables.empty() && tables.size() == ids.size(), "gather_rows: a list of ids per table");
+  const int64_t n = ids[0].numel();
+  int64_t width = 0;
+  for (size_t i = 0; i < tables.size(); ++i) {
+    TORCH_CHECK(tables[i].dim() == 2 && tables[i].dtype() == tables[0].dtype(),
+                "gather_rows: tables must be 2-D of one dtype");
+    TORCH_CHECK(ids[i].dim() == 1 && ids[i].numel() == n, "gather_rows: id lists of one length");
+    tables[i] = tables[i].contiguous();
+    ids[i] = ids[i].to(torch::kInt64).contiguous();
+    width += tables[i].size(1);
+  }
+  positions = positions.to(torch::kInt64).contiguous();
+  const int64_t U = has_positions ? positions.numel() : n;
+  const int64_t* pos = has_positions ? positions.data_ptr<int64_t>() : nullptr;
+  for (int64_t u = 0; pos && u < U; ++u)
+    TORCH_CHECK(0 <= pos[u] && pos[u] < n, "gather_rows: position ", u, " is ", pos[u],
+                ", outside the ", n, " ids");
+  const int64_t elem = tables[0].element_size();
+  auto out = torch::empty({U, width}, tables[0].options());
+  char* o = static_cast<char*>(out.data_ptr());
+  int64_t column = 0;
+  for (size_t i = 0; i < tables.size(); ++i) {
+    const char* t = static_cast<const char*>(tables[i].data_ptr());
+    const int64_t* id = ids[i].data_ptr<int64_t>();
+    const int64_t rows = tables[i].size(0), bytes = tables[i].size(1) * elem;
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t r = id[pos ? pos[u] : u];
+      TORCH_CHECK(0 <= r && r < rows, "gather_rows: id ", r, " outside the table of ", rows,
+                  " rows");
+      std::memcpy(o + (u * width + column) * elem, t + r * bytes, bytes);
+    }
+    column += tables[i].size(1);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("distinct_positions", &distinct_positions, "serving's distinct history positions");
+  m.def("gather_rows", &gather_rows, "rows of several tables side by side, read through ids");
   m.def("hamming_topk_by_id", &hamming_topk_by_id, "Hamming top-k per jagged segment");
   m.def("hamming_topk_shared", &hamming_topk_shared, "Hamming top-k over one shared history");
   m.def("hard_topk", &hard_topk, "SIM hard search per jagged segment");
@@ -1076,7 +1149,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v30", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v31", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
@@ -1207,6 +1280,32 @@ def sdim_collisions(item_codes: torch.Tensor, items: torch.Tensor, category_code
         item_codes, items, category_codes, categories, target_items, target_categories,
         *segments(offsets, items.numel(), target_items.numel()), int(tau), int(groups_per_word))
     return positions, lengths, weights
+
+
+def distinct_positions(indices: torch.Tensor, n: int,
+                       window: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(used [U], inverse [M])``: the positions of a history of ``n`` behaviors that
+    ``indices [M]`` or its last ``window`` behaviors read, ascending, and each index's row among
+    them (``used[inverse] == indices``; the window is ``used``'s last ``window`` rows); ``None``
+    where the kernel does not apply (``serving.distinct_positions`` has the torch ops)."""
+    if not _applies(indices):
+        return None
+    used, inverse = _module().distinct_positions(indices, int(n), int(window))
+    return used, inverse
+
+
+def gather_rows(tables: List[torch.Tensor], ids: List[torch.Tensor],
+                positions: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``[U, sum of widths]``: row ``u`` is ``[tables[0][ids[0][p]], tables[1][ids[1][p]], ...]``
+    with ``p = positions[u]`` (``u`` for ``positions=None``), one copy instead of a gather per
+    table and per id list and a concatenation; ``None`` where it does not apply (GPU, kernels
+    off, or autograd recording: the copy has no gradient). Ids out of range raise an error."""
+    if not all(_applies(t) for t in tables) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tables)):
+        return None
+    empty = torch.zeros(0, dtype=torch.long)
+    return _module().gather_rows(tables, ids, empty if positions is None else positions,
+                                 positions is not None)
 
 
 class _TargetAttention(torch.autograd.Function):
