@@ -179,8 +179,9 @@ def main() -> None:
         staged = [r for r in serving["results"] if "stages_ms" in r]
         if staged:  # the scopes in score_shared's order, then the whole request ("total")
             names = [key.split(".")[-1] for key in staged[0]["stages_ms"] if key != "total"]
-            out += ["The shared path by stage (`--breakdown`: profiler scopes of `score_shared`, "
-                    "under the profiler, which adds its own cost per op); ms per request:", "",
+            out += ["The shared path by stage (`--breakdown`: the scopes of `score_shared` timed "
+                    "by wall clock, median ms per request; the whole request also checks it):",
+                    "",
                     "| model | " + " | ".join(names) + " | whole request |",
                     "|---|" + "---|" * (len(names) + 1)]
             for r in staged:
