@@ -4,8 +4,10 @@ Runs ``python -m torchrec_longseq.train`` on 2 ranks for each (model, max_seq_le
 each run's ``metrics.json``, and prints a markdown table (mean +- std over seeds), also written
 to ``OUT/quality.md`` and ``OUT/quality.json``::
 
-    .venv/bin/python benchmarks/quality.py --models avgpool din din-full sim-hard sim-soft eta \
-        --max-seq-len 2000 --seeds 0 --steps 800 --out runs/quality
+    .venv/bin/python benchmarks/quality.py --max-seq-len 2000 --seeds 0 --steps 800 \
+        --out runs/quality
+
+``--models`` defaults to every model (``MODELS``).
 """
 
 import argparse
@@ -15,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
+
+from torchrec_longseq.models.longseq_ctr import MODELS
 
 
 def run(model: str, max_seq_len: int, seed: int, args: argparse.Namespace) -> Dict:
@@ -42,8 +46,7 @@ def summary(values: List[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["avgpool", "din", "din-full", "sim-hard",
-                                                    "sim-soft", "eta"])
+    p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--max-seq-len", type=int, nargs="+", default=[2000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=800)

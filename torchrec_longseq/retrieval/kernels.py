@@ -1060,7 +1060,8 @@ std::vector<torch::Tensor> distinct_positions(torch::Tensor indices, int64_t n, 
 // own id list, side by side, copied once (any one dtype; no autograd).
 torch::Tensor gather_rows(std::vector<torch::Tensor> tables, std::vector<torch::Tensor> ids,
                           torch::Tensor positions, bool has_positions) {
-  TORCH_CHECK(!tables.empty() && tables.size() == ids.size(), "gather_rows: a list of ids per table");
+  TORCH_CHECK(!tables.empty() && tables.size() == ids.size(),
+              "gather_rows: a list of ids per table");
   const int64_t n = ids[0].numel();
   int64_t width = 0;
   for (size_t i = 0; i < tables.size(); ++i) {
