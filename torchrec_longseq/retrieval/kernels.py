@@ -706,51 +706,23 @@ FORCE_INLINE void head_dots2(const float* q, const float* z0, const float* z1, i
   for (; h < H; ++h) out0[h] = dot(q + h * K, z0, K), out1[h] = dot(q + h * K, z1, K);
 }
 
-// a[h K : (h + 1) K] += w[h] z for the H heads
-template <typename T>
-FORCE_INLINE void head_axpys(const T* w, const T* z, int64_t H, int64_t K, T* a) {
-  int64_t h = 0;
-  for (; h + 4 <= H; h += 4) {
-    T *a0 = a + h * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
-    const T w0 = w[h], w1 = w[h + 1], w2 = w[h + 2], w3 = w[h + 3];
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) {
-      const T zk = z[k];
-      a0[k] += w0 * zk; a1[k] += w1 * zk; a2[k] += w2 * zk; a3[k] += w3 * zk;
-    }
-  }
-  for (; h < H; ++h) axpy(w[h], z, a + h * K, K);
-}
-
-// a[h K : (h + 1) K] += w0[h] z0 + w1[h] z1 for the H heads (two behaviors per pass over a)
-template <typename T>
-FORCE_INLINE void head_axpys2(const T* w0, const T* z0, const T* w1, const T* z1, int64_t H,
-                               int64_t K, T* a) {
-  for (int64_t h = 0; h < H; ++h) {
-    T* ah = a + h * K;
-    const T u = w0[h], v = w1[h];
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) ah[k] += u * z0[k] + v * z1[k];
-  }
-}
-
 // the key row position n reads
 FORCE_INLINE int64_t row(const int64_t* idx, int64_t n) { return idx ? idx[n] : n; }
 
-// a[h K : (h + 1) K] = sum_n w[n H + h] z[row n] over the positions lo..hi, per head: the
-// forward's weighted sum of the keys, the backward's dqa
+// a[h K : (h + 1) K] = sum_n w[n H + h] z[row n] over the positions lo..hi, for the heads h
+// from `first` on: the forward's weighted sum of the keys, the backward's dqa
 template <typename T>
 FORCE_INLINE void weighted_rows(const T* w, const T* z, const int64_t* idx, int64_t lo,
-                                int64_t hi, int64_t H, int64_t K, T* a) {
-  std::fill(a, a + H * K, T(0));
-  int64_t n = lo;
-  for (; n + 2 <= hi; n += 2)
-    head_axpys2(w + n * H, z + row(idx, n) * K, w + (n + 1) * H, z + row(idx, n + 1) * K, H, K,
-                a);
-  if (n < hi) head_axpys(w + n * H, z + row(idx, n) * K, H, K, a);
+                                int64_t hi, int64_t H, int64_t K, T* a, int64_t first = 0) {
+  for (int64_t h = first; h < H; ++h) {
+    T* ah = a + h * K;
+    std::fill(ah, ah + K, T(0));
+    for (int64_t n = lo; n < hi; ++n) axpy(w[n * H + h], z + row(idx, n) * K, ah, K);
+  }
 }
 // float: four heads x 16 key columns summed in eight registers over the whole segment, `a`
-// written once (added to in memory behavior by behavior, each add waits on the last store)
+// written once (added to in memory behavior by behavior, each add waits on the last store;
+// 8 columns at a time were 5-15% slower: twice the weight broadcasts and row reads per add)
 FORCE_INLINE void weighted_rows(const float* w, const float* z, const int64_t* idx, int64_t lo,
                                 int64_t hi, int64_t H, int64_t K, float* a) {
   int64_t h = 0;
@@ -773,8 +745,8 @@ FORCE_INLINE void weighted_rows(const float* w, const float* z, const int64_t* i
     for (; k + KEY_LANES <= K; k += KEY_LANES) {
       KeyLanes c0 = {}, c1 = {}, c2 = {}, c3 = {};
       for (int64_t n = lo; n < hi; ++n) {
-        const float *zn = z + row(idx, n) * K + k, *wn = w + n * H + h;
-        const KeyLanes x = load_lanes(zn);
+        const float *wn = w + n * H + h;
+        const KeyLanes x = load_lanes(z + row(idx, n) * K + k);
         c0 += wn[0] * x; c1 += wn[1] * x; c2 += wn[2] * x; c3 += wn[3] * x;
       }
       store_lanes(a0 + k, c0); store_lanes(a1 + k, c1);
@@ -787,11 +759,7 @@ FORCE_INLINE void weighted_rows(const float* w, const float* z, const int64_t* i
       a0[k] = c[0], a1[k] = c[1], a2[k] = c[2], a3[k] = c[3];
     }
   }
-  for (; h < H; ++h) {
-    float* ah = a + h * K;
-    std::fill(ah, ah + K, 0.f);
-    for (int64_t n = lo; n < hi; ++n) axpy(w[n * H + h], z + row(idx, n) * K, ah, K);
-  }
+  weighted_rows<float>(w, z, idx, lo, hi, H, K, a, h);  // the heads left over
 }
 
 // x[i] = exp(x[i]) for x[i] <= 0 (softmax logits less their maximum). float: a loop the
@@ -1150,7 +1118,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v31", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v32", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
