@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from torchrec_longseq.modules import attention
 from torchrec_longseq.modules.attention import DINAttention, TargetAttention, mlp
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -286,15 +287,19 @@ def test_mlp_layers() -> None:
 
 
 @PATHS
+@pytest.mark.parametrize("projected", [False, True])
 @SETTINGS
 @given(batch=st.integers(0, 4), window=st.integers(0, 7), heads=st.integers(1, 3),
        with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_target_attention_shared_keys_equal_copies(kernels: str, batch: int, window: int,
-                                                   heads: int, with_bias: bool, seed: int) -> None:
+def test_target_attention_shared_keys_equal_copies(kernels: str, projected: bool, batch: int,
+                                                   window: int, heads: int, with_bias: bool,
+                                                   seed: int) -> None:
     """``offsets=None`` (every query attends to all keys: one user's history in serving) equals
-    giving each query its own copy of the keys and biases, forward and backward; no key gives
-    zeros."""
-    with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": kernels}):
+    giving each query its own copy of the keys and biases, forward and backward, with the
+    projections absorbed into the queries or the shared keys projected once
+    (``projects_shared_keys``); no key gives zeros."""
+    with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": kernels}), \
+            mock.patch.object(attention, "projects_shared_keys", lambda *shape: projected):
         torch.manual_seed(seed)
         att = TargetAttention(query_dim=5, key_dim=4, num_heads=heads, head_dim=3)
         query = torch.randn(batch, 5, requires_grad=True)
@@ -311,3 +316,11 @@ def test_target_attention_shared_keys_equal_copies(kernels: str, batch: int, win
         params = [query, keys, *att.parameters()]
         for g, e in zip(grads(shared, upstream, params), grads(copies, upstream, params)):
             torch.testing.assert_close(g, e, atol=ATOL, rtol=RTOL)
+
+
+def test_projects_shared_keys_when_it_costs_fewer_multiply_adds() -> None:
+    """Projected: ``2 N H Dh (Dk + B)``; absorbed: ``2 B N H Dk`` (and the queries' ``B H Dh
+    Dk``). Dh = 8, Dk = 40: projecting wins from B = 11 on; with Dk = Dh it never saves."""
+    assert not attention.projects_shared_keys(10, 8, 40)
+    assert attention.projects_shared_keys(11, 8, 40)
+    assert not attention.projects_shared_keys(10**6, 8, 8)
