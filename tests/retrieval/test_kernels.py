@@ -314,6 +314,32 @@ def test_attention_kernel_gradcheck() -> None:
         lambda q, k: kernels.target_attention(q, k, offsets, None), (qa, keys))
 
 
+def test_attention_kernel_keys_outside_the_segments() -> None:
+    """Keys before the first segment and after the last get a zero gradient (also with freed
+    memory holding NaNs), and those inside the gradient of the kernel on the keys the segments
+    cover; numerical gradients in float64."""
+    torch.manual_seed(0)
+    offsets = torch.tensor([2, 4, 4, 7])
+    for dtype in (torch.float32, torch.float64):
+        qa = torch.randn(3, 2, 5, dtype=dtype, requires_grad=True)
+        keys = torch.randn(9, 5, dtype=dtype, requires_grad=True)
+        garbage = torch.full((64, 64), float("nan"), dtype=dtype)
+        del garbage  # freed memory holding NaNs: what an unzeroed gradient would show
+        upstream = torch.randn(3, 2, 5, dtype=dtype)
+        dqa, dkeys = torch.autograd.grad(
+            (kernels.target_attention(qa, keys, offsets, None) * upstream).sum(), (qa, keys))
+        covered = keys[2:7].detach().requires_grad_()
+        dqa_in, dcovered = torch.autograd.grad(
+            (kernels.target_attention(qa, covered, offsets - 2, None) * upstream).sum(),
+            (qa, covered))
+        assert torch.equal(dkeys[:2], torch.zeros(2, 5, dtype=dtype))
+        assert torch.equal(dkeys[7:], torch.zeros(2, 5, dtype=dtype))
+        torch.testing.assert_close(dkeys[2:7], dcovered)
+        torch.testing.assert_close(dqa, dqa_in)
+    assert torch.autograd.gradcheck(
+        lambda q, k: kernels.target_attention(q, k, offsets, None), (qa, keys))
+
+
 @settings(max_examples=40, deadline=None)
 @given(lengths=JAGGED, rows=st.integers(1, 12), heads=st.integers(1, 9),
        key_dim=st.integers(1, 40), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
