@@ -89,3 +89,15 @@ def test_invalid_configs_raise(num_buckets: int, lo: float, hi: float) -> None:
         log_bucket_boundaries(num_buckets, lo, hi)
     with pytest.raises(ValueError):
         TimeIntervalEmbedding(4, num_buckets=num_buckets, min_interval=lo, max_interval=hi)
+
+
+def test_embedding_gradient_adds_up_per_bucket() -> None:
+    """Each bucket's row gets the sum of the output gradients of the intervals in it (hand
+    computed: buckets 0, 0, 1 and the last)."""
+    te = TimeIntervalEmbedding(3, num_buckets=4, min_interval=60, max_interval=3600)
+    intervals = torch.tensor([0, 59, 60, 10**6])
+    assert te.bucketize(intervals).tolist() == [0, 0, 1, 3]
+    upstream = torch.arange(12, dtype=torch.float32).view(4, 3)
+    (te(intervals) * upstream).sum().backward()
+    expected = torch.stack([upstream[0] + upstream[1], upstream[2], torch.zeros(3), upstream[3]])
+    torch.testing.assert_close(te.embedding.weight.grad, expected)
