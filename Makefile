@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# the speed / memory suite as in benchmarks/RESULTS.md (about 30 minutes on 2 idle cores); the
+# the speed / memory suite as in benchmarks/RESULTS.md (about 35 minutes on 2 idle cores); the
 # quality runs are benchmarks/quality.py (hours), whose runs/q-L* the report includes if present
 BENCH_STAMP := $(VENV)/.bench-installed
 
@@ -41,10 +41,13 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/fuxictr_anchor.py --long-path-only --ours-ranks 2 --out runs/anchor-long-r2
 	$(BIN)/python benchmarks/serving.py --reps 30 --out runs/serving
 	$(BIN)/python benchmarks/serving.py --reps 30 --retain-memory --breakdown --out runs/serving-retain
+	for L in 1000 100000; do $(BIN)/python benchmarks/serving.py --models avgpool din sim-hard eta twin \
+	    --length $$L --reps 30 --retain-memory --breakdown --out runs/serving-retain-L$$L || exit 1; done
 	$(BIN)/python benchmarks/report.py --quality $(dir $(wildcard runs/q-L*/quality.json)) --throughput runs/throughput \
 	    --retrieval runs/retrieval --anchor runs/anchor-t2 runs/anchor-t1 runs/anchor-long runs/anchor-long-t1 \
 	    runs/anchor-long-r2 \
-	    --serving runs/serving runs/serving-retain --out benchmarks/RESULTS.md
+	    --serving runs/serving runs/serving-retain runs/serving-retain-L1000 runs/serving-retain-L100000 \
+	    --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) runs

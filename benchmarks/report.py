@@ -19,6 +19,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Dict, List
 
+from torchrec_longseq.models.longseq_ctr import MODELS
+
 
 def load(directory: str, name: str):
     path = Path(directory) / name
@@ -48,6 +50,27 @@ def quality_table(runs: List[Dict]) -> List[str]:
             + (f" {statistics.mean(overlap):.3f} |" if overlap else " |")
             + f" {statistics.mean(r['samples_per_sec'] for r in rs):.0f} |")
     return lines
+
+
+def serving_against_length(servings: List[Dict]) -> List[str]:
+    """Shared p50 (and batched / shared) per model against L, from the kept-mapped serving runs
+    of one candidate count and width, when they cover more than one L."""
+    runs = [x for x in servings if x["args"].get("retain_memory")]
+    by_length = {x["args"]["length"]: {r["model"]: r for r in x["results"]} for x in runs}
+    if len(by_length) < 2 or len({(x["args"]["candidates"], x["args"].get("embedding_dim"))
+                                  for x in runs}) > 1:
+        return []
+    lengths = sorted(by_length)
+    models = [m for m in MODELS if all(m in by_length[n] for n in lengths)]
+    lines = [f"Serving against L (the kept-mapped runs above, {runs[0]['args']['candidates']} "
+             "candidates): shared p50 in ms (batched / shared).", "",
+             "| model | " + " | ".join(f"L = {n:,}" for n in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(
+            f"{by_length[n][m]['shared_p50_ms']:.1f} ({by_length[n][m]['batched_over_shared']:.1f}x)"
+            for n in lengths) + " |")
+    return lines + [""]
 
 
 def copy_plot(run_dir: str, name: str, report: str) -> None:
@@ -164,8 +187,12 @@ def main() -> None:
                   "warm-up, as with a caching allocator)." if a.get("retain_memory") else
                   " glibc's default allocation: large temporaries are fresh mappings whose "
                   "pages fault in on first touch.")
+        models = [r["model"] for r in serving["results"]]
         out += [f"`benchmarks/serving.py --length {a['length']} --candidates {a['candidates']} "
                 f"--reps {a['reps']}" + " --retain-memory" * bool(a.get("retain_memory"))
+                + " --breakdown" * bool(a.get("breakdown"))
+                + (f" --models {' '.join(models)}" if models != MODELS else "")
+                + f" --embedding-dim {a['embedding_dim']}" * (a.get("embedding_dim", 16) != 16)
                 + "`: one request, one fresh process per model, the three ways timed in "
                 "alternating blocks; ms." + memory, "",
                 "| model | shared p50 | shared p99 | batched p50 | batched p99 | one by one p50 | "
@@ -188,6 +215,7 @@ def main() -> None:
                 out.append(f"| {r['model']} | "
                            + " | ".join(f"{ms:.2f}" for ms in r["stages_ms"].values()) + " |")
             out.append("")
+    out += serving_against_length(servings)
     Path(args.out).write_text("\n".join(out))
     print(f"wrote {args.out}")
 
