@@ -203,11 +203,14 @@ def test_float_topk_kernel_equals_torch_ops(lengths, levels: int, k: int, stride
 
 @settings(max_examples=40, deadline=None)
 @given(lengths=LONG_JAGGED, heads=st.sampled_from([1, 2]), k=st.integers(0, 150),
-       shared=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, shared: bool,
+       shared=st.booleans(), bucketed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, shared: bool, bucketed: bool,
                                      seed: int) -> None:
     """Per segment, and ``shared`` (one history of all the lengths for every candidate; its 21
-    possible (item, category) keys repeat, so the kernel scores each once)."""
+    possible (item, category) keys repeat, so the kernel scores each once). ``bucketed``: the
+    bias takes one of 4 values in 4 runs of positions, as a time bucket's does, so a shared
+    history has at most 84 cells of one key and one bias, and the kernel ranks the cells first;
+    otherwise a bias per position."""
     g = torch.Generator().manual_seed(seed)
     offsets = offsets_of(lengths)
     n, b, width = int(offsets[-1]), len(lengths), 4 * heads  # head_dim 4: sqrt is exact
@@ -221,6 +224,9 @@ def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, shared: bool,
     target_items = torch.randint(0, 7, (b,), generator=g)
     target_categories = torch.randint(0, 3, (b,), generator=g)
     bias = torch.randint(-2, 3, (n, heads), generator=g).float()
+    if bucketed:
+        levels = torch.randint(-2, 3, (4, heads), generator=g).float()
+        bias = levels[torch.arange(n) * 4 // max(n, 1)]
     args = (item_rows, category_rows, items, categories, target_items, target_categories,
             offsets, bias, heads, k)
     found = twin.twin_topk(*args)
@@ -228,6 +234,28 @@ def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, shared: bool,
         expected = torch_ops(mp, twin.twin_topk, *args)
     assert torch.equal(found[1], expected[1])
     assert torch.equal(found[0], expected[0])
+
+
+def test_twin_shared_kernel_with_a_nan_score_equals_per_segment() -> None:
+    """A NaN score (a NaN bias here) leaves the shared search's cell threshold unusable: it then
+    ranks the positions themselves, and selects what the per-segment search selects on copies
+    of the history (no read past its selection)."""
+    g = torch.Generator().manual_seed(0)
+    n, b, width = 300, 3, 8
+    item_rows = torch.randint(-2, 3, (7, 2 * width), generator=g).float()
+    category_rows = torch.randint(-2, 3, (3, 2 * width), generator=g).float()
+    items, categories = torch.randint(0, 7, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    queries = torch.randint(-2, 3, (b, width), generator=g).float()
+    bias = torch.randint(-2, 3, (n,), generator=g).float()
+    bias[[5, 77]] = float("nan")
+    shared = kernels.twin_topk_by_id(item_rows, items, category_rows, categories, queries, bias,
+                                     None, 20, 0.25)
+    copies = kernels.twin_topk_by_id(item_rows, items.repeat(b), category_rows,
+                                     categories.repeat(b), queries, bias.repeat(b),
+                                     jagged.copies_offsets(n, b, items.device), 20, 0.25)
+    assert shared[1].tolist() == [20] * b
+    assert torch.equal(shared[1], copies[1])
+    assert torch.equal(shared[0], jagged.positions_in_copy(copies, n)[0])
 
 
 @settings(max_examples=60, deadline=None)

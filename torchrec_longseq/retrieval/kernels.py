@@ -495,7 +495,11 @@ static void transposed_keys(const float* I, const int64_t* it, const float* C, c
 // TWIN's search: score of p = scale * q_b . (I[items[p], w:2w] + C[cats[p], w:2w]) + bias[p],
 // top k per segment (best first, ties to the more recent position). With `shared`, every
 // segment is the same one history: the dot products are taken once per distinct (item,
-// category) key (read and transposed once for all candidates); the bias is per position.
+// category) key (read and transposed once for all candidates), and the positions are grouped
+// once into cells of one key within a run of one bias value (the bias is a time bucket's: a
+// long history has a few cells per key), whose positions score alike. With at most half as
+// many cells as positions, per candidate the k best cells give a bar that the k-th best
+// position's score reaches, and only the positions of the cells at or above it are ranked.
 std::vector<torch::Tensor> twin_topk_by_id(
     torch::Tensor item_rows, torch::Tensor items, torch::Tensor cat_rows, torch::Tensor cats,
     torch::Tensor queries, torch::Tensor bias, torch::Tensor starts, torch::Tensor ends, int64_t k,
@@ -511,19 +515,50 @@ std::vector<torch::Tensor> twin_topk_by_id(
   const float *q = queries.data_ptr<float>(), *bi = bias.data_ptr<float>();
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
-  // shared: the history's distinct (item, category) keys, transposed once; behavior[p] = key of p
-  std::vector<float> shared_kt;
-  std::vector<int64_t> pair_i, pair_c, behavior;
-  int64_t U = 0;
+  // shared: the history's distinct (item, category) keys, transposed once; behavior[p] = key of
+  // p; cell c = (key cell_key[c], bias cell_bias[c]) holds positions cpos[coff[c]..coff[c+1])
+  std::vector<float> shared_kt, cell_bias;
+  std::vector<int64_t> pair_i, pair_c, behavior, cell_key, cell, coff, cpos;
+  int64_t U = 0, P = 0;
+  bool by_cell = false;
   if (shared && B > 0) {
-    group_pairs(it + st[0], ca + st[0], en[0] - st[0], pair_i, pair_c, behavior);
+    const int64_t lo = st[0], n = en[0] - lo;
+    group_pairs(it + lo, ca + lo, n, pair_i, pair_c, behavior);
     U = pair_i.size();
     transposed_keys(I, pair_i.data(), C, pair_c.data(), 0, U, w, shared_kt);
+    // cells within runs of positions with one bias value (the bias is the time bucket's and the
+    // history is in time order: a few dozen runs), a key's cell of the current run by array
+    std::vector<int64_t> run_of_key(U, -1), cell_of_key(U);
+    cell.resize(n);
+    int64_t run = -1;
+    for (int64_t p = 0; p < n; ++p) {
+      if (p == 0 || std::memcmp(bi + lo + p, bi + lo + p - 1, sizeof(float)) != 0) ++run;
+      const int64_t u = behavior[p];
+      if (run_of_key[u] != run) {
+        run_of_key[u] = run;
+        cell_of_key[u] = cell_key.size();
+        cell_key.push_back(u);
+        cell_bias.push_back(bi[lo + p]);
+      }
+      cell[p] = cell_of_key[u];
+    }
+    P = cell_key.size();
+    by_cell = 2 * P <= n;  // else ranking the positions is as cheap
+    if (by_cell) {
+      coff.assign(P + 1, 0);
+      cpos.resize(n);
+      for (int64_t p = 0; p < n; ++p) coff[cell[p] + 1] += 1;
+      for (int64_t c = 0; c < P; ++c) coff[c + 1] += coff[c];
+      std::vector<int64_t> fill(coff.begin(), coff.end() - 1);
+      for (int64_t p = 0; p < n; ++p) cpos[fill[cell[p]]++] = lo + p;
+    }
   }
   std::vector<std::vector<int64_t>> found(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> dot, score, own_kt;
     std::vector<int64_t> idx;
+    std::vector<std::pair<float, int64_t>> picked;
+    const auto better = std::greater<std::pair<float, int64_t>>();
     for (int64_t b = begin; b < end; ++b) {
       const int64_t lo = st[b], n = en[b] - lo;
       const int64_t keys = shared ? U : n, blocks = (keys + KEY_LANES - 1) / KEY_LANES;
@@ -532,6 +567,24 @@ std::vector<torch::Tensor> twin_topk_by_id(
       dot.resize(blocks * KEY_LANES);
       for (int64_t blk = 0; blk < blocks; ++blk)
         dot_lanes(q + b * w, kt + blk * w * KEY_LANES, w, dot.data() + blk * KEY_LANES);
+      const int64_t want = std::min(n, k);
+      if (by_cell && want > 0) {
+        score.resize(P);  // per cell: the score of each of its positions
+        for (int64_t c = 0; c < P; ++c)
+          score[c] = (float)(scale * dot[cell_key[c]]) + cell_bias[c];
+        select_largest(score.data(), P, want, idx);  // the best cells; the last sets the bar
+        const float bar = score[idx.back()];
+        picked.clear();
+        for (int64_t c = 0; c < P; ++c)
+          if (score[c] >= bar)
+            for (int64_t i = coff[c]; i < coff[c + 1]; ++i) picked.emplace_back(score[c], cpos[i]);
+        if ((int64_t)picked.size() >= want) {  // always, unless a score is NaN
+          std::nth_element(picked.begin(), picked.begin() + (want - 1), picked.end(), better);
+          std::sort(picked.begin(), picked.begin() + want, better);
+          for (int64_t i = 0; i < want; ++i) found[b].push_back(picked[i].second);
+          continue;
+        }
+      }
       score.resize(n);
       if (shared) {
         for (int64_t p = 0; p < n; ++p) score[p] = (float)(scale * dot[behavior[p]]) + bi[lo + p];
@@ -1118,7 +1171,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v32", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v33", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
