@@ -61,6 +61,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
+from runinfo import source_commit
 from throughput import peak_rss_gib, synthetic_batches, time_steps, train_step
 from torchrec_longseq.data.batch import (CONTEXT_HOUR, HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY,
                                          TARGET_ITEM, USER_ID, Batch)
@@ -404,7 +405,8 @@ def main() -> None:
               f"| {row['fuxictr_peak_rss_gib']:.2f} GiB |", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "anchor.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (out / "anchor.json").write_text(json.dumps(
+        {"args": vars(args), "commit": source_commit(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,11 @@ def serving_against_length(servings: List[Dict]) -> List[str]:
     return lines + [""]
 
 
+def on_commit(run: Dict) -> str:
+    """`` On <commit>.`` for a run whose JSON records the code it measured (``runinfo``)."""
+    return f" On {run['commit']}." if run.get("commit") else ""
+
+
 def copy_plot(run_dir: str, name: str, report: str) -> None:
     """Put the run's plot next to the report (which links it by name), if the run drew one."""
     source = Path(run_dir) / name
@@ -119,7 +124,7 @@ def main() -> None:
                 f"train.py with one rank, B = {a['batch_size']}, d = {a['embedding_dim']}, "
                 f"m = {a['hash_bits']}, k = {a['k']}, {a['steps']} timed steps after "
                 f"{a['warmup']} warm-up; every sample has exactly L behaviors; peak RSS of the "
-                "run's process (data included).", "",
+                "run's process (data included)." + on_commit(throughput), "",
                 "| model | L | ms / sample | samples/s | cost vs L = 1,000 | peak RSS (GiB) |",
                 "|---|---|---|---|---|---|"]
         for r in throughput["results"]:
@@ -155,7 +160,7 @@ def main() -> None:
                 + f" --ours-ranks {ranks}" * (ranks > 1) + f"`: {what}; "
                 f"B = {a['batch_size']}, d = {a['embedding_dim']}, m = {a['hash_bits']}, "
                 f"k = {a['k']}; fastest of {a['steps']} timed training steps, per sample; "
-                "mean-step ratio in brackets.", "",
+                "mean-step ratio in brackets." + on_commit(anchor), "",
                 "| L | ours ms / sample | FuxiCTR ms / sample | FuxiCTR / ours | peak RSS ours | "
                 "peak RSS FuxiCTR |", "|---|---|---|---|---|---|"]
         for r in anchor["results"]:
@@ -168,7 +173,7 @@ def main() -> None:
     if retrieval:
         out += ["## Retrieval alone against L", "",
                 "`benchmarks/retrieval.py`: µs per candidate, forward only (see the script's "
-                "docstring for the exact operations).", ""]
+                "docstring for the exact operations)." + on_commit(retrieval), ""]
         rows = retrieval["results"]
         keys = [k for k, v in rows[0].items() if isinstance(v, float) and "median" not in k]
         out += ["| L | candidates | " + " | ".join(keys) + " | same results |",
@@ -194,7 +199,7 @@ def main() -> None:
                 + (f" --models {' '.join(models)}" if models != MODELS else "")
                 + f" --embedding-dim {a['embedding_dim']}" * (a.get("embedding_dim", 16) != 16)
                 + "`: one request, one fresh process per model, the three ways timed in "
-                "alternating blocks; ms." + memory, "",
+                "alternating blocks; ms." + memory + on_commit(serving), "",
                 "| model | shared p50 | shared p99 | batched p50 | batched p99 | one by one p50 | "
                 "batched / shared | one by one / shared |", "|---|---|---|---|---|---|---|---|"]
         for r in serving["results"]:

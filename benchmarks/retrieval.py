@@ -43,6 +43,7 @@ from torchrec_longseq.modules.attention import TargetAttention
 from torchrec_longseq.modules.eta import signature_topk
 from torchrec_longseq.retrieval import kernels, simhash
 from torchrec_longseq.retrieval.hard import hard_search
+from runinfo import source_commit
 
 METHODS = ["hard", "hard torch ops", "simhash kernel", "simhash torch ops", "full attention"]
 
@@ -151,7 +152,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "retrieval.json").write_text(json.dumps(
-        {"args": vars(args), "unit": "microseconds per candidate", "results": results}, indent=2))
+        {"args": vars(args), "commit": source_commit(), "unit": "microseconds per candidate",
+         "results": results}, indent=2))
 
     import matplotlib
 

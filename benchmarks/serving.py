@@ -45,6 +45,7 @@ import torch
 from torchrec_longseq import serving
 from torchrec_longseq.data import SyntheticConfig
 from torchrec_longseq.models.longseq_ctr import MODELS, ModelConfig, build_model
+from runinfo import source_commit
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -183,7 +184,8 @@ def main() -> None:
                   + " | ".join(f"{ms:.2f}" for ms in row["stages_ms"].values()) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+    (out / "serving.json").write_text(json.dumps(
+        {"args": vars(args), "commit": source_commit(), "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

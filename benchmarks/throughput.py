@@ -36,6 +36,7 @@ from torchrec_longseq.models.longseq_ctr import (
     build_model,
 )
 from torchrec_longseq.train import dense_optimizer, init_distributed, shard
+from runinfo import source_commit
 
 
 def synthetic_batches(length: int, batch_size: int, count: int,
@@ -158,7 +159,8 @@ def main() -> None:
                   f"{r['samples_per_sec']:.0f} | {ratio} | {r['peak_rss_gib']:.2f} |", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (out / "throughput.json").write_text(json.dumps(
+        {"args": vars(args), "commit": source_commit(), "results": results}, indent=2))
     try:
         import matplotlib
 
