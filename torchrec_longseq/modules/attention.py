@@ -179,10 +179,17 @@ def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tens
     """
     b, head_dim, key_dim = query.size(0), query.size(1) // num_heads, keys.size(1)
     per_head = query.view(b, num_heads, head_dim).transpose(0, 1)  # [H, B, Dh]
-    if offsets is None and projects_shared_keys(b, head_dim, key_dim):
-        if index is not None:
-            keys = keys.index_select(0, index)
-            bias = bias.index_select(0, index) if bias is not None else None
+    project = offsets is None and projects_shared_keys(b, head_dim, key_dim)
+    if not project:  # the key projection absorbed into the queries
+        h_k = k_weight.view(num_heads, head_dim, key_dim)  # [H, Dh, Dk]
+        qa = torch.bmm(per_head, h_k).transpose(0, 1) / head_dim**0.5  # [B, H, Dk]
+    pooled: Optional[torch.Tensor] = None
+    if offsets is not None:
+        pooled = kernels.target_attention(qa, keys, offsets, bias, index)  # [B, H, Dk]
+    if pooled is None and index is not None:  # the torch ops read the gathered rows
+        keys = keys.index_select(0, index)
+        bias = bias.index_select(0, index) if bias is not None else None
+    if project:  # each shared key and value projected once
         n = keys.size(0)
         k = nn.functional.linear(keys, k_weight).view(n, num_heads, head_dim)  # [N, H, Dh]
         v = nn.functional.linear(keys, v_weight).view(n, num_heads, head_dim)
@@ -192,14 +199,6 @@ def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tens
         weights = torch.softmax(logits, dim=2)
         return torch.bmm(weights, v.transpose(0, 1)).transpose(0, 1).reshape(  # [B, H Dh]
             b, num_heads * head_dim)
-    h_k = k_weight.view(num_heads, head_dim, key_dim)  # [H, Dh, Dk]
-    qa = torch.bmm(per_head, h_k).transpose(0, 1) / head_dim**0.5  # [B, H, Dk]
-    pooled: Optional[torch.Tensor] = None
-    if offsets is not None:
-        pooled = kernels.target_attention(qa, keys, offsets, bias, index)  # [B, H, Dk]
-    if pooled is None and index is not None:  # the torch ops read the gathered rows
-        keys = keys.index_select(0, index)
-        bias = bias.index_select(0, index) if bias is not None else None
     if offsets is None:  # [B H, Dk] @ [Dk, N]: every query against the shared keys
         n = keys.size(0)
         logits = (qa.reshape(b * num_heads, key_dim) @ keys.t()).view(b, num_heads, n)

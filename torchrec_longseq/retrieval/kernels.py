@@ -238,6 +238,19 @@ static void group_pairs(const int64_t* a, const int64_t* c, int64_t n,
   }
 }
 
+// The positions of each group (a counting sort): group g's positions, ascending and offset by
+// lo, are pos[off[g]..off[g + 1]), for group[p] in [0, G) the group of position p < n.
+static void positions_by_group(const std::vector<int64_t>& group, int64_t G, int64_t lo,
+                               std::vector<int64_t>& off, std::vector<int64_t>& pos) {
+  const int64_t n = group.size();
+  off.assign(G + 1, 0);
+  pos.resize(n);
+  for (int64_t p = 0; p < n; ++p) off[group[p] + 1] += 1;
+  for (int64_t g = 0; g < G; ++g) off[g + 1] += off[g];
+  std::vector<int64_t> fill(off.begin(), off.end() - 1);
+  for (int64_t p = 0; p < n; ++p) pos[fill[group[p]]++] = lo + p;
+}
+
 // ETA's search over one history shared by all B candidates, read as its U distinct (item,
 // category) behaviors, each with its positions (group_pairs, then a counting sort). Per
 // candidate the distances are computed once per distinct behavior, the threshold comes from
@@ -273,13 +286,8 @@ std::vector<torch::Tensor> hamming_topk_shared(
                               torch::zeros({B}, torch::kInt64), torch::full({B}, n, torch::kInt64),
                               k);
   }
-  std::vector<int64_t> off(U + 1, 0), pos(n);  // positions of u: pos[off[u]..off[u+1]), ascending
-  for (int64_t p = 0; p < n; ++p) off[behavior[p] + 1] += 1;
-  for (int64_t u = 0; u < U; ++u) off[u + 1] += off[u];
-  {
-    std::vector<int64_t> fill(off.begin(), off.end() - 1);
-    for (int64_t p = 0; p < n; ++p) pos[fill[behavior[p]]++] = p;
-  }
+  std::vector<int64_t> off, pos;  // positions of u: pos[off[u]..off[u+1]), ascending
+  positions_by_group(behavior, U, 0, off, pos);
   // the distinct behaviors' signatures side by side (read in order, not by id) and their counts
   std::vector<int64_t> sa(U * WA), sc(U * WC), cnt(U), row(U);
   for (int64_t u = 0; u < U; ++u) {
@@ -544,14 +552,7 @@ std::vector<torch::Tensor> twin_topk_by_id(
     }
     P = cell_key.size();
     by_cell = 2 * P <= n;  // else ranking the positions is as cheap
-    if (by_cell) {
-      coff.assign(P + 1, 0);
-      cpos.resize(n);
-      for (int64_t p = 0; p < n; ++p) coff[cell[p] + 1] += 1;
-      for (int64_t c = 0; c < P; ++c) coff[c + 1] += coff[c];
-      std::vector<int64_t> fill(coff.begin(), coff.end() - 1);
-      for (int64_t p = 0; p < n; ++p) cpos[fill[cell[p]]++] = lo + p;
-    }
+    if (by_cell) positions_by_group(cell, P, lo, coff, cpos);
   }
   std::vector<std::vector<int64_t>> found(B);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -1171,7 +1172,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v33", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v34", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
