@@ -8,6 +8,7 @@ Each case spawns 2 processes (~10-20 s).
 """
 
 import os
+import signal
 import tempfile
 import traceback
 from typing import Dict
@@ -35,28 +36,66 @@ DATA = SyntheticConfig(max_seq_len=120, min_seq_len=0, num_users=500, num_items=
 POOLED_TABLES = {"user", "hour"}
 
 
-def _worker(rank: int, store: str, fn, args, errors) -> None:
+def _worker(rank: int, store: str, fn, args, results) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
         fn(rank, *args)
     except Exception:  # report to the parent: mp.spawn only says "process exited"
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        results.put((rank, traceback.format_exc()))
         raise
+    results.put((rank, None))  # finished
 
 
 def spawn(fn, *args) -> None:
+    """Run ``fn(rank, *args)`` on ``WORLD`` gloo ranks. Fails with a rank's traceback if one
+    raised, and fails as well if a rank did not finish without raising (killed, crashed in a
+    compiled kernel, exited): only a rank that reports back counts as done."""
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
+    results = ctx.SimpleQueue()
+    died = ""
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         try:
-            mp.spawn(_worker, args=(store, fn, args, errors), nprocs=WORLD, join=True)
-        except mp.ProcessRaisedException:
-            pass
-        except mp.ProcessExitedException:
-            pass
-    if not errors.empty():
-        pytest.fail(errors.get())
+            mp.spawn(_worker, args=(store, fn, args, results), nprocs=WORLD, join=True)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # or killed
+            died = str(e)
+    finished, errors = set(), []
+    while not results.empty():
+        rank, error = results.get()
+        if error is None:
+            finished.add(rank)
+        else:
+            errors.append(f"rank {rank}:\n{error}")
+    if errors:
+        pytest.fail(errors[0])
+    if len(finished) < WORLD:
+        pytest.fail(f"ranks {sorted(set(range(WORLD)) - finished)} did not finish: {died}")
+
+
+def _rank_1_raises(rank: int) -> None:
+    if rank == 1:
+        raise RuntimeError("rank 1 failed")
+
+
+def _rank_1_exits(rank: int) -> None:
+    if rank == 1:
+        os._exit(0)  # stops without raising, and with a success code
+
+
+def _rank_1_is_killed(rank: int) -> None:
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # as a crash in a compiled kernel or the OOM killer
+
+
+@pytest.mark.parametrize("fn, message", [(_rank_1_raises, "rank 1 failed"),
+                                         (_rank_1_exits, r"ranks \[1\] did not finish"),
+                                         (_rank_1_is_killed, r"ranks \[1\] did not finish")])
+def test_spawn_fails_when_a_rank_does_not_finish(fn, message: str) -> None:
+    """The helper every test here runs through: a rank that raises, exits or dies fails the
+    test (it used to pass when a rank died without a Python exception). Ranks that finish pass:
+    the tests below."""
+    with pytest.raises(pytest.fail.Exception, match=message):
+        spawn(fn)
 
 
 def shard(model: torch.nn.Module, sharding: str) -> DistributedModelParallel:
