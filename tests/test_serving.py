@@ -50,10 +50,14 @@ def test_shared_history_equals_independent_samples(name: str, kernels: str, look
     for length, candidates in [(300, 16), (5, 3), (0, 2), (300, 1), (300, 0)]:
         request = make_request(length, candidates)
         expected = independent(model, request)
-        got = serving.score_request(model, request)
+        # score_shared, not score_request: that one falls back to independent samples for a
+        # module it does not know, which would then be compared with themselves
+        got = serving.score_shared(model, request)
+        assert got is not None
         assert got.shape == (candidates,) and torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6,
                                    msg=f"{name} L={length} C={candidates}")
+        torch.testing.assert_close(serving.score_request(model, request), got, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["eta", "twin"])

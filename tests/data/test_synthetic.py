@@ -260,11 +260,11 @@ def test_batch_size_not_multiple_of_candidates_raises() -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="multiple of num_categories"):
         SyntheticConfig(num_items=1001, num_categories=10, subclusters=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_seq_len <= max_seq_len, got 20, 10"):
         SyntheticConfig(min_seq_len=20, max_seq_len=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="0 <= min_seq_len"):
         SyntheticConfig(min_seq_len=-1)
 
 

@@ -364,7 +364,7 @@ def test_invalid_bits_and_tau_raise(num_bits: int, tau: int) -> None:
 
 @pytest.mark.parametrize("tau", [0, -3])
 def test_non_positive_tau_raises(tau: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"tau >= 1.*tau={tau}"):
         SDIM((10, 3), 4, [4], TimeIntervalEmbedding(2), num_bits=48, tau=tau)
 
 

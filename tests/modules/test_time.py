@@ -87,7 +87,7 @@ def test_every_bucket_is_reachable_and_embedded() -> None:
 def test_invalid_configs_raise(num_buckets: int, lo: float, hi: float) -> None:
     with pytest.raises(ValueError, match="num_buckets"):
         log_bucket_boundaries(num_buckets, lo, hi)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_buckets"):
         TimeIntervalEmbedding(4, num_buckets=num_buckets, min_interval=lo, max_interval=hi)
 
 

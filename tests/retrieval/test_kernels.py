@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from torchrec_longseq import jagged
-from torchrec_longseq.modules import sdim, twin
+from torchrec_longseq.modules import eta, sdim, twin
 from torchrec_longseq.retrieval import hard, kernels, simhash, topk
 
 
@@ -35,17 +35,23 @@ def test_kernel_equals_torch_ops(lengths, words: int, num_items: int, k: int, ti
         table = table & torch.randint(0, 2**6, (num_items, words), generator=g)
     offsets = torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist())
     items = torch.randint(0, num_items, (int(offsets[-1]),), generator=g)
-    targets = table[torch.randint(0, num_items, (len(lengths),), generator=g)]
+    target_ids = torch.randint(0, num_items, (len(lengths),), generator=g)
+    targets = table[target_ids]
     # second table: per-"category" signatures, a different id per behavior
     categories = table.flip(0)[: max(num_items // 2, 1)]
     cat_ids = items % categories.size(0)
-    cat_targets = categories[torch.randint(0, categories.size(0), (len(lengths),), generator=g)]
+    cat_target_ids = torch.randint(0, categories.size(0), (len(lengths),), generator=g)
+    cat_targets = categories[cat_target_ids]
     expected = simhash.simhash_topk(torch.cat([table[items], categories[cat_ids]], 1), offsets,
                                     torch.cat([targets, cat_targets], 1), k)
     found = kernels.hamming_topk_by_id(table, items, targets, categories, cat_ids, cat_targets,
                                        offsets, k)
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+    with kernels.disabled():  # ETA's own torch-ops path (GPU tensors, kernels off)
+        fallback = eta.signature_topk(table, items, target_ids, categories, cat_ids,
+                                      cat_target_ids, offsets, k)
+    assert torch.equal(fallback[0], expected[0]) and torch.equal(fallback[1], expected[1])
 
 
 @settings(max_examples=40, deadline=None)
@@ -68,8 +74,9 @@ def test_shared_history_kernel_equals_torch_ops(length: int, candidates: int, wo
     categories = torch.randint(-(2**63), 2**63 - 1, (7, words), generator=g) & 0xF0F
     items = torch.randint(0, num_items, (length,), generator=g)
     cat_ids = torch.randint(0, 7, (length,), generator=g)
-    targets = table[torch.randint(0, num_items, (candidates,), generator=g)]
-    cat_targets = categories[torch.randint(0, 7, (candidates,), generator=g)]
+    target_ids = torch.randint(0, num_items, (candidates,), generator=g)
+    cat_target_ids = torch.randint(0, 7, (candidates,), generator=g)
+    targets, cat_targets = table[target_ids], categories[cat_target_ids]
     history = torch.cat([table[items], categories[cat_ids]], 1)
     expected = jagged.positions_in_copy(simhash.simhash_topk(
         history.repeat(candidates, 1), jagged.copies_offsets(length, candidates, items.device),
@@ -78,6 +85,10 @@ def test_shared_history_kernel_equals_torch_ops(length: int, candidates: int, wo
                                        None, k)
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+    with kernels.disabled():  # ETA's own torch-ops path for one shared history
+        fallback = eta.signature_topk(table, items, target_ids, categories, cat_ids,
+                                      cat_target_ids, None, k)
+    assert torch.equal(fallback[0], expected[0]) and torch.equal(fallback[1], expected[1])
 
 
 def test_kernel_uses_the_sign_bit() -> None:
@@ -229,7 +240,12 @@ def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, shared: bool,
         bias = levels[torch.arange(n) * 4 // max(n, 1)]
     args = (item_rows, category_rows, items, categories, target_items, target_categories,
             offsets, bias, heads, k)
-    found = twin.twin_topk(*args)
+    ran = []  # whether twin_topk's kernel call applied (else both sides are the torch ops)
+    real = kernels.twin_topk_by_id
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "twin_topk_by_id", lambda *a: ran.append(real(*a)) or ran[-1])
+        found = twin.twin_topk(*args)
+    assert len(ran) == 1 and ran[0] is not None
     with pytest.MonkeyPatch.context() as mp:
         expected = torch_ops(mp, twin.twin_topk, *args)
     assert torch.equal(found[1], expected[1])

@@ -1,10 +1,13 @@
-"""jagged_topk and hard_search against brute-force per-sample Python references."""
+"""jagged_topk and hard_search against brute-force per-sample Python references, on both paths:
+the compiled kernels (CPU default) and the torch ops (GPU tensors, ``kernels.disabled()``)."""
 
+from contextlib import nullcontext
 from typing import List, Tuple
 
 import torch
 from hypothesis import given, settings, strategies as st
 
+from torchrec_longseq.retrieval import kernels
 from torchrec_longseq.retrieval.hard import hard_search
 from torchrec_longseq.retrieval.topk import jagged_topk, jagged_topk_smallest_int
 
@@ -60,11 +63,12 @@ def scored_batch(draw):
 
 
 @SETTINGS
-@given(batch=scored_batch(), k=K, largest=st.booleans())
-def test_jagged_topk_matches_reference(batch, k: int, largest: bool) -> None:
+@given(batch=scored_batch(), k=K, largest=st.booleans(), compiled=st.booleans())
+def test_jagged_topk_matches_reference(batch, k: int, largest: bool, compiled: bool) -> None:
     lengths, scores, tensor = batch
     offsets = torch.tensor(offsets_of(lengths), dtype=torch.long)
-    indices, kept = jagged_topk(tensor, offsets, k, largest=largest)
+    with nullcontext() if compiled else kernels.disabled():
+        indices, kept = jagged_topk(tensor, offsets, k, largest=largest)
     expected_indices, expected_kept = reference_topk(scores, lengths, k, largest)
     assert indices.dtype == torch.long and kept.dtype == torch.long
     assert indices.tolist() == expected_indices
@@ -120,13 +124,13 @@ def category_batch(draw):
 
 
 @SETTINGS
-@given(batch=category_batch(), k=K)
-def test_hard_search_matches_reference(batch, k: int) -> None:
+@given(batch=category_batch(), k=K, compiled=st.booleans())
+def test_hard_search_matches_reference(batch, k: int, compiled: bool) -> None:
     lengths, history, target = batch
     offsets = torch.tensor(offsets_of(lengths), dtype=torch.long)
-    indices, kept = hard_search(
-        torch.tensor(history, dtype=torch.long), offsets, torch.tensor(target, dtype=torch.long), k
-    )
+    with nullcontext() if compiled else kernels.disabled():
+        indices, kept = hard_search(torch.tensor(history, dtype=torch.long), offsets,
+                                    torch.tensor(target, dtype=torch.long), k)
     expected_indices, expected_kept = reference_hard(history, lengths, target, k)
     assert indices.tolist() == expected_indices
     assert kept.tolist() == expected_kept
