@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# the speed / memory suite as in benchmarks/RESULTS.md (about 20-25 minutes on 2 idle cores); the
+# the speed / memory suite as in benchmarks/RESULTS.md (about 18-25 minutes on 2 idle cores); the
 # quality runs are benchmarks/quality.py (hours), whose runs/q-L* the report includes if present
 BENCH_STAMP := $(VENV)/.bench-installed
 

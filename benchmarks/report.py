@@ -102,7 +102,7 @@ def main() -> None:
         f"{version('torch')}, torchrec {version('torchrec')}, fbgemm-gpu-cpu "
         f"{version('fbgemm-gpu-cpu')}.", "",
         "Ratios compare numbers taken in the same run; absolute times on this 2-core machine "
-        "move by up to 1.5x between runs. The speed tables were taken with the machine otherwise "
+        "move by up to 2x between runs. The speed tables were taken with the machine otherwise "
         "idle; `--threads 0` is torch's default (2 threads here). The quality runs shared the "
         "CPU with other jobs, so their samples/s are indicative only.", ""]
     quality = [r for d in args.quality for r in (load(d, "quality.json") or [])]

@@ -23,8 +23,8 @@ up in the EmbeddingCollection, with their collision counts as weights: at most
 ``O(distinct x collisions x 2D)`` floats. No top-k and no attention. Every colliding behavior
 gets a gradient (there is no retrieval to stop it).
 
-The module also has the short-term DIN branch over the recent window that SIM and ETA have, so
-the four long-sequence models differ only in their long-term part.
+The module also has a short-term DIN branch over the recent window, as SIM and TWIN do (ETA's is a
+multi-head target attention), so the long-sequence models differ mainly in their long-term part.
 """
 
 from typing import List, Optional, Tuple
