@@ -155,6 +155,10 @@ def test_request_features_carry_every_id_once() -> None:
     ("history_time", lambda r: r.history_time.flip(0), "history_time, behavior 1: earlier than"),
     ("history_category", lambda r: r.history_category[:-1], "behaviors: the fields"),
     ("candidate_category", lambda r: r.candidate_category.view(2, 2), "candidates: the fields"),
+    ("candidate_category", lambda r: r.candidate_category + 0.9,
+     "candidate_category: expected integers, got torch.float32"),
+    ("history_item", lambda r: r.history_item > 0, "history_item: expected integers, got torch.bool"),
+    ("history_time", lambda r: r.history_time.double(), "history_time: expected integers"),
 ])
 def test_bad_requests_name_the_field_and_position(field: str, value, message: str) -> None:
     model = model_of("eta")

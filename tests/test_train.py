@@ -57,3 +57,14 @@ def test_pipeline_trains_the_same_model(tmp_path: Path, model: str) -> None:
     assert mid_piped["step"] == 4 and mid_piped["auc"] == pytest.approx(mid_plain["auc"], rel=1e-6)
     # the last 4 steps changed the model: equality above is not trivial
     assert mid_plain["logloss"] != pytest.approx(plain["val_logloss"], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("option, value, low", [("--k", "-1", 0), ("--twin-k", "-3", 0),
+                                                ("--heads", "0", 1), ("--short-window", "-5", 0),
+                                                ("--batch-size", "0", 1)])
+def test_cli_rejects_out_of_range_options(option: str, value: str, low: int, capsys) -> None:
+    from torchrec_longseq.train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "eta", option, value])
+    assert f"argument {option}: must be >= {low}, got {value}" in capsys.readouterr().err
+    assert parse_args(["--model", "eta", option, str(low)])  # the bound itself is accepted

@@ -132,6 +132,10 @@ def check_request(request: Request, rows: Dict[str, int]) -> None:
         if len(set(counts.values())) > 1 or any(getattr(request, f).dim() != 1 for f in fields):
             raise RequestError(f"{what}: the fields {list(fields)} must be 1-D of one length, "
                                f"got shapes {[tuple(getattr(request, f).shape) for f in fields]}")
+    for field in (*history, *candidates):
+        t = getattr(request, field)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise RequestError(f"{field}: expected integers, got {t.dtype}")
     for field, feature in REQUEST_FIELDS.items():
         ids = getattr(request, field)
         if not isinstance(ids, torch.Tensor):  # the user and the context hour: one int each

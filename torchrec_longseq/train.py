@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,36 +55,47 @@ from torchrec_longseq.models.longseq_ctr import (
 )
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int ``>= low`` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="din-full", choices=MODELS)
-    p.add_argument("--max-seq-len", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=300, help="training steps (batches per rank)")
-    p.add_argument("--batch-size", type=int, default=128, help="samples per rank and step")
+    p.add_argument("--max-seq-len", type=at_least(1), default=2000)
+    p.add_argument("--steps", type=at_least(0), default=300, help="training steps (batches per rank)")
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="samples per rank and step")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the model")
     p.add_argument("--out", default="runs/train", help="output directory")
-    p.add_argument("--embedding-dim", type=int, default=16)
-    p.add_argument("--k", type=int, default=50, help="behaviors retrieved by SIM / ETA")
-    p.add_argument("--heads", type=int, default=4, help="ESU attention heads")
-    p.add_argument("--short-window", type=int, default=50,
+    p.add_argument("--embedding-dim", type=at_least(1), default=16)
+    p.add_argument("--k", type=at_least(0), default=50, help="behaviors retrieved by SIM / ETA")
+    p.add_argument("--heads", type=at_least(1), default=4, help="ESU attention heads")
+    p.add_argument("--short-window", type=at_least(0), default=50,
                    help="recent behaviors (DIN, short-term branch; 0: no short-term branch)")
-    p.add_argument("--time-buckets", type=int, default=32, help="log-spaced time-interval buckets")
-    p.add_argument("--hash-bits", type=int, default=64, help="ETA SimHash bits m")
-    p.add_argument("--refresh-every", type=int, default=1,
+    p.add_argument("--time-buckets", type=at_least(3), default=32, help="log-spaced time-interval buckets")
+    p.add_argument("--hash-bits", type=at_least(1), default=64, help="ETA SimHash bits m")
+    p.add_argument("--refresh-every", type=at_least(1), default=1,
                    help="ETA / SDIM / TWIN per-item tables: 1 = exact, N = all rows every N steps")
-    p.add_argument("--sdim-bits", type=int, default=48, help="SDIM hash bits m")
-    p.add_argument("--sdim-tau", type=int, default=3, help="SDIM bits per signature tau")
-    p.add_argument("--twin-k", type=int, default=100, help="behaviors kept by TWIN's search")
+    p.add_argument("--sdim-bits", type=at_least(2), default=48, help="SDIM hash bits m")
+    p.add_argument("--sdim-tau", type=at_least(1), default=3, help="SDIM bits per signature tau")
+    p.add_argument("--twin-k", type=at_least(0), default=100, help="behaviors kept by TWIN's search")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of SIM soft search's auxiliary loss")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the main CTR loss")
     p.add_argument("--dense-lr", type=float, default=3e-3)
     p.add_argument("--sparse-lr", type=float, default=0.05)
-    p.add_argument("--eval-every", type=int, default=100, help="validate every N steps (0: never)")
-    p.add_argument("--eval-batches", type=int, default=20, help="batches per rank per evaluation")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    p.add_argument("--eval-every", type=at_least(0), default=100, help="validate every N steps (0: never)")
+    p.add_argument("--eval-batches", type=at_least(1), default=20, help="batches per rank per evaluation")
+    p.add_argument("--checkpoint-every", type=at_least(0), default=0, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--sharding", default="auto", choices=["auto", "table_wise", "column_wise", "row_wise"])
-    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers per rank")
+    p.add_argument("--num-workers", type=at_least(0), default=1, help="DataLoader workers per rank")
     p.add_argument("--pipeline", action="store_true",
                    help="train with TorchRec's TrainPipelineSparseDist")
     return p.parse_args(argv)

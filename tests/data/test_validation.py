@@ -219,3 +219,21 @@ def test_labels_count_differs_from_samples() -> None:
     e = Editable()
     e.labels = e.labels + [0.0]
     raises(e.build(), f"{B} samples per key", f"{B + 1} labels")
+
+
+def test_float_ids_and_times_are_rejected() -> None:
+    """A float id would be truncated by the compiled searches (3.5 read as 3)."""
+    batch = Editable().build()
+    kjt = batch.features
+    floats = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().double() + 0.5,
+                               lengths=kjt.lengths())
+    raises(Batch(**{**batch.__dict__, "features": floats}), "KeyedJaggedTensor values",
+           "expected integers", "torch.float64")
+    raises(Batch(**{**batch.__dict__, "history_time": batch.history_time.float()}),
+           "history_time: expected integers")
+
+
+def test_lengths_not_a_multiple_of_the_keys() -> None:
+    e = Editable()
+    lengths = torch.tensor([len(s) for key in FEATURE_KEYS for s in e.features[key]])
+    raises(e.build(lengths=lengths[:-1]), f"{lengths.numel() - 1} lengths for {len(FEATURE_KEYS)} keys")

@@ -205,3 +205,14 @@ def test_adam_steps_reduce_the_training_loss(name: str) -> None:
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("name, field", [("sim-hard", "k"), ("sim-soft", "k"), ("eta", "k"),
+                                         ("twin", "twin_k")])
+def test_a_negative_k_is_an_error(name: str, field: str) -> None:
+    """Each search's module checks its k (a negative one used to train with no retrieval at all
+    for SIM hard and ETA, and to crash in the float top-k kernel for SIM soft and TWIN)."""
+    from torchrec_longseq.data import SyntheticConfig
+    from torchrec_longseq.models.longseq_ctr import ModelConfig, build_model
+    with pytest.raises(ValueError, match="k .* must be >= 0, got -1"):
+        build_model(name, ModelConfig(**{field: -1}), SyntheticConfig().table_sizes)

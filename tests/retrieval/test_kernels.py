@@ -489,3 +489,77 @@ def test_gather_rows_checks_ids_and_leaves_autograd_to_torch() -> None:
         with pytest.raises(RuntimeError, match="position 0 is 2, outside the 2 ids"):
             kernels.gather_rows([table], [torch.tensor([0, 1])], torch.tensor([2]))
     assert kernels.gather_rows([table], [torch.tensor([0, 1])], None) is None  # grad recorded
+
+
+SIGNATURES = torch.arange(10).view(10, 1) * 0x0101010101  # 10 item rows
+CATEGORY_SIGNATURES = torch.arange(5).view(5, 1) * 0x0F0F  # 5 category rows
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # k < 0 (both paths: the search functions check it before choosing one)
+    (lambda: topk.jagged_topk(torch.randn(4), torch.tensor([0, 4]), -1), ValueError,
+     "k .* must be >= 0, got -1"),
+    (lambda: hard.hard_search(torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([1]), -2),
+     ValueError, "must be >= 0, got -2"),
+    (lambda: kernels._module().float_topk(torch.randn(4), torch.tensor([0]), torch.tensor([4]),
+                                          -1), RuntimeError, "k must be >= 0"),
+    # segments outside the values, or not one per target
+    (lambda: topk.jagged_topk(torch.randn(4), torch.tensor([0, 4, 8]), 2), RuntimeError,
+     r"segment 1 = \[4, 8\) is not inside the 4 values"),
+    (lambda: hard.hard_search(torch.tensor([1, 2, 1, 1]), torch.tensor([0, 2, 4]),
+                              torch.tensor([1]), 2), RuntimeError, "2 segments for 1 targets"),
+    (lambda: eta.signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
+                                CATEGORY_SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
+                                torch.tensor([0, 2, 4]), 2), RuntimeError, "2 segments for 1"),
+    (lambda: eta.signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
+                                CATEGORY_SIGNATURES, torch.tensor([1, 2]), torch.tensor([1]),
+                                torch.tensor([0, 4]), 2), RuntimeError,
+     "4 item ids but 2 category ids"),
+    # ids of a float or bool type (a float id would be truncated: 1.7 read as category 1)
+    (lambda: hard.hard_search(torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([1.7]), 2),
+     ValueError, "target_category: expected integer category ids, got torch.float32"),
+    (lambda: kernels._module().hard_topk(torch.tensor([1, 2]), torch.tensor([True]),
+                                         torch.tensor([0]), torch.tensor([2]), 2), RuntimeError,
+     "target categories must be integer ids, got Bool"),
+    # ids outside the tables, where the kernels' own check is cheap next to their work: one
+    # shared history (serving), TWIN's dot products, SDIM's hash maps
+    (lambda: eta.signature_topk(SIGNATURES, torch.tensor([1, 2, 10**9, 4]), torch.tensor([1]),
+                                CATEGORY_SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
+                                None, 2), RuntimeError,
+     "item ids at position 2 is 1000000000, outside the table of 10 rows"),
+    (lambda: eta.signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
+                                CATEGORY_SIGNATURES, torch.tensor([1, -1, 3, 4]), torch.tensor([1]),
+                                None, 2), RuntimeError,
+     "category ids at position 1 is -1, outside the table of 5 rows"),
+    (lambda: twin.twin_topk(torch.zeros(7, 8), torch.zeros(3, 8), torch.tensor([1, 7, 2]),
+                            torch.tensor([0, 1, 2]), torch.tensor([1]), torch.tensor([1]),
+                            torch.tensor([0, 3]), torch.zeros(3, 1), 1, 2), RuntimeError,
+     "item ids at position 1 is 7, outside the table of 7 rows"),
+    (lambda: kernels._module().sdim_collisions(
+        torch.zeros(6, 1, dtype=torch.long), torch.tensor([0, 1]),
+        torch.zeros(2, 1, dtype=torch.long), torch.tensor([0, 2]), torch.tensor([0]),
+        torch.tensor([0]), torch.tensor([0]), torch.tensor([2]), 3, 8), RuntimeError,
+     "category ids at position 1 is 2, outside the table of 2 rows"),
+    # TWIN's bias: one per behavior; the attention's: [keys, heads]
+    (lambda: kernels._module().twin_topk_by_id(
+        torch.zeros(7, 8), torch.tensor([1, 2, 3]), torch.zeros(3, 8), torch.tensor([0, 1, 2]),
+        torch.zeros(1, 4), torch.zeros(2), torch.tensor([0]), torch.tensor([3]), 2, 1.0, False),
+     RuntimeError, "one item id, category id and bias per behavior: got 3, 3 and 2"),
+    (lambda: kernels.target_attention(torch.randn(1, 2, 8), torch.randn(40, 8),
+                                      torch.tensor([0, 40]), torch.randn(1, 2), None),
+     RuntimeError, r"bias must be \[40 keys, 2 heads\], got \[1, 2\]"),
+])
+def test_kernels_and_searches_reject_bad_inputs(call, error, message: str) -> None:
+    """What a caller can get wrong raises instead of reading out of bounds or truncating. (The
+    per-sample Hamming search does not check its ids: a check costs 30-65% of its scan, so it
+    relies on check_batch, as documented.)"""
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_float64_scores_take_the_torch_ops() -> None:
+    """The float top-k kernel works in float32: float64 scores go to the torch ops rather than
+    being rounded (1 + 1e-12 and 1 would tie)."""
+    scores = torch.tensor([1.0 + 1e-12, 1.0], dtype=torch.float64)
+    assert kernels.float_topk(scores, torch.tensor([0, 2]), 1) is None
+    assert topk.jagged_topk(scores, torch.tensor([0, 2]), 1)[0].tolist() == [0]

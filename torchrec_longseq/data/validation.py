@@ -18,6 +18,11 @@ class BatchError(ValueError):
     """A batch that does not follow the documented layout."""
 
 
+def _integral(t: torch.Tensor) -> bool:
+    """An integer dtype (not bool: a bool id reads as 0 / 1)."""
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
 def _first(mask: torch.Tensor) -> int:
     return int(mask.nonzero()[0, 0])
 
@@ -44,7 +49,14 @@ def check_batch(batch: Batch, table_sizes: Dict[str, int]) -> None:
     extra = [k for k in keys if k not in FEATURE_KEYS]
     if missing or extra:
         raise BatchError(f"KeyedJaggedTensor keys: missing {missing}, unexpected {extra}")
+    for name, t in (("KeyedJaggedTensor values", kjt.values()), ("lengths", kjt.lengths()),
+                    ("history_time", batch.history_time), ("request_time", batch.request_time)):
+        if not _integral(t):  # a float id or time would be truncated (or compared) silently
+            raise BatchError(f"{name}: expected integers, got {t.dtype}")
     b = batch.labels.numel()
+    if kjt.lengths().numel() % len(keys):
+        raise BatchError(f"{kjt.lengths().numel()} lengths for {len(keys)} keys: not the same "
+                         f"number of samples per key")
     lengths = kjt.lengths().view(len(keys), -1)
     if lengths.size(1) != b:
         raise BatchError(f"features have {lengths.size(1)} samples per key but there are {b} labels")

@@ -24,7 +24,7 @@ from torchrec import EmbeddingCollection, KeyedJaggedTensor
 from torchrec_longseq import jagged
 from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules.derived import ItemDerivedTable
-from torchrec_longseq.retrieval import kernels, simhash
+from torchrec_longseq.retrieval import kernels, simhash, topk
 
 
 class SimHashSearch(nn.Module):
@@ -37,6 +37,11 @@ class SimHashSearch(nn.Module):
         k (int): behaviors kept per sample; ties go to the more recent behavior.
         refresh_every (int): 1 = exact signature tables (default), N = re-hash all every N steps.
 
+    The history ids must index the tables (``data.validation.check_batch``, which ``train.py``
+    runs on every batch): on CPU the per-sample kernel reads the signatures by id without a
+    bounds check, which would cost 30-65% of its scan. (The shared-history search of serving, and
+    TWIN's and SDIM's kernels, check their ids.)
+
     Example::
 
         search = SimHashSearch((10_000, 100), 16, num_bits=64, k=50)
@@ -48,7 +53,7 @@ class SimHashSearch(nn.Module):
     def __init__(self, table_sizes: Tuple[int, int], embedding_dim: int, num_bits: int, k: int,
                  refresh_every: int = 1) -> None:
         super().__init__()
-        self.k = k
+        self.k = topk.check_k(k)
         words = simhash.check_num_bits(num_bits)
         self.item_signatures = ItemDerivedTable(
             table_sizes[0], words, torch.int64, simhash.SimHash(embedding_dim, num_bits, seed=0),

@@ -46,7 +46,7 @@ class HardSearch(nn.Module):
 
     def __init__(self, k: int) -> None:
         super().__init__()
-        self.k = k
+        self.k = topk.check_k(k)
 
     def forward(
         self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
@@ -106,7 +106,7 @@ class SoftSearch(nn.Module):
         configs = search_table.embedding_configs()
         self.with_category = any(SEARCH_HIST_CATEGORY in c.feature_names for c in configs)
         search_dim = sum(c.embedding_dim for c in configs)
-        self.k = k
+        self.k = topk.check_k(k)
         self.w_a = nn.Linear(search_dim, projection_dim, bias=False)
         self.w_b = nn.Linear(search_dim, projection_dim, bias=False)
         if projection_dim == search_dim:

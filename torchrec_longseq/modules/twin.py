@@ -98,7 +98,7 @@ class TwinSearch(nn.Module):
         super().__init__()
         if not esu.time_as_bias:
             raise ValueError("TWIN's search needs an ESU with time_as_bias=True")
-        self.k = k
+        self.k = topk.check_k(k)
         self.num_heads = esu.attention.num_heads
         self.time_bias = esu.time_embedding
         width = 2 * esu.attention.output_dim

@@ -6,7 +6,7 @@ import torch
 
 from torchrec_longseq import jagged
 from torchrec_longseq.jagged import segment_ids
-from torchrec_longseq.retrieval import kernels
+from torchrec_longseq.retrieval import kernels, topk
 
 
 @torch.fx.wrap
@@ -35,6 +35,10 @@ def hard_search(
     ``TORCHREC_LONGSEQ_KERNELS=0``) one compare and one cumulative sum over the N behaviors:
     O(N), no sort, no padding. Both give identical results (tested).
     """
+    topk.check_k(k)
+    for name, t in (("history_category", history_category), ("target_category", target_category)):
+        if t.is_floating_point() or t.dtype == torch.bool:  # 1.7 would match category 1
+            raise ValueError(f"{name}: expected integer category ids, got {t.dtype}")
     found = kernels.hard_topk(history_category, offsets, target_category, k)
     if found is not None:
         return found

@@ -75,6 +75,46 @@ static std::vector<torch::Tensor> concat_segments(const std::vector<std::vector<
   return {indices, lengths};
 }
 
+// the kernels' checks of their inputs (what a caller gets wrong raises instead of reading out of
+// bounds or truncating): ids of an integer type (widened to int64; a float id would be truncated,
+// a bool read as 0 / 1), k >= 0, and segments [starts[b], ends[b]) inside the n values, one per
+// target
+static torch::Tensor id_tensor(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), what,
+              " must be integer ids, got ", t.scalar_type());
+  return t.to(torch::kInt64).contiguous();
+}
+
+static void check_k(int64_t k) { TORCH_CHECK(k >= 0, "k must be >= 0, got ", k); }
+
+static void check_segments(torch::Tensor& starts, torch::Tensor& ends, int64_t n,
+                           int64_t targets) {
+  starts = id_tensor(starts, "starts"); ends = id_tensor(ends, "ends");
+  const int64_t B = starts.numel();
+  TORCH_CHECK(ends.numel() == B && targets == B, B, " segments for ", targets, " targets");
+  const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= st[b] && st[b] <= en[b] && en[b] <= n, "segment ", b, " = [", st[b], ", ",
+                en[b], ") is not inside the ", n, " values");
+}
+
+// whether every one of ids[0..n) indexes a table of `rows` rows: the sign bit of id | (rows - 1
+// - id) is set exactly when id < 0 or id >= rows, and or-ing them is one vectorised pass
+static inline bool ids_inside(const int64_t* ids, int64_t n, int64_t rows) {
+  int64_t outside = 0;
+  for (int64_t i = 0; i < n; ++i) outside |= ids[i] | (rows - 1 - ids[i]);
+  return outside >= 0;
+}
+
+// raises naming the first of ids[0..n) outside a table of `rows` rows (the kernels read rows by
+// id: they check the ids instead of reading out of bounds)
+static void check_ids(const int64_t* ids, int64_t n, int64_t rows, const char* what) {
+  if (ids_inside(ids, n, rows)) return;
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK((uint64_t)ids[i] < (uint64_t)rows, what, " at position ", i, " is ", ids[i],
+                ", outside the table of ", rows, " rows");
+}
+
 // 16 bytes of distances as one vector (GCC/clang vector extensions: one SSE register)
 template <typename D> struct VecOf;
 template <> struct VecOf<uint8_t> { typedef uint8_t type __attribute__((vector_size(16))); };
@@ -168,6 +208,9 @@ static void hamming_distances(const int64_t* A, const int64_t* a, int64_t WA, co
 }
 
 // Per segment, the k behaviors nearest the candidate in Hamming distance (hamming_distances).
+// The ids are not checked against the tables here: a check costs 30-65% of this scan (measured
+// at L = 10k and 100k), so it is the caller's (check_batch in training, check_request in
+// serving; documented on the modules).
 std::vector<torch::Tensor> hamming_topk_by_id(
     torch::Tensor a_table, torch::Tensor a_ids, torch::Tensor a_targets,
     torch::Tensor c_table, torch::Tensor c_ids, torch::Tensor c_targets,
@@ -176,8 +219,12 @@ std::vector<torch::Tensor> hamming_topk_by_id(
     TORCH_CHECK(t->dtype() == torch::kInt64 && t->dim() == 2, "signatures must be int64 [rows, W]");
     *t = t->contiguous();
   }
-  a_ids = a_ids.to(torch::kInt64).contiguous(); c_ids = c_ids.to(torch::kInt64).contiguous();
-  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  a_ids = id_tensor(a_ids, "item ids"); c_ids = id_tensor(c_ids, "category ids");
+  TORCH_CHECK(a_ids.numel() == c_ids.numel(), a_ids.numel(), " item ids but ", c_ids.numel(),
+              " category ids");
+  TORCH_CHECK(a_targets.size(0) == c_targets.size(0), "one item and one category target each");
+  check_k(k);
+  check_segments(starts, ends, a_ids.numel(), a_targets.size(0));
   const int64_t WA = a_table.size(1), WC = c_table.size(1), B = starts.numel();
   const int64_t max_d = 64 * (WA + WC);
   const int64_t *A = a_table.data_ptr<int64_t>(), *C = c_table.data_ptr<int64_t>();
@@ -265,12 +312,18 @@ std::vector<torch::Tensor> hamming_topk_shared(
     TORCH_CHECK(t->dtype() == torch::kInt64 && t->dim() == 2, "signatures must be int64 [rows, W]");
     *t = t->contiguous();
   }
-  a_ids = a_ids.to(torch::kInt64).contiguous(); c_ids = c_ids.to(torch::kInt64).contiguous();
+  a_ids = id_tensor(a_ids, "item ids"); c_ids = id_tensor(c_ids, "category ids");
+  TORCH_CHECK(a_ids.numel() == c_ids.numel(), a_ids.numel(), " item ids but ", c_ids.numel(),
+              " category ids");
+  TORCH_CHECK(a_targets.size(0) == c_targets.size(0), "one item and one category target each");
+  check_k(k);
   const int64_t WA = a_table.size(1), WC = c_table.size(1), B = a_targets.size(0);
   const int64_t n = a_ids.numel(), max_d = 64 * (WA + WC);
   const int64_t want = std::max<int64_t>(0, std::min(n, k));
   const int64_t *A = a_table.data_ptr<int64_t>(), *C = c_table.data_ptr<int64_t>();
   const int64_t *ai = a_ids.data_ptr<int64_t>(), *ci = c_ids.data_ptr<int64_t>();
+  check_ids(ai, n, a_table.size(0), "item ids");  // one history: checked up front
+  check_ids(ci, n, c_table.size(0), "category ids");
   const int64_t *at = a_targets.data_ptr<int64_t>(), *ct = c_targets.data_ptr<int64_t>();
   auto lengths = torch::full({B}, want, torch::kInt64);
   auto indices = torch::empty({B * want}, torch::kInt64);
@@ -356,7 +409,8 @@ std::vector<torch::Tensor> hamming_topk_shared(
 // recent positions, and stops when every one has k; candidates of a category share them. The
 // same (indices, lengths) as hard_topk with every segment the whole history.
 std::vector<torch::Tensor> hard_topk_shared(torch::Tensor cats, torch::Tensor targets, int64_t k) {
-  cats = cats.to(torch::kInt64).contiguous(); targets = targets.to(torch::kInt64).contiguous();
+  cats = id_tensor(cats, "categories"); targets = id_tensor(targets, "target categories");
+  check_k(k);
   const int64_t n = cats.numel(), B = targets.numel();
   const int64_t *c = cats.data_ptr<int64_t>(), *t = targets.data_ptr<int64_t>();
   int64_t slots = 16;  // open addressing: category -> its group
@@ -392,8 +446,9 @@ std::vector<torch::Tensor> hard_topk_shared(torch::Tensor cats, torch::Tensor ta
 // chronological per segment. Scans each segment backwards and stops at the k-th match.
 std::vector<torch::Tensor> hard_topk(torch::Tensor cats, torch::Tensor targets,
                                      torch::Tensor starts, torch::Tensor ends, int64_t k) {
-  cats = cats.to(torch::kInt64).contiguous(); targets = targets.to(torch::kInt64).contiguous();
-  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  cats = id_tensor(cats, "categories"); targets = id_tensor(targets, "target categories");
+  check_k(k);
+  check_segments(starts, ends, cats.numel(), targets.numel());
   const int64_t B = starts.numel();
   const int64_t *c = cats.data_ptr<int64_t>(), *t = targets.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
@@ -455,8 +510,11 @@ static void select_largest(const float* s, int64_t n, int64_t k, std::vector<int
 // top-k of float scores per segment, best first, ties to the more recent position
 std::vector<torch::Tensor> float_topk(torch::Tensor scores, torch::Tensor starts, torch::Tensor ends,
                                       int64_t k) {
-  scores = scores.to(torch::kFloat32).contiguous();
-  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  TORCH_CHECK(scores.scalar_type() == torch::kFloat32, "float_topk: float32 scores, got ",
+              scores.scalar_type());
+  scores = scores.contiguous();
+  check_k(k);
+  check_segments(starts, ends, scores.numel(), starts.numel());
   const int64_t B = starts.numel();
   const float* s = scores.data_ptr<float>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
@@ -515,14 +573,21 @@ std::vector<torch::Tensor> twin_topk_by_id(
   item_rows = item_rows.to(torch::kFloat32).contiguous();
   cat_rows = cat_rows.to(torch::kFloat32).contiguous();
   queries = queries.to(torch::kFloat32).contiguous(); bias = bias.to(torch::kFloat32).contiguous();
-  items = items.to(torch::kInt64).contiguous(); cats = cats.to(torch::kInt64).contiguous();
-  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  items = id_tensor(items, "item ids"); cats = id_tensor(cats, "category ids");
+  TORCH_CHECK(items.numel() == cats.numel() && bias.numel() == items.numel(),
+              "one item id, category id and bias per behavior: got ", items.numel(), ", ",
+              cats.numel(), " and ", bias.numel());
+  check_k(k);
+  check_segments(starts, ends, items.numel(), queries.size(0));
   const int64_t B = starts.numel(), w = queries.size(1), W = item_rows.size(1);
   TORCH_CHECK(W == 2 * w && cat_rows.size(1) == W, "rows must be [*, 2 w] for queries [B, w]");
   const float *I = item_rows.data_ptr<float>(), *C = cat_rows.data_ptr<float>();
   const float *q = queries.data_ptr<float>(), *bi = bias.data_ptr<float>();
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
+  // one pass over the ids next to a dot product per behavior
+  check_ids(it, items.numel(), item_rows.size(0), "item ids");
+  check_ids(ca, cats.numel(), cat_rows.size(0), "category ids");
   // shared: the history's distinct (item, category) keys, transposed once; behavior[p] = key of
   // p; cell c = (key cell_key[c], bias cell_bias[c]) holds positions cpos[coff[c]..coff[c+1])
   std::vector<float> shared_kt, cell_bias;
@@ -607,10 +672,12 @@ std::vector<torch::Tensor> sdim_collisions(
     int64_t tau, int64_t groups_per_word) {
   item_codes = item_codes.to(torch::kInt64).contiguous();
   cat_codes = cat_codes.to(torch::kInt64).contiguous();
-  items = items.to(torch::kInt64).contiguous(); cats = cats.to(torch::kInt64).contiguous();
-  target_items = target_items.to(torch::kInt64).contiguous();
-  target_cats = target_cats.to(torch::kInt64).contiguous();
-  starts = starts.to(torch::kInt64).contiguous(); ends = ends.to(torch::kInt64).contiguous();
+  items = id_tensor(items, "item ids"); cats = id_tensor(cats, "category ids");
+  target_items = id_tensor(target_items, "target items");
+  target_cats = id_tensor(target_cats, "target categories");
+  TORCH_CHECK(items.numel() == cats.numel() && target_items.numel() == target_cats.numel(),
+              "one item and one category id each");
+  check_segments(starts, ends, items.numel(), target_items.numel());
   TORCH_CHECK(item_codes.size(1) == 1 && cat_codes.size(1) == 1, "one code word per id");
   TORCH_CHECK(groups_per_word >= 1 && groups_per_word <= 32, "at most 64 signatures");
   const int64_t B = starts.numel(), G = 2 * groups_per_word;
@@ -618,6 +685,11 @@ std::vector<torch::Tensor> sdim_collisions(
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
   const int64_t *ti = target_items.data_ptr<int64_t>(), *tc = target_cats.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
+  // one pass over the ids next to a hash-map update per behavior
+  check_ids(it, items.numel(), item_codes.size(0), "item ids");
+  check_ids(ca, cats.numel(), cat_codes.size(0), "category ids");
+  check_ids(ti, B, item_codes.size(0), "target items");
+  check_ids(tc, B, cat_codes.size(0), "target categories");
   const uint64_t group_mask = (tau >= 64) ? ~0ULL : ((1ULL << tau) - 1);
   std::vector<std::vector<int64_t>> found(B);
   std::vector<std::vector<float>> weights(B);
@@ -980,6 +1052,8 @@ std::vector<torch::Tensor> attention_forward(torch::Tensor qa, torch::Tensor z,
   const bool has_bias = bias.numel() > 0;
   if (has_bias) bias = bias.contiguous().to(qa.dtype());
   const int64_t B = qa.size(0), H = qa.size(1), K = qa.size(2);
+  TORCH_CHECK(!has_bias || (bias.dim() == 2 && bias.size(0) == z.size(0) && bias.size(1) == H),
+              "attention: bias must be [", z.size(0), " keys, ", H, " heads], got ", bias.sizes());
   auto agg = torch::empty({B, H, K}, qa.options());
   auto w = torch::empty({indexed ? index.numel() : z.size(0), H}, qa.options());
   AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "attention_forward", [&] {
@@ -1172,7 +1246,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v34", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v38", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
@@ -1264,7 +1338,7 @@ def float_topk(scores: torch.Tensor, offsets: torch.Tensor,
     """``retrieval.topk.jagged_topk(scores, offsets, k)`` (largest first, ties to the later
     position) compiled: a partial sort per segment, O(L log k). ``None`` where it does not apply;
     scores must not be NaN."""
-    if not _applies(scores):
+    if not _applies(scores) or scores.dtype != torch.float32:  # float64: the torch ops
         return None
     indices, lengths = _module().float_topk(scores.detach(), offsets[:-1], offsets[1:], int(k))
     return indices, lengths

@@ -8,6 +8,14 @@ from torchrec_longseq.jagged import segment_ids
 from torchrec_longseq.retrieval import kernels
 
 
+def check_k(k: int) -> int:
+    """``k``, how many behaviors a search keeps per sample, checked: ``ValueError`` unless
+    ``k >= 0`` (the searches, their modules and the compiled kernels all check it)."""
+    if k < 0:
+        raise ValueError(f"k (behaviors kept per sample) must be >= 0, got {k}")
+    return k
+
+
 @torch.fx.wrap
 def jagged_topk(
     scores: torch.Tensor, offsets: torch.Tensor, k: int, largest: bool = True
@@ -29,6 +37,7 @@ def jagged_topk(
     CPU (largest first) a compiled partial sort per segment runs instead
     (``retrieval.kernels.float_topk``, O(N log k), identical results); scores must not be NaN.
     """
+    check_k(k)
     if largest and scores.is_floating_point():
         found = kernels.float_topk(scores, offsets, k)
         if found is not None:
@@ -70,6 +79,7 @@ def jagged_topk_smallest_int(
     Returns:
         ``(indices [M], lengths [B])`` with ``lengths = min(L_b, k)``.
     """
+    check_k(k)
     n = scores.numel()
     batch = offsets.numel() - 1
     lengths = offsets[1:] - offsets[:-1]
