@@ -39,13 +39,14 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/fuxictr_anchor.py --long-path-only --out runs/anchor-long
 	$(BIN)/python benchmarks/fuxictr_anchor.py --long-path-only --threads 1 --out runs/anchor-long-t1
 	$(BIN)/python benchmarks/fuxictr_anchor.py --long-path-only --ours-ranks 2 --out runs/anchor-long-r2
+	$(BIN)/python benchmarks/fuxictr_anchor.py --long-path-only --retain-memory --out runs/anchor-long-retain
 	$(BIN)/python benchmarks/serving.py --reps 30 --out runs/serving
 	$(BIN)/python benchmarks/serving.py --reps 30 --retain-memory --breakdown --out runs/serving-retain
 	for L in 1000 100000; do $(BIN)/python benchmarks/serving.py --models avgpool din sim-hard eta twin \
 	    --length $$L --reps 30 --retain-memory --breakdown --out runs/serving-retain-L$$L || exit 1; done
 	$(BIN)/python benchmarks/report.py --quality $(dir $(wildcard runs/q-L*/quality.json)) --throughput runs/throughput \
 	    --retrieval runs/retrieval --anchor runs/anchor-t2 runs/anchor-t1 runs/anchor-long runs/anchor-long-t1 \
-	    runs/anchor-long-r2 \
+	    runs/anchor-long-r2 runs/anchor-long-retain \
 	    --serving runs/serving runs/serving-retain runs/serving-retain-L1000 runs/serving-retain-L100000 \
 	    --out benchmarks/RESULTS.md
 

@@ -61,7 +61,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from runinfo import source_commit
+from runinfo import keep_freed_memory_mapped, source_commit
 from throughput import peak_rss_gib, synthetic_batches, time_steps, train_step
 from torchrec_longseq.data.batch import (CONTEXT_HOUR, HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY,
                                          TARGET_ITEM, USER_ID, Batch)
@@ -376,8 +376,13 @@ def main() -> None:
                         "2 cores), each with --batch-size samples per step")
     p.add_argument("--long-path-only", action="store_true",
                    help="both without their short-term branch (ours: --short-window 0)")
+    p.add_argument("--retain-memory", action="store_true",
+                   help="glibc keeps freed memory mapped in both processes (no page faults after "
+                        "warm-up, as with a caching allocator)")
     p.add_argument("--out", default="runs/anchor")
     args = p.parse_args()
+    if args.retain_memory:  # read by glibc when each (spawned) process starts
+        keep_freed_memory_mapped()
     if args.fuxi_steps and args.ours_ranks == 1 and not args.sequential:
         p.error("--fuxi-steps needs --sequential (taking turns, both run --steps steps)")
     print(check_verbatim(), flush=True)

@@ -155,8 +155,12 @@ def main() -> None:
             what += (f"; ours trained on {ranks} ranks of 1 thread (as `torchrun` runs it), each "
                      f"with its own batch of {a['batch_size']}, per sample of the {ranks} batches;"
                      f" FuxiCTR in one process with {a['threads'] or 'the default'} threads")
+        if a.get("retain_memory"):
+            what += ("; `--retain-memory`: glibc keeps freed memory mapped in both processes "
+                     "(no page faults after warm-up, as with a caching allocator)")
         out += [f"`benchmarks/fuxictr_anchor.py --threads {a['threads']}"
                 + " --long-path-only" * bool(a.get("long_path_only"))
+                + " --retain-memory" * bool(a.get("retain_memory"))
                 + f" --ours-ranks {ranks}" * (ranks > 1) + f"`: {what}; "
                 f"B = {a['batch_size']}, d = {a['embedding_dim']}, m = {a['hash_bits']}, "
                 f"k = {a['k']}; fastest of {a['steps']} timed training steps, per sample; "

@@ -1,8 +1,21 @@
 """Where a benchmark run came from: the commit of the code it measured, kept in the run's JSON
-so that ``report.py`` prints it with the run's table."""
+so that ``report.py`` prints it with the run's table; and the allocator setting a run can ask
+for (``keep_freed_memory_mapped``)."""
 
+import os
 import subprocess
 from pathlib import Path
+
+
+def keep_freed_memory_mapped() -> None:
+    """``--retain-memory``: processes started after this call (the benchmarks spawn one per
+    measured system or model) run with glibc keeping freed memory mapped, as a server with a
+    caching allocator does. With glibc's defaults every large temporary is a fresh mapping whose
+    pages fault in on first touch (about 1.7 µs per 4 KiB page on this VM), which costs code with
+    100+ MB of temporaries per call (a padded batch, a batch of history copies) a large share of
+    its time."""
+    os.environ.update(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**32),
+                      MALLOC_TOP_PAD_=str(2**28))
 
 
 def source_commit() -> str:

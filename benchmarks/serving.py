@@ -31,7 +31,6 @@ path, with its 100+ MB of temporaries per call, about half of its time.
 
 import argparse
 import json
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,7 +44,7 @@ import torch
 from torchrec_longseq import serving
 from torchrec_longseq.data import SyntheticConfig
 from torchrec_longseq.models.longseq_ctr import MODELS, ModelConfig, build_model
-from runinfo import source_commit
+from runinfo import keep_freed_memory_mapped, source_commit
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -157,8 +156,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/serving")
     args = p.parse_args()
     if args.retain_memory:  # read by glibc when each model's (spawned) process starts
-        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**32),
-                          MALLOC_TOP_PAD_=str(2**28))
+        keep_freed_memory_mapped()
     rows: List[Dict] = []
     print(f"one user, L = {args.length}, C = {args.candidates} candidates, {args.reps} requests; ms"
           + ("; freed memory kept mapped" if args.retain_memory else ""))
