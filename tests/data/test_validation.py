@@ -237,3 +237,9 @@ def test_lengths_not_a_multiple_of_the_keys() -> None:
     e = Editable()
     lengths = torch.tensor([len(s) for key in FEATURE_KEYS for s in e.features[key]])
     raises(e.build(lengths=lengths[:-1]), f"{lengths.numel() - 1} lengths for {len(FEATURE_KEYS)} keys")
+
+
+def test_relevant_count_mismatch() -> None:
+    e = Editable()
+    e.relevant[2] = e.relevant[2][:-1]
+    raises(e.build(), "feature 'relevant'", "flags for")

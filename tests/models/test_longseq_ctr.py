@@ -216,3 +216,13 @@ def test_a_negative_k_is_an_error(name: str, field: str) -> None:
     from torchrec_longseq.models.longseq_ctr import ModelConfig, build_model
     with pytest.raises(ValueError, match="k .* must be >= 0, got -1"):
         build_model(name, ModelConfig(**{field: -1}), SyntheticConfig().table_sizes)
+
+
+def test_heads_and_window_out_of_range_are_errors() -> None:
+    from torchrec_longseq.modules.attention import TargetAttention
+    from torchrec_longseq.modules.din import DIN
+    from torchrec_longseq.modules.time import TimeIntervalEmbedding
+    with pytest.raises(ValueError, match="num_heads >= 1 and head_dim >= 1, got 0 and 8"):
+        TargetAttention(8, 8, num_heads=0, head_dim=8)
+    with pytest.raises(ValueError, match="last_n must be >= 0, got -5"):
+        DIN(8, [16], TimeIntervalEmbedding(4), last_n=-5)

@@ -92,6 +92,9 @@ def check_batch(batch: Batch, table_sizes: Dict[str, int]) -> None:
     if batch.history_time.numel() != hist.values().numel():
         raise BatchError(f"feature 'history_time': {batch.history_time.numel()} timestamps for "
                          f"{hist.values().numel()} behaviors")
+    if batch.relevant.numel() != hist.values().numel():
+        raise BatchError(f"feature 'relevant': {batch.relevant.numel()} flags for "
+                         f"{hist.values().numel()} behaviors")
     if batch.request_time.numel() != b:
         raise BatchError(f"feature 'request_time': {batch.request_time.numel()} values for {b} samples")
     seg = torch.repeat_interleave(torch.arange(b, device=offsets.device), hist.lengths().long())

@@ -129,6 +129,9 @@ class TargetAttention(nn.Module):
 
     def __init__(self, query_dim: int, key_dim: int, num_heads: int, head_dim: int) -> None:
         super().__init__()
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError(f"target attention needs num_heads >= 1 and head_dim >= 1, got "
+                             f"{num_heads} and {head_dim}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.q_proj = nn.Linear(query_dim, num_heads * head_dim, bias=False)

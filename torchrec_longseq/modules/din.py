@@ -41,6 +41,8 @@ class DIN(nn.Module):
         time_embedding: TimeIntervalEmbedding, last_n: int = 50,
     ) -> None:
         super().__init__()
+        if last_n < 0:
+            raise ValueError(f"DIN's window last_n must be >= 0, got {last_n}")
         self.last_n = last_n
         self.time_embedding = time_embedding
         self.attention = DINAttention(2 * embedding_dim, attention_hidden,
