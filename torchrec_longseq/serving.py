@@ -54,6 +54,7 @@ from torchrec_longseq.data.batch import (
     Batch,
 )
 from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.data.validation import integer_dtype
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import SearchBasedInterest, WholeHistory
@@ -133,9 +134,8 @@ def check_request(request: Request, rows: Dict[str, int]) -> None:
             raise RequestError(f"{what}: the fields {list(fields)} must be 1-D of one length, "
                                f"got shapes {[tuple(getattr(request, f).shape) for f in fields]}")
     for field in (*history, *candidates):
-        t = getattr(request, field)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise RequestError(f"{field}: expected integers, got {t.dtype}")
+        if not integer_dtype(getattr(request, field)):
+            raise RequestError(f"{field}: expected integers, got {getattr(request, field).dtype}")
     for field, feature in REQUEST_FIELDS.items():
         ids = getattr(request, field)
         if not isinstance(ids, torch.Tensor):  # the user and the context hour: one int each

@@ -18,8 +18,9 @@ class BatchError(ValueError):
     """A batch that does not follow the documented layout."""
 
 
-def _integral(t: torch.Tensor) -> bool:
-    """An integer dtype (not bool: a bool id reads as 0 / 1)."""
+def integer_dtype(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds integers, as ids and timestamps must: a float id would be truncated
+    by the compiled searches (3.5 read as 3), a bool id read as 0 / 1."""
     return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
@@ -51,7 +52,7 @@ def check_batch(batch: Batch, table_sizes: Dict[str, int]) -> None:
         raise BatchError(f"KeyedJaggedTensor keys: missing {missing}, unexpected {extra}")
     for name, t in (("KeyedJaggedTensor values", kjt.values()), ("lengths", kjt.lengths()),
                     ("history_time", batch.history_time), ("request_time", batch.request_time)):
-        if not _integral(t):  # a float id or time would be truncated (or compared) silently
+        if not integer_dtype(t):
             raise BatchError(f"{name}: expected integers, got {t.dtype}")
     b = batch.labels.numel()
     if kjt.lengths().numel() % len(keys):
