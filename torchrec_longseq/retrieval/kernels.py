@@ -45,6 +45,7 @@ _SOURCE = r"""
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -106,13 +107,36 @@ static inline bool ids_inside(const int64_t* ids, int64_t n, int64_t rows) {
   return outside >= 0;
 }
 
-// raises naming the first of ids[0..n) outside a table of `rows` rows (the kernels read rows by
-// id: they check the ids instead of reading out of bounds)
-static void check_ids(const int64_t* ids, int64_t n, int64_t rows, const char* what) {
+// raises "<what> i is <ids[i]>, outside the <of>" for the first of ids[0..n) outside [0, rows)
+// (the kernels read by id or index: they check instead of reading out of bounds)
+static void check_ids(const int64_t* ids, int64_t n, int64_t rows, const std::string& what,
+                      const std::string& of) {
   if (ids_inside(ids, n, rows)) return;
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK((uint64_t)ids[i] < (uint64_t)rows, what, " at position ", i, " is ", ids[i],
-                ", outside the table of ", rows, " rows");
+    TORCH_CHECK((uint64_t)ids[i] < (uint64_t)rows, what, " ", i, " is ", ids[i], ", outside the ",
+                of);
+}
+
+// ids checked against a table of `rows` rows: "<what> at position i is .., outside the table of
+// <rows> rows"
+static void check_table_ids(const int64_t* ids, int64_t n, int64_t rows, const char* what) {
+  check_ids(ids, n, rows, std::string(what) + " at position", c10::str("table of ", rows, " rows"));
+}
+
+// the inputs of ETA's Hamming searches: int64 signature tables and targets [rows, W], and one
+// item and one category id per behavior and per target, k >= 0
+static void check_hamming_inputs(torch::Tensor& a_table, torch::Tensor& a_ids,
+                                 torch::Tensor& a_targets, torch::Tensor& c_table,
+                                 torch::Tensor& c_ids, torch::Tensor& c_targets, int64_t k) {
+  for (auto* t : {&a_table, &a_targets, &c_table, &c_targets}) {
+    TORCH_CHECK(t->dtype() == torch::kInt64 && t->dim() == 2, "signatures must be int64 [rows, W]");
+    *t = t->contiguous();
+  }
+  a_ids = id_tensor(a_ids, "item ids"); c_ids = id_tensor(c_ids, "category ids");
+  TORCH_CHECK(a_ids.numel() == c_ids.numel(), a_ids.numel(), " item ids but ", c_ids.numel(),
+              " category ids");
+  TORCH_CHECK(a_targets.size(0) == c_targets.size(0), "one item and one category target each");
+  check_k(k);
 }
 
 // 16 bytes of distances as one vector (GCC/clang vector extensions: one SSE register)
@@ -215,15 +239,7 @@ std::vector<torch::Tensor> hamming_topk_by_id(
     torch::Tensor a_table, torch::Tensor a_ids, torch::Tensor a_targets,
     torch::Tensor c_table, torch::Tensor c_ids, torch::Tensor c_targets,
     torch::Tensor starts, torch::Tensor ends, int64_t k) {
-  for (auto* t : {&a_table, &a_targets, &c_table, &c_targets}) {
-    TORCH_CHECK(t->dtype() == torch::kInt64 && t->dim() == 2, "signatures must be int64 [rows, W]");
-    *t = t->contiguous();
-  }
-  a_ids = id_tensor(a_ids, "item ids"); c_ids = id_tensor(c_ids, "category ids");
-  TORCH_CHECK(a_ids.numel() == c_ids.numel(), a_ids.numel(), " item ids but ", c_ids.numel(),
-              " category ids");
-  TORCH_CHECK(a_targets.size(0) == c_targets.size(0), "one item and one category target each");
-  check_k(k);
+  check_hamming_inputs(a_table, a_ids, a_targets, c_table, c_ids, c_targets, k);
   check_segments(starts, ends, a_ids.numel(), a_targets.size(0));
   const int64_t WA = a_table.size(1), WC = c_table.size(1), B = starts.numel();
   const int64_t max_d = 64 * (WA + WC);
@@ -308,22 +324,14 @@ static void positions_by_group(const std::vector<int64_t>& group, int64_t G, int
 std::vector<torch::Tensor> hamming_topk_shared(
     torch::Tensor a_table, torch::Tensor a_ids, torch::Tensor a_targets,
     torch::Tensor c_table, torch::Tensor c_ids, torch::Tensor c_targets, int64_t k) {
-  for (auto* t : {&a_table, &a_targets, &c_table, &c_targets}) {
-    TORCH_CHECK(t->dtype() == torch::kInt64 && t->dim() == 2, "signatures must be int64 [rows, W]");
-    *t = t->contiguous();
-  }
-  a_ids = id_tensor(a_ids, "item ids"); c_ids = id_tensor(c_ids, "category ids");
-  TORCH_CHECK(a_ids.numel() == c_ids.numel(), a_ids.numel(), " item ids but ", c_ids.numel(),
-              " category ids");
-  TORCH_CHECK(a_targets.size(0) == c_targets.size(0), "one item and one category target each");
-  check_k(k);
+  check_hamming_inputs(a_table, a_ids, a_targets, c_table, c_ids, c_targets, k);
   const int64_t WA = a_table.size(1), WC = c_table.size(1), B = a_targets.size(0);
   const int64_t n = a_ids.numel(), max_d = 64 * (WA + WC);
   const int64_t want = std::max<int64_t>(0, std::min(n, k));
   const int64_t *A = a_table.data_ptr<int64_t>(), *C = c_table.data_ptr<int64_t>();
   const int64_t *ai = a_ids.data_ptr<int64_t>(), *ci = c_ids.data_ptr<int64_t>();
-  check_ids(ai, n, a_table.size(0), "item ids");  // one history: checked up front
-  check_ids(ci, n, c_table.size(0), "category ids");
+  check_table_ids(ai, n, a_table.size(0), "item ids");  // one history: checked up front
+  check_table_ids(ci, n, c_table.size(0), "category ids");
   const int64_t *at = a_targets.data_ptr<int64_t>(), *ct = c_targets.data_ptr<int64_t>();
   auto lengths = torch::full({B}, want, torch::kInt64);
   auto indices = torch::empty({B * want}, torch::kInt64);
@@ -586,8 +594,8 @@ std::vector<torch::Tensor> twin_topk_by_id(
   const int64_t *it = items.data_ptr<int64_t>(), *ca = cats.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   // one pass over the ids next to a dot product per behavior
-  check_ids(it, items.numel(), item_rows.size(0), "item ids");
-  check_ids(ca, cats.numel(), cat_rows.size(0), "category ids");
+  check_table_ids(it, items.numel(), item_rows.size(0), "item ids");
+  check_table_ids(ca, cats.numel(), cat_rows.size(0), "category ids");
   // shared: the history's distinct (item, category) keys, transposed once; behavior[p] = key of
   // p; cell c = (key cell_key[c], bias cell_bias[c]) holds positions cpos[coff[c]..coff[c+1])
   std::vector<float> shared_kt, cell_bias;
@@ -686,10 +694,10 @@ std::vector<torch::Tensor> sdim_collisions(
   const int64_t *ti = target_items.data_ptr<int64_t>(), *tc = target_cats.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   // one pass over the ids next to a hash-map update per behavior
-  check_ids(it, items.numel(), item_codes.size(0), "item ids");
-  check_ids(ca, cats.numel(), cat_codes.size(0), "category ids");
-  check_ids(ti, B, item_codes.size(0), "target items");
-  check_ids(tc, B, cat_codes.size(0), "target categories");
+  check_table_ids(it, items.numel(), item_codes.size(0), "item ids");
+  check_table_ids(ca, cats.numel(), cat_codes.size(0), "category ids");
+  check_table_ids(ti, B, item_codes.size(0), "target items");
+  check_table_ids(tc, B, cat_codes.size(0), "target categories");
   const uint64_t group_mask = (tau >= 64) ? ~0ULL : ((1ULL << tau) - 1);
   std::vector<std::vector<int64_t>> found(B);
   std::vector<std::vector<float>> weights(B);
@@ -1035,9 +1043,7 @@ static const int64_t* check_attention(const torch::Tensor& qa, const torch::Tens
                 "attention: offsets must be non-decreasing within the ", rows, " positions");
   if (!indexed) return nullptr;
   const int64_t* idx = index.data_ptr<int64_t>();
-  for (int64_t n = 0; n < rows; ++n)
-    TORCH_CHECK(0 <= idx[n] && idx[n] < z.size(0), "attention: index ", n, " is ", idx[n],
-                ", outside the ", z.size(0), " keys");
+  check_ids(idx, rows, z.size(0), "attention: index", c10::str(z.size(0), " keys"));
   return idx;
 }
 
@@ -1133,12 +1139,9 @@ std::vector<torch::Tensor> distinct_positions(torch::Tensor indices, int64_t n, 
   indices = indices.to(torch::kInt64).contiguous();
   const int64_t m = indices.numel();
   const int64_t* idx = indices.data_ptr<int64_t>();
+  check_ids(idx, m, n, "distinct_positions: index", c10::str("history of ", n));
   std::vector<int64_t> rank(n, -1);  // -1: not read; then the position's row among the used
-  for (int64_t i = 0; i < m; ++i) {
-    TORCH_CHECK(0 <= idx[i] && idx[i] < n, "distinct_positions: index ", i, " is ", idx[i],
-                ", outside the history of ", n);
-    rank[idx[i]] = 0;
-  }
+  for (int64_t i = 0; i < m; ++i) rank[idx[i]] = 0;
   std::fill(rank.begin() + (n - window), rank.end(), 0);
   std::vector<int64_t> used;
   for (int64_t p = 0; p < n; ++p)
@@ -1171,9 +1174,7 @@ torch::Tensor gather_rows(std::vector<torch::Tensor> tables, std::vector<torch::
   positions = positions.to(torch::kInt64).contiguous();
   const int64_t U = has_positions ? positions.numel() : n;
   const int64_t* pos = has_positions ? positions.data_ptr<int64_t>() : nullptr;
-  for (int64_t u = 0; pos && u < U; ++u)
-    TORCH_CHECK(0 <= pos[u] && pos[u] < n, "gather_rows: position ", u, " is ", pos[u],
-                ", outside the ", n, " ids");
+  if (pos) check_ids(pos, U, n, "gather_rows: position", c10::str(n, " ids"));
   const int64_t elem = tables[0].element_size();
   auto out = torch::empty({U, width}, tables[0].options());
   char* o = static_cast<char*>(out.data_ptr());
@@ -1246,7 +1247,7 @@ def _module():
         # module then needs libgomp.so.1, which resolves to the copy torch has already loaded;
         # -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC
         # will not vectorize loops with a conditional (exp_in_place's clamp)
-        _MODULE = load_inline(name="torchrec_longseq_kernels_v38", cpp_sources=[_SOURCE],
+        _MODULE = load_inline(name="torchrec_longseq_kernels_v39", cpp_sources=[_SOURCE],
                               extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp",
                                             "-fno-trapping-math"],
                               extra_ldflags=["-fopenmp"], verbose=False)
