@@ -252,8 +252,9 @@ def eta_inputs(g: torch.Generator, bits: int, batch: int, max_len: int):
     hist_categories = torch.randint(0, categories, (n,), generator=g)
     target_items = torch.randint(0, items, (batch,), generator=g)
     target_categories = torch.randint(0, categories, (batch,), generator=g)
-    return (item_sig, hist_items, target_items, category_sig, hist_categories,
-            target_categories, jagged.lengths_to_offsets(lengths))
+    # signature_topk's layout: lists over the hashed attributes (item, category)
+    return ([item_sig, category_sig], [hist_items, hist_categories],
+            [target_items, target_categories], jagged.lengths_to_offsets(lengths))
 
 
 def check_signature_topk(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str]:
@@ -263,8 +264,9 @@ def check_signature_topk(device: str, g: torch.Generator, shared: bool) -> Tuple
     for bits in (8, 64):
         inputs = list(eta_inputs(g, bits, 64, 400))
         if shared:  # one history (the first non-empty sample's) for all 64 candidates
-            start, end = int(inputs[6][1]), int(inputs[6][2])
-            inputs[1], inputs[4], inputs[6] = inputs[1][start:end], inputs[4][start:end], None
+            start, end = int(inputs[3][1]), int(inputs[3][2])
+            inputs[1] = [ids[start:end] for ids in inputs[1]]
+            inputs[3] = None
         same, count = same_selections(signature_topk, tuple(inputs), device, (0, 1, 7, 50))
         results.append(same)
         selected += count
@@ -344,6 +346,32 @@ def check_attention(device: str, g: torch.Generator, bias: bool, shared: bool) -
     return ok, detail + ("; empty samples give exact zeros" if offsets is not None else "")
 
 
+def twin_search(rows: List[torch.Tensor], heads: int):
+    """A ``TwinSearch`` on the synthetic schema whose projected-row tables are ``rows`` (item,
+    category; ``[rows_a, 2 H Dh]``): what its ``_queries`` reads."""
+    from torchrec import EmbeddingConfig
+
+    from torchrec_longseq.modules.esu import ExactSearchUnit
+    from torchrec_longseq.modules.time import TimeIntervalEmbedding
+    from torchrec_longseq.modules.twin import TwinSearch
+    from torchrec_longseq.schema import default_schema
+
+    schema = default_schema()
+    width = rows[0].size(1) // 2
+    dim = 8  # embedding width of the (unused) tables: only the projected rows are read
+    tables = {a.table: EmbeddingConfig(name=a.table, embedding_dim=dim,
+                                       num_embeddings=r.size(0),
+                                       feature_names=[a.candidate_key, a.history_key])
+              for a, r in zip(schema.attributes, rows)}
+    esu = ExactSearchUnit(dim * len(rows), TimeIntervalEmbedding(heads), heads, width // heads,
+                          time_as_bias=True)
+    search = TwinSearch(schema, tables, esu, k=1)
+    with torch.no_grad():
+        for block, r in zip(search.rows, rows):
+            block.table.copy_(r)
+    return search
+
+
 def check_twin(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str]:
     """TWIN's search scores in float32 with a different summation order on each path: selections
     may differ only where scores tie within rounding (judged on float64 scores)."""
@@ -352,6 +380,7 @@ def check_twin(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str
     heads, width, items, categories, batch = 4, 32, 500, 20, 64
     item_rows = torch.randn(items, 2 * width, generator=g)
     category_rows = torch.randn(categories, 2 * width, generator=g)
+    rows = [item_rows, category_rows]
     lengths = random_lengths(g, batch, 400)
     offsets: Optional[torch.Tensor] = jagged.lengths_to_offsets(lengths)
     n = int(lengths.sum())
@@ -364,19 +393,26 @@ def check_twin(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str
         offsets, n = None, m
     target_items = torch.randint(0, items, (batch,), generator=g)
     target_categories = torch.randint(0, categories, (batch,), generator=g)
-    inputs = (item_rows, category_rows, hist_items, hist_categories, target_items,
-              target_categories, offsets, bias, heads)
+    targets = [target_items, target_categories]
+    # the candidates' projected queries, read by id from the tables on each side
+    search = twin_search(rows, heads)
+    search_dev = copy.deepcopy(search).to(device)
+    inputs = (rows, [hist_items, hist_categories], search._queries(targets), offsets, bias,
+              heads)
+    inputs_dev = moved((rows, [hist_items, hist_categories]), device) + (
+        search_dev._queries(moved(targets, device)),) + moved((offsets, bias), device) + (heads,)
     # reference scores in float64, as per-sample histories
     seg_offsets = offsets if offsets is not None else jagged.copies_offsets(n, batch, "cpu")
     rep = 1 if offsets is not None else batch
-    scores64 = twin_scores(item_rows.double(), category_rows.double(), hist_items.repeat(rep),
-                           hist_categories.repeat(rep), target_items, target_categories,
+    queries64 = copy.deepcopy(search).double()._queries(targets)
+    scores64 = twin_scores([r.double() for r in rows],
+                           [hist_items.repeat(rep), hist_categories.repeat(rep)], queries64,
                            seg_offsets, bias.double().repeat(rep, 1), heads)
     exact, explained, unexplained = 0, 0, 0
     for k in (1, 7, 50):
         ref = twin_topk(*inputs, k)
         with kernels.disabled():
-            got = on_cpu(twin_topk(*moved(inputs, device), k))
+            got = on_cpu(twin_topk(*inputs_dev, k))
         if not torch.equal(ref[1], got[1]):
             unexplained += batch
             continue
@@ -409,10 +445,12 @@ def check_sdim(device: str, g: torch.Generator) -> Tuple[bool, str]:
     lengths = random_lengths(g, batch, 300)
     offsets = jagged.lengths_to_offsets(lengths)
     n = int(lengths.sum())
-    inputs = (item_codes, torch.randint(0, items, (n,), generator=g), category_codes,
-              torch.randint(0, categories, (n,), generator=g),
-              torch.randint(0, items, (batch,), generator=g),
-              torch.randint(0, categories, (batch,), generator=g), offsets, tau, groups)
+    hist_ids = [torch.randint(0, items, (n,), generator=g),
+                torch.randint(0, categories, (n,), generator=g)]
+    target_ids = [torch.randint(0, items, (batch,), generator=g),
+                  torch.randint(0, categories, (batch,), generator=g)]
+    # behaviors are merged by every attribute's ids: here the two hashed ones
+    inputs = ([item_codes, category_codes], hist_ids, target_ids, hist_ids, offsets, tau, groups)
     ref = collisions_by_id(*inputs)
     with kernels.disabled():
         got = on_cpu(collisions_by_id(*moved(inputs, device)))
@@ -488,13 +526,15 @@ def compare_tables(ref: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor]) -
     notes, ok = [], True
     for name, table in ref.items():
         other = got[name].cpu()
+        parts = name.split(".")  # e.g. ...search_unit.signatures.0 -> "signatures.0"
+        label = ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
         if table.is_floating_point():
             same, diff = close(table, other, MODEL_TOL)
-            notes.append(f"{name.split('.')[-1]} max abs diff {diff:.1e}")
+            notes.append(f"{label} max abs diff {diff:.1e}")
         else:
             rows = int((table != other).any(1).sum())
             same = rows == 0
-            notes.append(f"{name.split('.')[-1]} {rows} rows differ")
+            notes.append(f"{label} {rows} rows differ")
         ok &= same
     return ok, "; ".join(notes)
 
@@ -521,15 +561,17 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
     batch_dev = batch.to(device)
     ok = ok_tables
 
-    arch = model.sequence_arch
-    if isinstance(arch, SearchBasedInterest):
+    # the model's one sequence module ("history"); avg-pool has none
+    module = (next(iter(model.sequence_arch.sequences.values()))
+              if model.sequence_arch is not None else None)
+    if isinstance(module, SearchBasedInterest):
+        module_dev = next(iter(model_dev.sequence_arch.sequences.values()))
         with torch.no_grad():
-            ref = arch.search(batch.features, model.embedding_collection, batch.history_time,
-                              batch.request_time)
+            ref = module.search_unit.search(batch.features, batch.history_time,
+                                            batch.request_time)
             with kernels.disabled():
-                got = model_dev.sequence_arch.search(
-                    batch_dev.features, model_dev.embedding_collection, batch_dev.history_time,
-                    batch_dev.request_time)
+                got = module_dev.search_unit.search(batch_dev.features, batch_dev.history_time,
+                                                    batch_dev.request_time)
         same, detail = equal_pairs(ref[:2], got[:2])
         notes.append(f"retrieval {'identical' if same else 'DIFFERS'} ({detail})")
         ok &= same
@@ -537,13 +579,14 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
     def step(m, b, opt):
         logits, aux = m(b.features, b.history_time, b.request_time)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, b.labels)
-        if aux is not None:
-            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(aux, b.labels)
+        for extra in aux:  # auxiliary logits (SIM soft search's), empty for the others
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(extra, b.labels)
         opt.zero_grad()
         loss.backward()
         grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
         opt.step()
-        m.refresh_derived_tables(step=1)
+        if m.sequence_arch is not None:  # re-derive the rows the step moved (else next forward)
+            m.sequence_arch.refresh_pending()
         return logits, grads
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -568,7 +611,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
                  + (f", not close: {bad}" if bad else ""))
     ok_tables, note = compare_tables(derived_tables(model), derived_tables(model_dev))
     if note:
-        notes.append(f"after an SGD step and refresh_derived_tables(step=1): {note}")
+        notes.append(f"after an SGD step and sequence_arch.refresh_pending(): {note}")
     ok &= ok_tables
     model.eval()
     model_dev.eval()
@@ -585,6 +628,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
 
 def check_serving(name: str, device: str) -> Tuple[bool, str]:
     from torchrec_longseq.models.longseq_ctr import build_model
+    from torchrec_longseq.schema import default_schema
     from torchrec_longseq.serving import Request, score_request, synthetic_request
 
     data, config = small_world()
@@ -593,13 +637,19 @@ def check_serving(name: str, device: str) -> Tuple[bool, str]:
     model.refresh_derived_tables()
     model_dev = copy.deepcopy(model).to(device)
     request = synthetic_request(data, 60, 20)
-    request_dev = Request(**{k: moved(v, device) for k, v in vars(request).items()})
+    # every tensor of the request on the device: the user, history and candidate dicts, the
+    # dense history times
+    request_dev = Request(user=moved(request.user, device),
+                          history=moved(request.history, device),
+                          candidates=moved(request.candidates, device),
+                          request_time=request.request_time,
+                          history_time=moved(request.history_time, device))
     ref = score_request(model, request)
     with kernels.disabled():
         got = score_request(model_dev, request_dev)
     same, diff = close(ref, got, MODEL_TOL)
-    return same, (f"{ref.numel()} candidates, L = {request.history_item.numel()}, "
-                  f"max abs diff {diff:.1e}")
+    length = request.history[default_schema().item.history_key].numel()
+    return same, (f"{ref.numel()} candidates, L = {length}, max abs diff {diff:.1e}")
 
 
 def check_validation(device: str) -> Tuple[bool, str]:
@@ -686,8 +736,8 @@ def timing_ops(length: int, args: argparse.Namespace) -> Dict[str, Tuple[Callabl
 
     def eta_by_id(device):
         from torchrec_longseq.modules.eta import signature_topk
-        inputs = moved((item_sig, hist_items, target_items, category_sig, hist_categories,
-                        target_categories, offsets), device)
+        inputs = moved(([item_sig, category_sig], [hist_items, hist_categories],
+                        [target_items, target_categories], offsets), device)
         return lambda: signature_topk(*inputs, k)
 
     def hamming_topk(device):

@@ -30,7 +30,7 @@ def run(model: str, max_seq_len: int, seed: int, args: argparse.Namespace) -> Di
                "--model", model, "--max-seq-len", str(max_seq_len), "--seed", str(seed),
                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--eval-every", "0", "--eval-batches", str(args.eval_batches),
-               "--out", str(out), *args.extra]
+               "--out", str(out), *(["--gsu-overlap"] if model == "twin" else []), *args.extra]
         print(" ".join(cmd), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "log.txt", "w") as log:

@@ -86,8 +86,8 @@ def measure(length: int, args: argparse.Namespace) -> Dict[str, object]:
         item_emb, category_emb, item_sig, category_sig))
 
     def kernel() -> Tuple[torch.Tensor, torch.Tensor]:
-        return signature_topk(item_sig, items, target_items, category_sig, categories,
-                              target_categories, offsets, k)
+        return signature_topk([item_sig, category_sig], [items, categories],
+                              [target_items, target_categories], offsets, k)
 
     def torch_ops() -> Tuple[torch.Tensor, torch.Tensor]:
         history = torch.cat([item_sig[items], category_sig[categories]], dim=1)

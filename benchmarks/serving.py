@@ -73,17 +73,16 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
 
     @torch.no_grad()  # as score_request runs
     def batched() -> torch.Tensor:
-        batch = serving.request_batch(request)
+        batch = serving.request_batch(request, model)
         return model(batch.features, batch.history_time, batch.request_time)[0]
 
     @torch.no_grad()
     def one_by_one() -> torch.Tensor:
         out = []
         for c in range(request.num_candidates):
-            single = serving.Request(**{**request.__dict__,
-                                        "candidate_item": request.candidate_item[c:c + 1],
-                                        "candidate_category": request.candidate_category[c:c + 1]})
-            batch = serving.request_batch(single)
+            single = serving.Request(**{**request.__dict__, "candidates": {
+                key: ids[c:c + 1] for key, ids in request.candidates.items()}})
+            batch = serving.request_batch(single, model)
             out.append(model(batch.features, batch.history_time, batch.request_time)[0])
         return torch.cat(out)
 

@@ -85,7 +85,8 @@ def train_step(model_name: str, data: SyntheticConfig,
         loss.backward()
         dense.step()
         dense.zero_grad()
-        ctr.refresh_derived_tables(i)
+        if ctr.sequence_arch is not None:  # the refresh the next forward would do, in this step
+            ctr.sequence_arch.refresh_pending()
 
     return step
 

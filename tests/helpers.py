@@ -61,7 +61,7 @@ def make_batch(index: int = 0, data: SyntheticConfig = DATA, batch_size: int = B
 def run(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """The model's logits; the model must have no auxiliary output."""
     logits, aux = model(batch.features, batch.history_time, batch.request_time)
-    assert aux is None
+    assert aux == []
     return logits
 
 
@@ -127,6 +127,12 @@ def with_histories(batch: Batch, keep: List[int],
                 labels=batch.labels, relevant=batch.relevant[index])
     check_batch(out, TABLES)
     return out
+
+
+def sequence_of(model: LongSeqCTR):
+    """The one sequence module of a model built by ``build_model``."""
+    (module,) = model.sequence_arch.sequences.values()
+    return module
 
 
 # ----------------------------------------------------------------------------- lookups, gradients

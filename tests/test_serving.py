@@ -1,11 +1,16 @@
 """Serving a request with the history searched once equals scoring its candidates one sample each."""
 
+import dataclasses
+import re
+
 import pytest
 import torch
 
+from helpers import sequence_of
 from torchrec_longseq import serving
 from torchrec_longseq.data import SyntheticConfig
-from torchrec_longseq.data.batch import HIST_ITEM, TARGET_ITEM
+from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
+from torchrec_longseq.data.validation import check_batch
 from torchrec_longseq.models.longseq_ctr import MODELS, ModelConfig, build_model
 
 DATA = SyntheticConfig(max_seq_len=300, min_seq_len=300, num_users=100, num_items=400,
@@ -25,9 +30,10 @@ def model_of(name: str, config: ModelConfig = CONFIG) -> torch.nn.Module:
 
 
 def independent(model, request: serving.Request) -> torch.Tensor:
-    batch = serving.request_batch(request)
+    batch = serving.request_batch(request, model)
     assert batch.features[HIST_ITEM].values().numel() == request.num_candidates * \
-        request.history_item.numel()
+        request.history[HIST_ITEM].numel()
+    check_batch(batch, model.table_rows)
     with torch.no_grad():
         return model(batch.features, batch.history_time, batch.request_time)[0]
 
@@ -50,10 +56,7 @@ def test_shared_history_equals_independent_samples(name: str, kernels: str, look
     for length, candidates in [(300, 16), (5, 3), (0, 2), (300, 1), (300, 0)]:
         request = make_request(length, candidates)
         expected = independent(model, request)
-        # score_shared, not score_request: that one falls back to independent samples for a
-        # module it does not know, which would then be compared with themselves
         got = serving.score_shared(model, request)
-        assert got is not None
         assert got.shape == (candidates,) and torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6,
                                    msg=f"{name} L={length} C={candidates}")
@@ -64,7 +67,7 @@ def test_shared_history_equals_independent_samples(name: str, kernels: str, look
 def test_shared_history_without_short_term_branch(name: str) -> None:
     """``short_window=0`` (the long-term path alone) serves like the batch too."""
     model = model_of(name, ModelConfig(k=8, short_window=0, twin_k=10))
-    assert model.sequence_arch.short_term is None
+    assert sequence_of(model).short_term is None
     request = make_request(300, 16)
     torch.testing.assert_close(serving.score_request(model, request), independent(model, request),
                                rtol=1e-5, atol=1e-6)
@@ -75,7 +78,7 @@ def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     """One EmbeddingCollection call per request, reading the C candidates and at most
     C k (TWIN's k) + window distinct history rows per table (SDIM: the user's distinct behaviors
     + window; the whole-history model: each behavior once), whatever L is; the sequence module's
-    own forward is not called."""
+    own forward (nor its per-sample search) is not called."""
     through_the_modules(monkeypatch)
     model = model_of(name)
     request = make_request(300, 16)
@@ -84,13 +87,15 @@ def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     monkeypatch.setattr(model.embedding_collection, "forward",
                         lambda kjt: calls.append(kjt) or lookup(kjt))
     monkeypatch.setattr(model.sequence_arch, "forward", None)  # would raise if called
-    assert serving.score_shared(model, request) is not None
+    monkeypatch.setattr(sequence_of(model), "search", None)
+    assert serving.score_shared(model, request).shape == (16,)
     k = 0 if name == "din" else CONFIG.twin_k if name == "twin" else CONFIG.k
     assert len(calls) == 1
     counts = dict(zip(calls[0].keys(), calls[0].length_per_key()))
     assert counts[TARGET_ITEM] == 16
     if name == "sdim":
-        pairs = {(int(i), int(c)) for i, c in zip(request.history_item, request.history_category)}
+        pairs = {(int(i), int(c))
+                 for i, c in zip(request.history[HIST_ITEM], request.history[HIST_CATEGORY])}
         assert 0 < counts[HIST_ITEM] <= len(pairs) + CONFIG.short_window < 300
     elif name == "din-full":
         assert counts[HIST_ITEM] == 300
@@ -107,7 +112,7 @@ def test_avgpool_pools_the_history_once(monkeypatch) -> None:
     calls = []
     lookup = model.sparse_arch.forward
     monkeypatch.setattr(model.sparse_arch, "forward", lambda kjt: calls.append(kjt) or lookup(kjt))
-    assert serving.score_shared(model, request) is not None
+    assert serving.score_shared(model, request).shape == (16,)
     assert len(calls) == 1
     counts = dict(zip(calls[0].keys(), calls[0].length_per_key()))
     assert counts[HIST_ITEM] == 300 and counts[TARGET_ITEM] == 16
@@ -116,63 +121,125 @@ def test_avgpool_pools_the_history_once(monkeypatch) -> None:
 def test_hard_search_shared_matches_per_candidate_loop() -> None:
     model = model_of("sim-hard")
     request = make_request(300, 16)
-    positions, lengths = serving.shared_search(model.sequence_arch.search, request)
-    cats = request.history_category.tolist()
+    selection = sequence_of(model).search_request(
+        {k: request.history[k] for k in (HIST_ITEM, HIST_CATEGORY)},
+        {k: request.candidates[k] for k in (TARGET_ITEM, TARGET_CATEGORY)},
+        request.request_time - request.history_time)
+    positions, lengths = selection.long
+    assert lengths.numel() == 16
+    cats = request.history[HIST_CATEGORY].tolist()
     start = 0
     for c, n in enumerate(lengths.tolist()):
-        target = int(request.candidate_category[c])
+        target = int(request.candidates[TARGET_CATEGORY][c])
         expected = [p for p, cat in enumerate(cats) if cat == target][-CONFIG.k:]
         assert positions[start:start + n].tolist() == expected
         start += n
+    assert start == positions.numel()
+    # the recent window: the last short_window positions, shared by every candidate
+    window, window_lengths = selection.short
+    assert window.tolist() == list(range(300 - CONFIG.short_window, 300))
+    assert window_lengths is None
 
 
 def test_request_features_carry_every_id_once() -> None:
-    """The candidates one id each; the user and the history positions on the first sample only;
-    a key a request does not have is an error naming it."""
+    """The candidates one id each; the user and the given history ids on the first sample only;
+    a key neither the request's user and candidates nor the given history has is empty (a
+    request missing a key the model reads is ``check_request``'s error, tested below)."""
     request = make_request(300, 4)
     positions = torch.tensor([3, 7, 299])
-    kjt = serving.request_features(request, ["user_id", TARGET_ITEM, HIST_ITEM], positions)
-    assert kjt.lengths().tolist() == [1, 0, 0, 0, 1, 1, 1, 1, 3, 0, 0, 0]
-    assert kjt[TARGET_ITEM].values().tolist() == request.candidate_item.tolist()
-    assert kjt[HIST_ITEM].values().tolist() == request.history_item[positions].tolist()
-    assert kjt["user_id"].values().tolist() == [request.user_id]
-    with pytest.raises(KeyError, match="no_such_feature"):
-        serving.request_features(request, ["no_such_feature"], positions)
+    history = {HIST_ITEM: request.history[HIST_ITEM][positions]}
+    kjt = serving.request_features(
+        request, ["user_id", TARGET_ITEM, HIST_ITEM, HIST_CATEGORY, "no_such_feature"], history)
+    assert kjt.lengths().tolist() == [1, 0, 0, 0, 1, 1, 1, 1, 3, 0, 0, 0, 0, 0, 0, 0,
+                                      0, 0, 0, 0]
+    assert kjt[TARGET_ITEM].values().tolist() == request.candidates[TARGET_ITEM].tolist()
+    assert kjt[HIST_ITEM].values().tolist() == request.history[HIST_ITEM][positions].tolist()
+    assert kjt["user_id"].values().tolist() == request.user["user_id"].tolist()
+    assert kjt[HIST_CATEGORY].values().numel() == 0  # not in ``history``: not looked up
+    assert kjt["no_such_feature"].values().numel() == 0
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("history_item", lambda r: r.history_item.index_fill(0, torch.tensor([7]), 10**6),
-     "history_item, behavior 7: id 1000000 outside the table of 400 rows"),
-    ("history_category", lambda r: r.history_category.index_fill(0, torch.tensor([0]), -1),
-     "history_category, behavior 0: id -1 outside"),
-    ("candidate_item", lambda r: r.candidate_item.index_fill(0, torch.tensor([2]), 400),
-     "candidate_item, candidate 2: id 400 outside the table of 400 rows"),
-    ("candidate_category", lambda r: r.candidate_category.index_fill(0, torch.tensor([3]), 20),
-     "candidate_category, candidate 3: id 20 outside"),
-    ("user_id", lambda r: 100, "user_id: id 100 outside the table of 100 rows"),
-    ("history_time", lambda r: r.history_time.index_fill(0, torch.tensor([299]), r.request_time),
-     "history_time, behavior 299: time .* is not before the request time"),
-    ("history_time", lambda r: r.history_time.flip(0), "history_time, behavior 1: earlier than"),
-    ("history_category", lambda r: r.history_category[:-1], "behaviors: the fields"),
-    ("candidate_category", lambda r: r.candidate_category.view(2, 2), "candidates: the fields"),
-    ("candidate_category", lambda r: r.candidate_category + 0.9,
-     "candidate_category: expected integers, got torch.float32"),
-    ("history_item", lambda r: r.history_item > 0, "history_item: expected integers, got torch.bool"),
-    ("history_time", lambda r: r.history_time.double(), "history_time: expected integers"),
+def replaced(request: serving.Request, group: str, key, value) -> serving.Request:
+    """``request`` with ``group[key]`` (a dict field) or ``group`` (``key=None``) replaced by
+    ``value(request)``; ``value=None`` removes ``group[key]``."""
+    if key is None:
+        return dataclasses.replace(request, **{group: value(request)})
+    fields = dict(getattr(request, group))
+    if value is None:
+        del fields[key]
+    else:
+        fields[key] = value(request)
+    return dataclasses.replace(request, **{group: fields})
+
+
+def fill(ids: torch.Tensor, at: int, value) -> torch.Tensor:
+    return ids.index_fill(0, torch.tensor([at]), value)
+
+
+@pytest.mark.parametrize("group, key, value, message", [
+    ("history", HIST_ITEM, lambda r: fill(r.history[HIST_ITEM], 7, 10**6),
+     "history['hist_item'], behavior 7: id 1000000 outside the table of 400 rows"),
+    ("history", HIST_CATEGORY, lambda r: fill(r.history[HIST_CATEGORY], 0, -1),
+     "history['hist_category'], behavior 0: id -1 outside the table of 20 rows"),
+    ("candidates", TARGET_ITEM, lambda r: fill(r.candidates[TARGET_ITEM], 2, 400),
+     "candidates['target_item'], candidate 2: id 400 outside the table of 400 rows"),
+    ("candidates", TARGET_CATEGORY, lambda r: fill(r.candidates[TARGET_CATEGORY], 3, 20),
+     "candidates['target_category'], candidate 3: id 20 outside the table of 20 rows"),
+    ("user", "user_id", lambda r: torch.tensor([100]),
+     "user['user_id'], value 0: id 100 outside the table of 100 rows"),
+    ("user", "context_hour", lambda r: torch.tensor([3, 24]),
+     "user['context_hour'], value 1: id 24 outside the table of 24 rows"),
+    ("history_time", None, lambda r: fill(r.history_time, 299, r.request_time),
+     lambda r: f"history time of 'history', behavior 299: time {r.request_time} is not before "
+               f"the request time {r.request_time}"),
+    ("history_time", None, lambda r: r.history_time.flip(0),
+     "history time of 'history', behavior 1: earlier than behavior 0"),
+    ("history", HIST_CATEGORY, lambda r: r.history[HIST_CATEGORY][:-1],
+     "sequence 'history': its history keys and times need one value per behavior, got lengths "
+     "{'hist_item': 300, 'hist_category': 299, 'time': 300}"),
+    ("history_time", None, lambda r: r.history_time[:-1],
+     "sequence 'history': its history keys and times need one value per behavior"),
+    ("candidates", TARGET_CATEGORY, lambda r: r.candidates[TARGET_CATEGORY][:-1],
+     "candidates: every candidate key needs one id per candidate, got "
+     "{'target_item': 4, 'target_category': 3}"),
+    ("candidates", TARGET_CATEGORY, lambda r: r.candidates[TARGET_CATEGORY].view(2, 2),
+     "candidates['target_category']: expected a 1-D integer tensor, got torch.int64 of shape "
+     "(2, 2)"),
+    ("candidates", TARGET_CATEGORY, lambda r: r.candidates[TARGET_CATEGORY] + 0.9,
+     "candidates['target_category']: expected a 1-D integer tensor, got torch.float32"),
+    ("history", HIST_ITEM, lambda r: r.history[HIST_ITEM] > 0,
+     "history['hist_item']: expected a 1-D integer tensor, got torch.bool"),
+    ("history_time", None, lambda r: r.history_time.double(),
+     "history_time: expected a 1-D integer tensor, got torch.float64"),
+    # a key the model reads, missing
+    ("candidates", TARGET_CATEGORY, None,
+     "candidates['target_category']: missing (sequence 'history')"),
+    ("history", HIST_ITEM, None, "history['hist_item']: missing (sequence 'history')"),
+    ("user", "user_id", None, "feature 'user_id' (pooled): missing from the request"),
+    ("history_time", None, lambda r: None, "history_time: missing"),
+    # not an int request time; a bool id (read as 0 / 1 by the searches)
+    ("request_time", None, lambda r: None, "request_time: expected an int, got None"),
+    ("request_time", None, lambda r: float(r.request_time), "request_time: expected an int, got"),
+    ("user", "user_id", lambda r: torch.tensor([True]),
+     "user['user_id']: expected a 1-D integer tensor, got torch.bool of shape (1,)"),
 ])
-def test_bad_requests_name_the_field_and_position(field: str, value, message: str) -> None:
+def test_bad_requests_name_the_field_and_position(group: str, key, value, message) -> None:
     model = model_of("eta")
     request = make_request(300, 4)
     serving.score_request(model, request)  # the good one passes
-    bad = serving.Request(**{**request.__dict__, field: value(request)})
-    with pytest.raises(serving.RequestError, match=message):
+    bad = replaced(request, group, key, value)
+    if callable(message):
+        message = message(request)
+    with pytest.raises(serving.RequestError, match=re.escape(message)):
         serving.score_request(model, bad)
+    with pytest.raises(serving.RequestError, match=re.escape(message)):
+        serving.check_request(bad, model)
 
 
 def test_table_rows_of_every_feature() -> None:
     assert model_of("eta").table_rows == {
-        "user_id": 100, "context_hour": 24, TARGET_ITEM: 400, HIST_ITEM: 400, "short_item": 400,
-        "target_category": 20, "hist_category": 20, "short_category": 20}
+        "user_id": 100, "context_hour": 24, TARGET_ITEM: 400, HIST_ITEM: 400,
+        TARGET_CATEGORY: 20, HIST_CATEGORY: 20}
     assert model_of("avgpool").table_rows[HIST_ITEM] == 400
 
 
@@ -186,12 +253,17 @@ def test_table_weights_read_the_rows_the_modules_look_up() -> None:
     request = make_request(300, 16)
     used = torch.tensor([3, 7, 7, 120, 299]).unique()
     weights = serving.table_weights(model.embedding_collection)
-    target, rows = serving.request_rows(model, request, used)
+    assert weights is not None
+    (target, rows), = serving.request_rows(model, request, {"history": used}).values()
+    history = {k: request.history[k][used] for k in (HIST_ITEM, HIST_CATEGORY)}
     embeddings = model.embedding_collection(
-        serving.request_features(request, serving.LOOKUP_KEYS, used))
-    assert torch.equal(rows[:, :weights[HIST_ITEM].size(1)], embeddings[HIST_ITEM].values())
-    assert torch.equal(target[:, :weights[TARGET_ITEM].size(1)], embeddings[TARGET_ITEM].values())
-    assert torch.equal(target, serving.behavior_rows(embeddings, TARGET_ITEM, "target_category"))
+        serving.request_features(request, model.sequence_arch.lookup_keys, history))
+    d = weights[HIST_ITEM].size(1)
+    assert rows.shape == (used.numel(), d + weights[HIST_CATEGORY].size(1))
+    assert torch.equal(rows[:, :d], embeddings[HIST_ITEM].values())
+    assert torch.equal(rows[:, d:], embeddings[HIST_CATEGORY].values())
+    assert torch.equal(target, torch.cat([embeddings[TARGET_ITEM].values(),
+                                          embeddings[TARGET_CATEGORY].values()], dim=1))
     for pooling in (PoolingType.SUM, PoolingType.MEAN):
         torch.manual_seed(0)
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(

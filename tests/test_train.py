@@ -68,3 +68,16 @@ def test_cli_rejects_out_of_range_options(option: str, value: str, low: int, cap
         parse_args(["--model", "eta", option, value])
     assert f"argument {option}: must be >= {low}, got {value}" in capsys.readouterr().err
     assert parse_args(["--model", "eta", option, str(low)])  # the bound itself is accepted
+
+
+def test_own_model_example_trains_on_two_ranks() -> None:
+    """``examples/own_model.py`` (the README's own-model snippet) runs with torchrun on 2 ranks
+    and prints its test AUC."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "own_model.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(example), "--steps", "4", "--batch-size", "32", "--eval-batches", "2",
+           "--max-seq-len", "100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "own model (ETA over clicks, SIM hard over purchases): test auc=" in proc.stdout

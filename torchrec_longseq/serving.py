@@ -25,15 +25,20 @@ every O(L) step runs over C copies. ``score_request`` instead (``score_shared``)
 The pooled features are per user except the candidate's own: the user's (and avg-pool's
 averaged history, carried by the first candidate only) are looked up once and broadcast.
 
+Every step goes through the sequence-module protocol (``modules.sequence``): a module's
+``search_request`` says what it reads of the one history, its ``attend`` finishes; nothing here
+knows the module types, so a module a user writes against the protocol is served the same way.
 This covers every model: DIN (last N), SIM hard and soft, ETA and TWIN (a bounded selection per
 candidate), SDIM (the user's hash buckets summed once over its distinct behaviors, each candidate
-reading its buckets), average pooling (the history averaged once) and the whole-history model
-(every behavior looked up once; the attention of all candidates over it is two matrix
-products). ``score_request`` scores a model with a sequence module it does not know through
-``request_batch``.
+reading its buckets), average pooling (the history averaged once), the whole-history model (every
+behavior looked up once; the attention of all candidates over it is two matrix products), and
+several sequences in one model (their rows looked up in one call).
+
+A request names features by the model's own keys (``Request``): per-user features, each
+sequence's history keys (and time key), the candidates' keys.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -43,195 +48,213 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTen
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_longseq import jagged
-from torchrec_longseq.data.batch import (
-    CONTEXT_HOUR,
-    FEATURE_KEYS,
-    HIST_CATEGORY,
-    HIST_ITEM,
-    TARGET_CATEGORY,
-    TARGET_ITEM,
-    USER_ID,
-    Batch,
-)
+from torchrec_longseq.data.batch import Batch
 from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.validation import integer_dtype
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
-from torchrec_longseq.modules.din import DIN
-from torchrec_longseq.modules.esu import SearchBasedInterest, WholeHistory
-from torchrec_longseq.modules.lookup import (
-    LOOKUP_KEYS,
-    SHORT_CATEGORY,
-    SHORT_ITEM,
-    behavior_rows,
-)
-from torchrec_longseq.modules.sdim import SDIM, first_occurrences
-from torchrec_longseq.modules.eta import SimHashSearch, signature_topk
-from torchrec_longseq.modules.sim import (
-    SEARCH_HIST,
-    SEARCH_HIST_CATEGORY,
-    SEARCH_TARGET,
-    SEARCH_TARGET_CATEGORY,
-    HardSearch,
-    SoftSearch,
-    search_features,
-    search_vectors,
-)
-from torchrec_longseq.modules.twin import TwinSearch, twin_topk
-from torchrec_longseq.retrieval import hard, kernels, topk
-
-# the request features soft search reads: the candidates and the whole history
-SEARCH_SOURCE_KEYS = [TARGET_ITEM, TARGET_CATEGORY, HIST_ITEM, HIST_CATEGORY]
+from torchrec_longseq.modules.sequence import Looked, SequenceModule
+from torchrec_longseq.retrieval import kernels
+from torchrec_longseq.schema import SequenceSchema, default_schema
 
 
 @dataclass
 class Request:
-    """One user's request: the history once, and the candidates to score.
+    """One user's request: per-user features and histories once, and the candidates to score.
 
-    ``history_* [L]`` oldest first (times strictly before ``request_time``), ``candidate_* [C]``.
+    Args:
+        user (Dict[str, Tensor]): per-user pooled features, key -> ``[n]`` ids (the user id, the
+            context), as the EmbeddingBagCollection reads them for one sample.
+        history (Dict[str, Tensor]): every history key (and ``time_key``) of every sequence ->
+            ``[L_s]``, oldest first (times strictly before ``request_time``).
+        candidates (Dict[str, Tensor]): every candidate key -> ``[C]`` ids.
+        request_time (int): the request's timestamp.
+        history_time (Optional[Tensor]): ``[L]`` timestamps of the sequence whose schema reads
+            the dense ``history_time`` (``time_key=None``).
     """
 
-    user_id: int
-    context_hour: int
+    user: Dict[str, torch.Tensor]
+    history: Dict[str, torch.Tensor]
+    candidates: Dict[str, torch.Tensor]
     request_time: int
-    history_item: torch.Tensor
-    history_category: torch.Tensor
-    history_time: torch.Tensor
-    candidate_item: torch.Tensor
-    candidate_category: torch.Tensor
+    history_time: Optional[torch.Tensor] = None
 
     @property
     def num_candidates(self) -> int:
-        return self.candidate_item.numel()
+        return next(iter(self.candidates.values())).numel() if self.candidates else 0
+
+    def times(self, schema: SequenceSchema) -> torch.Tensor:
+        """``[L]`` the timestamps of ``schema``'s behaviors."""
+        if schema.time_key is not None:
+            return self.history[schema.time_key]
+        if self.history_time is None:
+            raise RequestError("history_time: missing (a sequence reads the dense history_time)")
+        return self.history_time
 
 
 class RequestError(ValueError):
-    """A request that does not follow ``Request``'s layout; the message names the field and the
+    """A request that does not follow ``Request``'s layout; the message names the feature and the
     behavior or candidate."""
 
 
-# the table (feature) whose ids each field of a request holds
-REQUEST_FIELDS = {"user_id": USER_ID, "context_hour": CONTEXT_HOUR,
-                  "history_item": HIST_ITEM, "history_category": HIST_CATEGORY,
-                  "candidate_item": TARGET_ITEM, "candidate_category": TARGET_CATEGORY}
-FIELD_OF_FEATURE = {feature: field for field, feature in REQUEST_FIELDS.items()}
-CANDIDATE_KEYS = (TARGET_ITEM, TARGET_CATEGORY)  # one id per candidate; the rest are per user
-USER_KEYS = (USER_ID, CONTEXT_HOUR)
 # the profiler scopes of score_shared, in order (benchmarks/serving.py --breakdown)
 STAGES = ("serving.search", "serving.lookup", "serving.attend", "serving.head")
 
 
-def check_request(request: Request, rows: Dict[str, int]) -> None:
-    """Raise ``RequestError`` naming the field and the behavior or candidate if ``request`` is
-    malformed: history fields of one length L and candidate fields of one length C (1-D), ids in
-    ``[0, rows)`` of their table (``rows``: ``model.table_rows``), history times non-decreasing
-    and strictly before the request time. A few reductions over L: the compiled searches read
-    the per-item tables by id without bounds checks, so ``score_request`` runs this first."""
-    history = ("history_item", "history_category", "history_time")
-    candidates = ("candidate_item", "candidate_category")
-    for fields, what in ((history, "behaviors"), (candidates, "candidates")):
-        counts = {f: getattr(request, f).numel() for f in fields}
-        if len(set(counts.values())) > 1 or any(getattr(request, f).dim() != 1 for f in fields):
-            raise RequestError(f"{what}: the fields {list(fields)} must be 1-D of one length, "
-                               f"got shapes {[tuple(getattr(request, f).shape) for f in fields]}")
-    for field in (*history, *candidates):
-        if not integer_dtype(getattr(request, field)):
-            raise RequestError(f"{field}: expected integers, got {getattr(request, field).dtype}")
-    for field, feature in REQUEST_FIELDS.items():
-        ids = getattr(request, field)
-        if not isinstance(ids, torch.Tensor):  # the user and the context hour: one int each
-            if not 0 <= ids < rows[feature]:
-                raise RequestError(f"{field}: id {ids} outside the table of {rows[feature]} rows")
-            continue
-        if ids.numel() == 0:
-            continue
-        low, high = torch.aminmax(ids)
-        if int(low) < 0 or int(high) >= rows[feature]:
-            at = int(((ids < 0) | (ids >= rows[feature])).nonzero()[0, 0])
-            where = "" if feature in USER_KEYS else \
-                f", {'behavior' if field.startswith('history') else 'candidate'} {at}"
-            raise RequestError(f"{field}{where}: id {int(ids[at])} outside the table of "
-                               f"{rows[feature]} rows")
-    times = request.history_time
-    back = times[1:] < times[:-1]
-    if back.any():
-        at = int(back.nonzero()[0, 0]) + 1
-        raise RequestError(f"history_time, behavior {at}: earlier than behavior {at - 1} (the "
-                           f"history must be oldest first)")
-    if times.numel() > 0 and int(times[-1]) >= request.request_time:  # in order: the last is latest
-        at = int((times >= request.request_time).nonzero()[0, 0])
-        raise RequestError(f"history_time, behavior {at}: time {int(times[at])} is not before "
-                           f"the request time {request.request_time}")
+def sequences(model: LongSeqCTR) -> Dict[str, SequenceModule]:
+    return dict(model.sequence_arch.sequences.items()) if model.sequence_arch is not None else {}
+
+
+def _field(name: str, key: str) -> str:
+    return f"{name}[{key!r}]"
+
+
+def check_request(request: Request, model: LongSeqCTR) -> None:
+    """Raise ``RequestError`` naming the feature and the behavior or candidate if ``request`` is
+    malformed for ``model``: every key the model reads present; ids 1-D integers in ``[0, rows)``
+    of their table (``model.table_rows``); the history keys of one sequence of one length L and
+    the candidate keys of one length C; history times non-decreasing and strictly before the
+    request time. A few reductions over L: the compiled searches read the per-item tables by id
+    without bounds checks, so ``score_request`` runs this first."""
+    if isinstance(request.request_time, bool) or not isinstance(request.request_time, int):
+        raise RequestError(f"request_time: expected an int, got {request.request_time!r}")
+    groups = {"user": request.user, "history": request.history,
+              "candidates": request.candidates}
+    for name, values in groups.items():
+        for key, ids in values.items():
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or not integer_dtype(ids):
+                raise RequestError(f"{_field(name, key)}: expected a 1-D integer tensor, got "
+                                   f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids)}"
+                                   f"{'' if not isinstance(ids, torch.Tensor) else ' of shape ' + str(tuple(ids.shape))}")
+    if request.history_time is not None and (request.history_time.dim() != 1
+                                             or not integer_dtype(request.history_time)):
+        raise RequestError(f"history_time: expected a 1-D integer tensor, got "
+                           f"{request.history_time.dtype} of shape {tuple(request.history_time.shape)}")
+    counts = {key: ids.numel() for key, ids in request.candidates.items()}
+    if len(set(counts.values())) > 1:
+        raise RequestError(f"candidates: every candidate key needs one id per candidate, got "
+                           f"{counts}")
+    for key in model.pooled_keys:
+        if not any(key in values for values in groups.values()):
+            raise RequestError(f"feature {key!r} (pooled): missing from the request")
+    for name, module in sequences(model).items():
+        schema = module.schema
+        for key in schema.candidate_keys:
+            if key not in request.candidates:
+                raise RequestError(f"{_field('candidates', key)}: missing (sequence {name!r})")
+        missing = [k for k in schema.history_keys + ([schema.time_key] if schema.time_key else [])
+                   if k not in request.history]
+        if missing:
+            raise RequestError(f"{_field('history', missing[0])}: missing (sequence {name!r})")
+        times = request.times(schema)
+        lengths = {key: request.history[key].numel() for key in schema.history_keys}
+        lengths["time"] = times.numel()
+        if len(set(lengths.values())) > 1:
+            raise RequestError(f"sequence {name!r}: its history keys and times need one value per "
+                               f"behavior, got lengths {lengths}")
+        back = times[1:] < times[:-1]
+        if back.any():
+            at = int(back.nonzero()[0, 0]) + 1
+            raise RequestError(f"history time of {name!r}, behavior {at}: earlier than behavior "
+                               f"{at - 1} (the history must be oldest first)")
+        if times.numel() > 0 and int(times[-1]) >= request.request_time:
+            at = int((times >= request.request_time).nonzero()[0, 0])
+            raise RequestError(f"history time of {name!r}, behavior {at}: time {int(times[at])} "
+                               f"is not before the request time {request.request_time}")
+    for name, values in groups.items():
+        for key, ids in values.items():
+            rows = model.table_rows.get(key)
+            if rows is None or ids.numel() == 0:
+                continue
+            low, high = torch.aminmax(ids)
+            if int(low) < 0 or int(high) >= rows:
+                at = int(((ids < 0) | (ids >= rows)).nonzero()[0, 0])
+                where = {"user": "value", "history": "behavior", "candidates": "candidate"}[name]
+                raise RequestError(f"{_field(name, key)}, {where} {at}: id {int(ids[at])} outside "
+                                   f"the table of {rows} rows")
 
 
 def synthetic_request(data: SyntheticConfig, length: int, candidates: int,
                       seed: int = 0) -> Request:
-    """A request of a generated user (the first of test batch ``seed``) with its oldest
-    ``length`` behaviors at most (exactly ``length`` when ``data.min_seq_len >= length``) and
-    ``candidates`` uniformly random items (for tests and benchmarks)."""
+    """A request of a generated user (the first of test batch ``seed``) in the synthetic schema,
+    with its oldest ``length`` behaviors at most (exactly ``length`` when ``data.min_seq_len >=
+    length``) and ``candidates`` uniformly random items (for tests and benchmarks)."""
     batch = SyntheticGenerator(data).batch("test", seed, data.candidates_per_request)
     f = batch.features
-    n = min(length, int(f[HIST_ITEM].lengths()[0]))
+    schema = default_schema()
+    item, category = schema.attributes
+    n = min(length, int(f[item.history_key].lengths()[0]))
     g = torch.Generator().manual_seed(seed)
     items = torch.randint(0, data.num_items, (candidates,), generator=g)
     return Request(
-        user_id=int(f[USER_ID].values()[0]), context_hour=int(f[CONTEXT_HOUR].values()[0]),
-        request_time=int(batch.request_time[0]),
-        history_item=f[HIST_ITEM].values()[:n], history_category=f[HIST_CATEGORY].values()[:n],
-        history_time=batch.history_time[:n], candidate_item=items,
-        candidate_category=items // data.items_per_category)
+        user={key: f[key].values()[:1] for key in ("user_id", "context_hour")},
+        history={key: f[key].values()[:n] for key in schema.history_keys},
+        candidates={item.candidate_key: items,
+                    category.candidate_key: items // data.items_per_category},
+        request_time=int(batch.request_time[0]), history_time=batch.history_time[:n])
 
 
-def request_batch(request: Request) -> Batch:
+def model_keys(model: LongSeqCTR) -> List[str]:
+    """The keys of the model's input KJT: the order of its first training batch if it has seen
+    one (a sharded module reads every later KJT in that order), else every key it reads."""
+    if model.feature_keys is not None:
+        return model.feature_keys
+    keys = list(model.pooled_keys)
+    for module in sequences(model).values():
+        keys += [k for k in module.schema.keys() if k not in keys]
+    return keys
+
+
+def request_batch(request: Request, model: LongSeqCTR) -> Batch:
     """The request as C independent samples in the training layout: every candidate with its
-    own copy of the history."""
-    c, n = request.num_candidates, request.history_item.numel()
-    device = request.history_item.device
-    ones = torch.ones(c, dtype=torch.long, device=device)
-    lengths = torch.full((c,), n, dtype=torch.long, device=device)
-    values = [torch.full((c,), request.user_id, device=device),
-              torch.full((c,), request.context_hour, device=device),
-              request.candidate_item, request.candidate_category,
-              request.history_item.repeat(c), request.history_category.repeat(c)]
-    features = KeyedJaggedTensor(
-        keys=FEATURE_KEYS, values=torch.cat([v.long() for v in values]),
-        lengths=torch.cat([ones, ones, ones, ones, lengths, lengths]).int())
-    return Batch(features=features, history_time=request.history_time.repeat(c),
+    own copy of the user's features and histories."""
+    c = request.num_candidates
+    device = next(iter(request.candidates.values())).device
+    values, lengths = [], []
+    for key in model_keys(model):
+        if key in request.candidates:
+            values.append(request.candidates[key])
+            lengths.append(torch.ones(c, dtype=torch.long, device=device))
+            continue
+        ids = request.user.get(key, request.history.get(key))
+        if ids is None:
+            ids = torch.zeros(0, dtype=torch.long, device=device)
+        values.append(ids.repeat(c))
+        lengths.append(torch.full((c,), ids.numel(), dtype=torch.long, device=device))
+    features = KeyedJaggedTensor(keys=model_keys(model), values=torch.cat([v.long() for v in values]),
+                                 lengths=torch.cat(lengths).int())
+    dense = request.history_time if request.history_time is not None else \
+        torch.zeros(0, dtype=torch.long, device=device)
+    return Batch(features=features, history_time=dense.repeat(c),
                  request_time=torch.full((c,), request.request_time, device=device),
                  labels=torch.zeros(c, device=device),
-                 relevant=torch.zeros(c * n, dtype=torch.bool, device=device))
+                 relevant=torch.zeros(c * dense.numel(), dtype=torch.bool, device=device))
 
 
-def request_features(request: Request, keys: List[str], positions: torch.Tensor
-                     ) -> KeyedJaggedTensor:
-    """The request's features ``keys`` as C samples in which every id appears once: what one
-    lookup of the candidates, the user and the history ``positions [M]`` reads.
-
-    Candidate keys (``target_*``) hold each candidate's id; the user, the context hour and the
-    history positions (``hist_*``) are carried by the first candidate only, the other samples
-    empty; ``short_*`` keys are empty. A module that pools (the EBC) gives the first candidate's
-    row for everything per user (``shared_pooled``)."""
-    c, device = request.num_candidates, request.history_item.device
+def request_features(request: Request, keys: List[str],
+                     history: Dict[str, torch.Tensor]) -> KeyedJaggedTensor:
+    """The request as C samples in which every id appears once: what one lookup of the
+    candidates, the user and the given history ids reads. Candidate keys hold each candidate's
+    id; per-user keys and ``history[key]`` (the ids to look up of a history key) are carried by
+    the first candidate only; other keys are empty."""
+    c = request.num_candidates
+    device = next(iter(request.candidates.values())).device
     lengths = torch.zeros(len(keys), c, dtype=torch.int32, device=device)
     values = []
     for i, key in enumerate(keys):
-        if key in (SHORT_ITEM, SHORT_CATEGORY):
-            ids = positions[:0]
-        elif key not in FIELD_OF_FEATURE:
-            raise KeyError(f"a request has no feature {key!r}")
-        else:
-            value = getattr(request, FIELD_OF_FEATURE[key])
-            if key in CANDIDATE_KEYS:
-                ids = value
-            elif key in USER_KEYS:
-                ids = torch.full((1,), value, dtype=torch.long, device=device)
-            else:  # history
-                ids = value.index_select(0, positions)
-        if key in CANDIDATE_KEYS:
+        if key in request.candidates:
+            ids = request.candidates[key]
             lengths[i] = 1
-        elif c > 0:
-            lengths[i, 0] = ids.numel()
+        else:
+            ids = request.user.get(key, history.get(key))
+            if ids is None:
+                ids = torch.zeros(0, dtype=torch.long, device=device)
+            if c > 0:
+                lengths[i, 0] = ids.numel()
         values.append(ids.long())
-    counts = [v.numel() for v in values]  # known here: spares the KJT a sum and a sync
+    counts = [v.numel() if key in request.candidates or c > 0 else 0
+              for key, v in zip(keys, values)]
+    if c == 0:
+        values = [v[:0] for v in values]
     return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths.flatten(),
                              stride=c, length_per_key=counts,
                              offset_per_key=[sum(counts[:i]) for i in range(len(keys) + 1)])
@@ -256,115 +279,81 @@ def table_weights(collection: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
     return {feature: tables[c.name].weight for c in configs for feature in c.feature_names}
 
 
-def request_rows(model: LongSeqCTR, request: Request,
-                 positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(target [C, 2D], rows [U, 2D])``: the item and category rows of the candidates and of
-    the history ``positions [U]``, from the tables (``table_weights``) or in one call of the
-    EmbeddingCollection on ``request_features``."""
-    weights = table_weights(model.embedding_collection)
-    if weights is None:
-        # LOOKUP_KEYS, in the order training's lookup sends them (a sharded module fixes it)
-        embeddings = model.embedding_collection(request_features(request, LOOKUP_KEYS, positions))
-        return (behavior_rows(embeddings, TARGET_ITEM, TARGET_CATEGORY),
-                behavior_rows(embeddings, HIST_ITEM, HIST_CATEGORY))
-    target_tables, history_tables = ([weights[TARGET_ITEM], weights[TARGET_CATEGORY]],
-                                     [weights[HIST_ITEM], weights[HIST_CATEGORY]])
-    target = kernels.gather_rows(target_tables, [request.candidate_item,
-                                                 request.candidate_category], None)
-    rows = kernels.gather_rows(history_tables, [request.history_item, request.history_category],
-                               positions)
-    if target is not None and rows is not None:  # one copy each (CPU, no autograd)
-        return target, rows
-    items = request.history_item.index_select(0, positions)
-    categories = request.history_category.index_select(0, positions)
-    return (torch.cat([weights[TARGET_ITEM].index_select(0, request.candidate_item),
-                       weights[TARGET_CATEGORY].index_select(0, request.candidate_category)], 1),
-            torch.cat([weights[HIST_ITEM].index_select(0, items),
-                       weights[HIST_CATEGORY].index_select(0, categories)], 1))
+def request_rows(model: LongSeqCTR, request: Request, used: Dict[str, torch.Tensor]
+                 ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Per sequence ``(candidates [C, D], rows [U, D])``: the candidates' rows (zeros for
+    attributes without a candidate key) and the rows of its history positions ``used[name]
+    [U]``, every attribute side by side; read from the tables (``table_weights``) or in one call
+    of the EmbeddingCollection on ``request_features``."""
+    arch = model.sequence_arch
+    c = request.num_candidates
+    weights = table_weights(arch.embedding_collection)
+    device = next(iter(request.candidates.values())).device
+
+    def zeros(table: str, n: int) -> torch.Tensor:
+        return torch.zeros(n, arch.dims[table], device=device)
+
+    out = {}
+    if weights is not None:
+        for name, module in sequences(model).items():
+            schema = module.schema
+            positions = used[name]
+            matched = schema.matched
+            target = None
+            if len(matched) == len(schema.attributes):
+                target = kernels.gather_rows([weights[a.candidate_key] for a in matched],
+                                             [request.candidates[a.candidate_key] for a in matched],
+                                             None)
+            if target is None:
+                target = torch.cat([
+                    weights[a.candidate_key].index_select(0, request.candidates[a.candidate_key])
+                    if a.candidate_key is not None else zeros(a.table, c)
+                    for a in schema.attributes], dim=1)
+            rows = kernels.gather_rows([weights[k] for k in schema.history_keys],
+                                       [request.history[k] for k in schema.history_keys],
+                                       positions)
+            if rows is None:
+                rows = torch.cat([weights[k].index_select(0, request.history[k].index_select(
+                    0, positions)) for k in schema.history_keys], dim=1)
+            out[name] = (target, rows)
+        return out
+    # one call for every sequence: a history key carries, on the first sample, the ids at the
+    # used positions of each sequence that reads it, one sequence after the other
+    ids: Dict[str, List[torch.Tensor]] = {}
+    starts: Dict[Tuple[str, str], int] = {}
+    for name, module in sequences(model).items():
+        for key in module.schema.history_keys:
+            starts[(name, key)] = sum(t.numel() for t in ids.get(key, []))
+            ids.setdefault(key, []).append(request.history[key].index_select(0, used[name]))
+    history = {key: torch.cat(parts) for key, parts in ids.items()}
+    embeddings = arch.embedding_collection(request_features(request, arch.lookup_keys, history))
+    for name, module in sequences(model).items():
+        schema, n = module.schema, used[name].numel()
+        target = torch.cat([embeddings[a.candidate_key].values() if a.candidate_key is not None
+                            else zeros(a.table, c) for a in schema.attributes], dim=1)
+        rows = torch.cat([embeddings[k].values()[starts[(name, k)]:starts[(name, k)] + n]
+                          for k in schema.history_keys], dim=1)
+        out[name] = (target, rows)
+    return out
 
 
-@torch.no_grad()
-def shared_search(search: torch.nn.Module, request: Request) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(positions [M], lengths [C])``: what ``search`` retrieves for each candidate, as positions
-    into the one history: the searches' own functions with ``offsets=None`` (compiled kernels
-    read one copy of the history; their torch-ops paths make copies)."""
-    n, c = request.history_item.numel(), request.num_candidates
-    if isinstance(search, HardSearch):
-        return hard.hard_search(request.history_category, None, request.candidate_category,
-                                search.k)
-    if isinstance(search, SimHashSearch):
-        return signature_topk(search.item_signatures.table, request.history_item,
-                              request.candidate_item, search.category_signatures.table,
-                              request.history_category, request.candidate_category, None,
-                              search.k)
-    if isinstance(search, TwinSearch):
-        # the history's time biases are bucketed once for all candidates: [L, H]
-        bias = search.time_bias(request.request_time - request.history_time)
-        return twin_topk(search.item_rows.table, search.category_rows.table,
-                         request.history_item, request.history_category, request.candidate_item,
-                         request.candidate_category, None, bias, search.num_heads, search.k)
-    if isinstance(search, SoftSearch):
-        # the history's search vectors are looked up and projected once: [L, P]
-        features = request_features(request, SEARCH_SOURCE_KEYS,
-                                    torch.arange(n, device=request.history_item.device))
-        embeddings = search.search_table(search_features(features, search.with_category))
-        behaviors = search.w_b(search_vectors(embeddings, SEARCH_HIST, SEARCH_HIST_CATEGORY,
-                                              search.with_category))  # [L, P]
-        targets = search.w_a(search_vectors(embeddings, SEARCH_TARGET, SEARCH_TARGET_CATEGORY,
-                                            search.with_category))  # [C, P]
-        scores = (targets @ behaviors.t()).flatten()  # [C L]: row c scores the history for c
-        return jagged.positions_in_copy(
-            topk.jagged_topk(scores, jagged.copies_offsets(n, c, scores.device), search.k), n)
-    raise TypeError(f"no shared search for {type(search).__name__}")
-
-
-def shared_pooled(model: LongSeqCTR, request: Request, positions: torch.Tensor) -> torch.Tensor:
-    """``[C, P]`` pooled features of the request, the history ``positions`` pooled if the model
-    pools history (avg-pool): one EBC call on ``request_features`` (all of the batch's keys);
-    each candidate's own columns, and the first candidate's for everything per user (user,
-    context, avg-pool's history), broadcast. Features of one id each (no history) from a plain
-    EBC are read from its tables (``table_weights``)."""
+def shared_pooled(model: LongSeqCTR, request: Request) -> torch.Tensor:
+    """``[C, P]`` pooled features of the request: each candidate's own columns, and those of the
+    per-user features (and of a pooled history, avg-pool) computed once and broadcast. Features
+    of one id each from a plain EBC are read from its tables (``table_weights``); otherwise one
+    EBC call on ``request_features`` with the first candidate carrying everything per user."""
     c = request.num_candidates
     weights = table_weights(model.sparse_arch)
-    if weights is not None and all(key in CANDIDATE_KEYS or key in USER_KEYS
-                                   for key in model.pooled_keys):  # one id each: its row
+    if weights is not None and all(key in request.candidates or (
+            key in request.user and request.user[key].numel() == 1)
+            for key in model.pooled_keys):  # one id each: its row
         return torch.cat([
-            weights[key].index_select(0, getattr(request, FIELD_OF_FEATURE[key]))
-            if key in CANDIDATE_KEYS else
-            weights[key][getattr(request, FIELD_OF_FEATURE[key])].unsqueeze(0).expand(c, -1)
+            weights[key].index_select(0, request.candidates[key]) if key in request.candidates
+            else weights[key].index_select(0, request.user[key]).expand(c, -1)
             for key in model.pooled_keys], dim=1)
-    # the training batch's keys in its order: a sharded EBC fixes the order of its input's keys
-    # on the first call and reads every later KJT in that order
-    pooled = model.sparse_arch(request_features(request, FEATURE_KEYS, positions))
-    if not any(key in CANDIDATE_KEYS for key in model.pooled_keys):
-        values = pooled.values() if pooled.keys() == model.pooled_keys else model.pooled_of(pooled)
-        return values[:1].expand(c, -1)  # all per user
-    return torch.cat([pooled[key] if key in CANDIDATE_KEYS
+    pooled = model.sparse_arch(request_features(request, model_keys(model), request.history))
+    return torch.cat([pooled[key] if key in request.candidates
                       else pooled[key][:1].expand(c, -1) for key in model.pooled_keys], dim=1)
-
-
-def shared_selection(model: LongSeqCTR, request: Request) -> Optional[
-        Tuple[int, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
-    """What the sequence module reads of the one history, or ``None`` for a module this file does
-    not know: ``(window, indices [M], lengths [C], counts [M])``, the recent window's length and
-    the long-term positions read: retrieved per candidate (``lengths``; ``None``: every
-    candidate reads all ``M``), or, for SDIM, the user's distinct behaviors occurring
-    ``counts`` times."""
-    arch = model.sequence_arch
-    n, device = request.history_item.numel(), request.history_item.device
-    if isinstance(arch, DIN):
-        return min(n, arch.last_n), torch.zeros(0, dtype=torch.long, device=device), None, None
-    if isinstance(arch, SearchBasedInterest) and isinstance(arch.search, WholeHistory):
-        return min(n, arch.short_window), torch.arange(n, device=device), None, None
-    if isinstance(arch, SearchBasedInterest) and isinstance(
-            arch.search, (HardSearch, SimHashSearch, TwinSearch, SoftSearch)):
-        return (min(n, arch.short_window), *shared_search(arch.search, request), None)
-    if isinstance(arch, SDIM):
-        # the user's distinct (item, category) behaviors, each looked up once
-        indices, counts = first_occurrences(  # [U] positions
-            request.history_item * arch.category_codes.table.size(0) + request.history_category)
-        return min(n, arch.short_window), indices, None, counts
-    return None
 
 
 def distinct_positions(indices: torch.Tensor, n: int,
@@ -382,64 +371,71 @@ def distinct_positions(indices: torch.Tensor, n: int,
 
 
 @torch.no_grad()
-def score_shared(model: LongSeqCTR, request: Request) -> Optional[torch.Tensor]:
-    """``[C]`` logits with the history read once, or ``None`` for a sequence module this function
-    does not know.
+def score_shared(model: LongSeqCTR, request: Request) -> torch.Tensor:
+    """``[C]`` logits with each history read once.
 
-    The history is searched once for all candidates (``shared_selection``); the distinct
-    positions any candidate reads, plus the recent window, are looked up once, together with the
-    candidates (``request_rows``); each candidate reads its retrieved rows from
-    those by index (SDIM: the user's buckets are summed), windows every candidate shares are
-    passed once (``offsets=None``), and the model's own ``attend`` and ``head`` finish the job.
-    Nothing of size C x L is looked up or gathered. The four stages are the profiler scopes
-    ``STAGES``, which ``benchmarks/serving.py --breakdown`` reports.
+    Every sequence module searches its one history for all candidates (``search_request``); the
+    distinct positions any candidate reads, plus the recent window, are looked up once for all
+    sequences, together with the candidates (``request_rows``); each candidate reads its rows
+    from those by index, windows every candidate shares are passed once (``offsets=None``), and
+    the modules' own ``attend`` and the model's ``head`` finish the job. Nothing of size C x L is
+    looked up or gathered. The four stages are the profiler scopes ``STAGES``, which
+    ``benchmarks/serving.py --breakdown`` reports.
     """
-    arch = model.sequence_arch
-    n, c = request.history_item.numel(), request.num_candidates
-    device = request.history_item.device
+    c = request.num_candidates
+    device = next(iter(request.candidates.values())).device
     if c == 0:
         return torch.zeros(0, device=device)
-    if arch is None:  # avg-pool: the history is a pooled feature, averaged once
+    if model.sequence_arch is None:  # avg-pool: the history is a pooled feature, averaged once
         with record_function(STAGES[3]):
-            return model.head(shared_pooled(model, request, torch.arange(n, device=device)), None)
+            return model.head(shared_pooled(model, request), None)
+    model.sequence_arch.refresh_pending()
+    modules = sequences(model)
     with record_function(STAGES[0]):
-        selection = shared_selection(model, request)
-        if selection is None:
-            return None
-        window, indices, lengths, counts = selection
-        used, long_rows = distinct_positions(indices, n, window)
+        selections, used, inverse, intervals = {}, {}, {}, {}
+        for name, module in modules.items():
+            schema = module.schema
+            n = request.history[schema.history_keys[0]].numel()
+            intervals[name] = request.request_time - request.times(schema)  # [L]
+            selection = module.search_request(
+                {k: request.history[k] for k in schema.history_keys},
+                {k: request.candidates[k] for k in schema.candidate_keys}, intervals[name])
+            window = selection.short[0].numel() if selection.short is not None else 0
+            used[name], inverse[name] = distinct_positions(selection.long[0], n, window)
+            selections[name] = selection
     with record_function(STAGES[1]):  # the candidates, and the used positions once
-        target, rows = request_rows(model, request, used)  # [C, 2D], [U, 2D]
-        intervals = request.request_time - request.history_time.index_select(0, used)  # [U]
-        # the window, shared (offsets None): the last rows, as the used positions ascend
-        short, short_intervals = rows[rows.size(0) - window:], intervals[rows.size(0) - window:]
+        rows = request_rows(model, request, used)
     with record_function(STAGES[2]):
-        if isinstance(arch, DIN):
-            sequence = arch.attend(target, short, None, short_intervals)
-        elif counts is not None:  # SDIM
-            long_term = arch.shared_interest(rows.index_select(0, long_rows),
-                                             request.history_item.index_select(0, indices),
-                                             request.history_category.index_select(0, indices),
-                                             counts, request.candidate_item,
-                                             request.candidate_category)
-            sequence = arch.attend(target, long_term, short, None, short_intervals)
-        else:  # each used behavior's key is built once (retrieved_index)
-            offsets = None if lengths is None else jagged.lengths_to_offsets(lengths)
-            sequence = arch.attend(target, rows, offsets, intervals, short, None,
-                                   short_intervals, retrieved_index=long_rows)
+        outputs = []
+        for name, module in modules.items():
+            target, found = rows[name]  # [C, D], [U, D]
+            selection = selections[name]
+            found_intervals = intervals[name].index_select(0, used[name])  # [U]
+            window = selection.short[0].numel() if selection.short is not None else 0
+            lengths = selection.long[1]
+            # the window is shared (offsets None): the last rows, as the used positions ascend
+            u = found.size(0)
+            looked = Looked(target, found,
+                            None if lengths is None else jagged.lengths_to_offsets(lengths),
+                            found_intervals, found[u - window:], None, found_intervals[u - window:],
+                            long_index=inverse[name])
+            outputs.append(module.attend(looked, selection))
     with record_function(STAGES[3]):  # with the pooled features
-        return model.head(shared_pooled(model, request, used[:0]), sequence)
+        return model.head(shared_pooled(model, request), torch.cat(outputs, dim=1))
 
 
 @torch.no_grad()
 def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
-    """``[C]`` logits of the request's candidates, the history read once (``score_shared``, see
-    the module docstring), or as C independent samples for a sequence module ``score_shared``
-    does not know; equal to ``model`` on ``request_batch(request)``. The request is checked first
-    (``check_request``: ``RequestError`` naming the field and the behavior or candidate)."""
-    check_request(request, model.table_rows)
-    logits = score_shared(model, request)
-    if logits is None:
-        batch = request_batch(request)
-        logits, _ = model(batch.features, batch.history_time, batch.request_time)
-    return logits
+    """``[C]`` logits of the request's candidates, each history read once (``score_shared``, see
+    the module docstring); equal to ``model`` on ``request_batch(request, model)``. The request
+    is checked first (``check_request``: ``RequestError`` naming the feature and the behavior or
+    candidate)."""
+    check_request(request, model)
+    # ids of any integer type pass the check; the lookups and searches index with int64
+    request = Request(user={k: v.long() for k, v in request.user.items()},
+                      history={k: v.long() for k, v in request.history.items()},
+                      candidates={k: v.long() for k, v in request.candidates.items()},
+                      request_time=request.request_time,
+                      history_time=None if request.history_time is None
+                      else request.history_time.long())
+    return score_shared(model, request)

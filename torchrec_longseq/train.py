@@ -14,7 +14,7 @@ sees the batches it would have seen). ``--pipeline`` trains through TorchRec's
 ``TrainPipelineSparseDist``: the next batch's input distribution for the pooled features (the
 sharded module fed straight from the batch) starts during this step; the EmbeddingCollection's
 input is the search's output, so its lookup stays in the step. Same updates, same results
-(tested); the derived tables are refreshed after each step as without it.
+(tested). The derived tables need no call: the model refreshes them at every forward.
 """
 
 import argparse
@@ -42,10 +42,9 @@ from tqdm import tqdm
 
 from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticLifelongSequences
 from torchrec_longseq.data.validation import check_batch
-from torchrec_longseq.data.batch import HIST_ITEM
 from torchrec_longseq.metrics import CTRMetrics
-from torchrec_longseq.modules.esu import SearchBasedInterest
-from torchrec_longseq.modules.twin import TwinSearch, full_attention_topk
+from torchrec_longseq.modules.sequence import Selection, history_times
+from torchrec_longseq import jagged
 from torchrec_longseq.models.longseq_ctr import (
     MODELS,
     LongSeqCTR,
@@ -86,6 +85,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sdim-bits", type=at_least(2), default=48, help="SDIM hash bits m")
     p.add_argument("--sdim-tau", type=at_least(1), default=3, help="SDIM bits per signature tau")
     p.add_argument("--twin-k", type=at_least(0), default=100, help="behaviors kept by TWIN's search")
+    p.add_argument("--gsu-overlap", action="store_true",
+                   help="also report gsu_overlap at evaluation: the share of the ESU's own top-k "
+                        "over the whole history that the search returns (an O(L) lookup per "
+                        "batch; TWIN's GSU consistency)")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of SIM soft search's auxiliary loss")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the main CTR loss")
     p.add_argument("--dense-lr", type=float, default=3e-3)
@@ -161,44 +164,54 @@ def batches(dataset: SyntheticLifelongSequences, num_workers: int) -> Iterator[B
 
 
 def checked_batches(dataset: SyntheticLifelongSequences, num_workers: int,
-                    table_sizes: Dict[str, int]) -> Iterator[Batch]:
+                    model: LongSeqCTR) -> Iterator[Batch]:
     """The training batches, each validated (``check_batch``) as it is read."""
+    schemas = [m.schema for m in model.sequence_arch.sequences.values()] \
+        if model.sequence_arch is not None else []
     for batch in batches(dataset, num_workers):
-        check_batch(batch, table_sizes)
+        check_batch(batch, model.table_rows, schemas)
         yield batch
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SyntheticConfig, split: str, args: argparse.Namespace,
              device: torch.device) -> Dict[str, float]:
-    """AUC / GAUC / log loss over ``--eval-batches`` batches per rank of ``split``."""
+    """AUC / GAUC / log loss over ``--eval-batches`` batches per rank of ``split``; for the
+    sequence over the dense history (whose behaviors the generator flags as relevant or not),
+    recall@k of what its search selects, and, with ``--gsu-overlap``, for a module that can rank
+    the whole history by its own attention (``attention_topk``), the overlap of its search with
+    that (TWIN's GSU consistency; an O(L) lookup per batch)."""
     model.eval()
     metrics = CTRMetrics(device)
     ctr = next(m for m in model.modules() if isinstance(m, LongSeqCTR))
-    search = next((m.search for m in model.modules() if isinstance(m, SearchBasedInterest)), None)
+    arch = ctr.sequence_arch
+    modules = [(n, m) for n, m in arch.sequences.items() if m.schema.time_key is None] \
+        if arch is not None else []
     found = torch.zeros(2, dtype=torch.float64, device=device)  # retrieved relevant, achievable
-    overlap = torch.zeros(2, dtype=torch.float64, device=device)  # TWIN: in both top-k, in dense
+    overlap = torch.zeros(2, dtype=torch.float64, device=device)  # in both top-k, in dense
     ds = SyntheticLifelongSequences(data, split, args.batch_size, num_batches=args.eval_batches,
                                     rank=dist.get_rank(), world_size=dist.get_world_size())
     for batch in batches(ds, args.num_workers):
         batch = batch.to(device)
         _, (_, logits, labels) = model(batch)
         metrics.update(batch.user_ids, logits, labels)
-        if search is not None:
-            indices, _, _ = search(batch.features, ctr.embedding_collection, batch.history_time,
-                                    batch.request_time)
-            found += torch.stack(retrieval_recall(batch, indices, getattr(search, "k", args.k)))
-        if isinstance(search, TwinSearch):
-            dense, _ = full_attention_topk(ctr.sequence_arch.esu, ctr.embedding_collection,
-                                           batch.features, batch.history_time,
-                                           batch.request_time, search.k)
-            overlap += torch.stack(set_overlap(indices, dense, batch.history_time.numel()))
+        for name, module in modules:
+            times = history_times(module.schema, batch.features, batch.history_time)
+            offsets = batch.features[module.schema.history_keys[0]].offsets()
+            indices, lengths = module.search(batch.features, times, batch.request_time).long
+            found += torch.stack(retrieval_recall(batch.relevant, offsets, indices, lengths))
+            if args.gsu_overlap and hasattr(module, "attention_topk"):
+                everything = Selection(jagged.all_positions(offsets))
+                looked = arch.look_up(batch.features, batch.history_time, batch.request_time,
+                                      {name: everything})[name]
+                dense, _ = module.attention_topk(looked, lengths)
+                overlap += torch.stack(set_overlap(indices, dense, times.numel()))
     model.train()
     result = metrics.compute()
-    if search is not None:
+    if modules:
         dist.all_reduce(found)
         result["recall"] = float(found[0] / found[1].clamp(min=1))
-    if isinstance(search, TwinSearch):
+    if args.gsu_overlap and any(hasattr(m, "attention_topk") for _, m in modules):
         dist.all_reduce(overlap)
         result["gsu_overlap"] = float(overlap[0] / overlap[1].clamp(min=1))
     return result
@@ -213,15 +226,18 @@ def set_overlap(found: torch.Tensor, reference: torch.Tensor, num_values: int):
                                                       device=found.device)
 
 
-def retrieval_recall(batch: Batch, indices: torch.Tensor, k: int):
-    """``(relevant behaviors retrieved, sum over samples of min(k, relevant behaviors))``: the
-    numerator and denominator of recall@k against the generator's ground truth."""
-    lengths = batch.features[HIST_ITEM].lengths().long()
-    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-    relevant = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device)
-    relevant.index_add_(0, seg, batch.relevant.double())
-    hits = torch.zeros_like(relevant).index_add_(0, seg[indices], batch.relevant[indices].double())
-    return hits.clamp(max=k).sum(), relevant.clamp(max=k).sum()
+def retrieval_recall(relevant: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
+                     lengths: torch.Tensor):
+    """``(relevant behaviors selected, sum over samples of min(selected, relevant))``: the
+    numerator and denominator of recall@k against the generator's ground truth ``relevant [N]``
+    (a search keeps ``min(k, L)`` behaviors, hard search fewer only when fewer match, and every
+    relevant behavior matches, so ``min(selected, relevant) = min(k, relevant)``)."""
+    n = relevant.numel()
+    seg = jagged.segment_ids(offsets, n)
+    per_sample = torch.zeros(offsets.numel() - 1, dtype=torch.float64, device=relevant.device)
+    per_sample.index_add_(0, seg, relevant.double())
+    hits = torch.zeros_like(per_sample).index_add_(0, seg[indices], relevant[indices].double())
+    return hits.sum(), torch.minimum(lengths.double(), per_sample).sum()
 
 
 def checkpoint_state(model: DistributedModelParallel, optimizer: CombinedOptimizer, step: int) -> Dict:
@@ -260,7 +276,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         if rank == 0:
             print(f"resumed from {ckpt} at step {start}", flush=True)
     ctr = next(m for m in model.modules() if isinstance(m, LongSeqCTR))
-    ctr.refresh_derived_tables()  # from the (initial or loaded) embeddings
+    if ctr.sequence_arch is not None:  # from the (initial or loaded) embeddings, at the next forward
+        ctr.sequence_arch.derived.reset()
 
     train = SyntheticLifelongSequences(data, "train", args.batch_size, num_batches=args.steps - start,
                                        rank=rank, world_size=world, start=start)
@@ -268,7 +285,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     train_time = 0.0
     progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc=args.model,
                     mininterval=2.0)
-    checked = checked_batches(train, args.num_workers, data.table_sizes)
+    checked = checked_batches(train, args.num_workers, ctr)
     pipeline = TrainPipelineSparseDist(model, optimizer, device) if args.pipeline else None
     for step in range(start + 1, args.steps + 1):
         batch = next(checked) if pipeline is None else None  # read outside the timing
@@ -280,7 +297,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        ctr.refresh_derived_tables(step)
         train_time += time.perf_counter() - t0
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")

@@ -14,6 +14,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec_longseq.data.batch import FEATURE_KEYS, HIST_ITEM, Batch
 from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.validation import BatchError, check_batch
+from torchrec_longseq.schema import SequenceSchema, default_schema
 
 CONFIG = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
                          subclusters=10, candidates_per_request=1)
@@ -90,10 +91,40 @@ def test_missing_key() -> None:
     raises(e.build(keys), "missing", "hist_category")
 
 
-def test_extra_key() -> None:
+def test_extra_keys_are_accepted_and_missing_keys_named() -> None:
+    """Keys neither ``table_sizes`` nor a schema names are the user's: accepted (multi-valued,
+    anywhere in the KJT, unchecked ids). A key ``table_sizes`` names is required and its ids
+    checked; a key a schema names is required even when ``table_sizes`` does not list it."""
     e = Editable()
     e.features["device_type"] = [[1]] * B
-    raises(e.build(FEATURE_KEYS + ["device_type"]), "unexpected", "device_type")
+    e.features["query_terms"] = [list(range(b)) for b in range(B)]  # 0 .. B-1 values
+    e.features["query_terms"][3] = [10**9, -5]  # no table: not checked
+    keys = FEATURE_KEYS[:3] + ["query_terms"] + FEATURE_KEYS[3:] + ["device_type"]
+    batch = e.build(keys)
+    assert batch.features["query_terms"].lengths().tolist()[3] == 2
+    check_batch(batch, CONFIG.table_sizes)
+
+    # an extra key table_sizes names is checked like the others
+    sizes = {**CONFIG.table_sizes, "device_type": 2}
+    check_batch(batch, sizes)
+    e.features["device_type"][4] = [2]
+    with pytest.raises(BatchError, match=re.escape("feature 'device_type', sample 4: id 2 "
+                                                   "outside the table of 2 rows")):
+        check_batch(e.build(keys), sizes)
+
+    # missing: a key of table_sizes (no schema names it)
+    with pytest.raises(BatchError, match=re.escape("missing ['device_type']")):
+        check_batch(Editable().build(), sizes)
+    # missing: a key of the schema (table_sizes does not name it)
+    sizes = {k: v for k, v in CONFIG.table_sizes.items() if k != "hist_category"}
+    check_batch(Editable().build(), sizes)
+    keys = [k for k in FEATURE_KEYS if k != "hist_category"]
+    with pytest.raises(BatchError, match=re.escape("missing ['hist_category']")):
+        check_batch(Editable().build(keys), sizes)
+    # missing: the time key of a schema that reads its timestamps from the KJT
+    schema = SequenceSchema(attributes=default_schema().attributes, time_key="hist_time")
+    with pytest.raises(BatchError, match=re.escape("missing ['hist_time']")):
+        check_batch(Editable().build(), CONFIG.table_sizes, [schema])
 
 
 def test_lengths_not_summing_to_values() -> None:
@@ -122,14 +153,27 @@ def test_history_category_length_differs_from_items() -> None:
     raises(e.build(), "feature 'hist_category', sample 2", "hist_item")
 
 
-@pytest.mark.parametrize("key", ["user_id", "context_hour", "target_item", "target_category"])
-def test_single_valued_feature_with_two_values(key: str) -> None:
+@pytest.mark.parametrize("key", ["target_item", "target_category"])
+def test_candidate_key_with_two_values(key: str) -> None:
+    """A schema's candidate keys hold exactly one id per sample."""
     e = Editable()
     e.features[key][4] = e.features[key][4] * 2
     raises(e.build(), f"feature '{key}', sample 4", "got 2")
     e = Editable()
     e.features[key][1] = []
     raises(e.build(), f"feature '{key}', sample 1", "got 0")
+
+
+@pytest.mark.parametrize("key", ["user_id", "context_hour"])
+def test_pooled_features_may_have_any_number_of_values(key: str) -> None:
+    """Only candidate keys must be single-valued: a pooled feature is a bag (the EBC pools it),
+    of any length, its ids still checked."""
+    e = Editable()
+    e.features[key][4] = e.features[key][4] * 2
+    e.features[key][1] = []
+    check_batch(e.build(), CONFIG.table_sizes)
+    e.features[key][4] = e.features[key][4][:1] + [CONFIG.table_sizes[key]]
+    raises(e.build(), f"feature '{key}', sample 4", str(CONFIG.table_sizes[key]), "outside")
 
 
 def test_id_outside_the_table() -> None:

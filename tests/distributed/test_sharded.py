@@ -148,8 +148,9 @@ def _forward_equal(rank: int, model_name: str, sharding: str) -> None:
     ctr.refresh_derived_tables()
     logits, aux = sharded(batch.features, batch.history_time, batch.request_time)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
-    if expected_aux is not None:
-        torch.testing.assert_close(aux, expected_aux, rtol=1e-4, atol=1e-5)
+    assert len(aux) == len(expected_aux)
+    for got, want in zip(aux, expected_aux):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # serving on the sharded model (its lookups called on the request's KJT, a collective: each
     # rank serves its own user) scores as the unsharded model (which reads its tables directly)
     request = serving.synthetic_request(DATA, 100, 7, seed=rank)
@@ -198,7 +199,7 @@ def _derived_tables_exact(rank: int, model_name: str, sharding: str, refresh_eve
                             lr=0.5)
     ctr = next(m for m in sharded.modules() if isinstance(m, LongSeqCTR))
     tables = [m for m in sharded.modules() if isinstance(m, ItemDerivedTable)]
-    assert {t.key for t in tables} == {"target_item", "target_category"}
+    assert {t.source for t in tables} == {"item", "category"}
     ctr.refresh_derived_tables()
     initial = [t.table.clone() for t in tables]
     generator = SyntheticGenerator(DATA)
@@ -208,10 +209,10 @@ def _derived_tables_exact(rank: int, model_name: str, sharding: str, refresh_eve
         loss.backward()
         dense.step()
         dense.zero_grad()
-        ctr.refresh_derived_tables(step)
+        ctr.sequence_arch.refresh_pending()  # what the next forward does first
     dim = ModelConfig().embedding_dim
     for table, before in zip(tables, initial):
-        name = "item" if table.key == "target_item" else "category"
+        name = table.source
         key = next(k for k in sharded.state_dict()
                    if k.endswith(f"embedding_collection.embeddings.{name}.weight"))
         weights = full_weights(sharded, key, (table.table.size(0), dim))
@@ -251,3 +252,73 @@ def test_derived_tables_equal_deriving_from_current_weights() -> None:
     2 ranks: exact mode (table-wise, column-wise: rows split across ranks by columns) and
     periodic mode (row-wise, every 2 steps; checked right after a rebuild)."""
     spawn(_all_derived_tables_exact)
+
+
+# ------------------------------------------------------------------------- a user's own model
+
+OWN_DATA = SyntheticConfig(max_seq_len=200, num_users=1000, num_items=1000, num_categories=10,
+                           subclusters=10)
+
+
+def _own_model(seed: int):
+    import own_model  # examples/, on sys.path through conftest (spawned ranks import it too)
+    torch.manual_seed(seed)
+    return own_model.build_own_model(OWN_DATA, dim=8, clicks="eta", buys="sim-hard",
+                                     clicks_k=6, buys_k=3)
+
+
+def _own_forward_equal(rank: int, sharding: str) -> None:
+    import own_model
+    generator = SyntheticGenerator(OWN_DATA)
+    batch = own_model.own_batch(generator, "train", 3, 16)
+    reference = _own_model(0)
+    expected, _ = reference(batch.features, None, batch.request_time)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    train = LongSeqCTRTrain(_own_model(1))
+    apply_optimizer_in_backward(RowWiseAdagrad, list(table_parameters(train).values()), {"lr": 0.5})
+    sharded = shard(train, sharding)
+    copy_weights(sharded, {f"model.{k}": v for k, v in state.items()})
+    ctr = next(m for m in sharded.modules() if isinstance(m, LongSeqCTR))
+    ctr.refresh_derived_tables()
+    seen = []
+    ctr.sequence_arch.embedding_collection.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0]))
+    logits, aux = ctr(batch.features, None, batch.request_time)
+    assert aux == [] and len(seen) == 1  # both sequences in one lookup
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    request = own_model.own_request(own_model.own_batch(generator, "train", 5 + rank, 4), 1, 9,
+                                    OWN_DATA)
+    torch.testing.assert_close(serving.score_request(ctr, request),
+                               serving.score_request(reference.eval(), request),
+                               rtol=1e-4, atol=1e-5)
+    # train: the exact signature tables follow the sharded weights
+    apply = [m for m in sharded.modules() if isinstance(m, ItemDerivedTable)]
+    assert {t.source for t in apply} == {"item", "cate", "shop"}
+    before = [t.table.clone() for t in apply]
+    for step in range(3):
+        loss, _ = sharded(own_model.own_batch(generator, "train", 10 + step * WORLD + rank, 16))
+        loss.backward()
+    ctr.sequence_arch.refresh_pending()
+    for table in apply:
+        key = next(k for k in sharded.state_dict()
+                   if k.endswith(f"embedding_collection.embeddings.{table.source}.weight"))
+        weights = full_weights(sharded, key, (table.table.size(0), 8))
+        assert torch.equal(table.table, table.derive(weights)), table.source
+    assert any((t.table != b).any() for t, b in zip(apply, before))  # training changed rows
+
+
+def _all_own_forward_equal(rank: int) -> None:
+    for sharding in ("table_wise", "column_wise", "row_wise"):
+        try:
+            _own_forward_equal(rank, sharding)
+        except AssertionError as e:
+            raise AssertionError(f"own model sharded {sharding}: {e}") from e
+
+
+def test_own_model_sharded_equals_unsharded() -> None:
+    """The user's model (their keys and tables, three ids per behavior, ETA over clicks and SIM
+    hard over purchases): sharded table-, column- and row-wise on 2 ranks, its forward (one
+    lookup for both sequences) and serving equal the unsharded model's; after training steps
+    (fused row-wise Adagrad on the tables) ETA's signature tables equal hashing the sharded
+    weights."""
+    spawn(_all_own_forward_equal)

@@ -9,7 +9,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.fx import symbolic_trace
 
 from helpers import (B, D, build_small_model, capture, make_batch, nonzero_rows, per_sample, run,
-                     with_histories)
+                     sequence_of, with_histories)
 from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain
 from torchrec_longseq.modules.esu import SearchBasedInterest
@@ -60,7 +60,7 @@ def test_empty_histories_give_finite_logits_and_gradients(name: str, pattern: st
         assert param.grad is None or torch.isfinite(param.grad).all(), pname
     if name != "avgpool" and pattern == "all":
         # nothing to attend to: the attention MLP gets no gradient at all
-        for pname, param in model.sequence_arch.named_parameters():
+        for pname, param in sequence_of(model).named_parameters():
             assert param.grad is None or not param.grad.any(), pname
 
 
@@ -125,9 +125,9 @@ def test_window_zero_has_no_short_term_branch() -> None:
     loses the short-term columns, and the logits do not depend on the recent behaviors beyond
     what the search retrieves (here: the whole history, din-full)."""
     model = build_small_model("din-full", refresh=False, short_window=0)
-    arch = model.sequence_arch
+    arch = sequence_of(model)
     assert arch.short_term is None
-    assert arch.output_dim == make_model("din-full").sequence_arch.output_dim - 2 * D
+    assert arch.output_dim == sequence_of(make_model("din-full")).output_dim - 2 * D
     seen = capture(model.embedding_collection)
     batch = make_batch()
     logits = run(model, batch)
@@ -135,7 +135,7 @@ def test_window_zero_has_no_short_term_branch() -> None:
     history = per_sample(batch.features[HIST_ITEM].values(), batch.features[HIST_ITEM].lengths())
     assert history_item_ids(seen[0]) == history  # the history once, no window after it
     with pytest.raises(ValueError, match="short_window"):
-        SearchBasedInterest(arch.search, arch.esu, None, 50)
+        SearchBasedInterest(arch.search_unit, arch.esu, None, 50)
 
 
 @pytest.mark.parametrize("name", ["din", "din-full"])
@@ -186,7 +186,7 @@ def test_fx_trace_matches_eager(name: str) -> None:
     for batch in (make_batch(1), with_histories(make_batch(2), [b % 3 for b in range(B)])):
         eager = run(model, batch)
         logits, aux = traced(batch.features, batch.history_time, batch.request_time)
-        assert aux is None
+        assert aux == []
         torch.testing.assert_close(logits, eager)
 
 
@@ -222,7 +222,8 @@ def test_heads_and_window_out_of_range_are_errors() -> None:
     from torchrec_longseq.modules.attention import TargetAttention
     from torchrec_longseq.modules.din import DIN
     from torchrec_longseq.modules.time import TimeIntervalEmbedding
+    from torchrec_longseq.schema import default_schema
     with pytest.raises(ValueError, match="num_heads >= 1 and head_dim >= 1, got 0 and 8"):
         TargetAttention(8, 8, num_heads=0, head_dim=8)
     with pytest.raises(ValueError, match="last_n must be >= 0, got -5"):
-        DIN(8, [16], TimeIntervalEmbedding(4), last_n=-5)
+        DIN(default_schema(), 8, [16], TimeIntervalEmbedding(4), last_n=-5)

@@ -13,11 +13,12 @@ import pytest
 import torch
 from torchrec.fx import symbolic_trace
 
-from helpers import B, DATA, WINDOW, build_small_model, make_batch, per_sample, run
+from helpers import B, DATA, WINDOW, build_small_model, make_batch, per_sample, run, sequence_of
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.derived import ItemDerivedTable
+from torchrec_longseq.modules.esu import SearchBasedInterest
 from torchrec_longseq.modules.eta import SimHashSearch
 from torchrec_longseq.retrieval.simhash import simhash_signatures, simhash_topk
 
@@ -30,14 +31,42 @@ def make_model(seed: int = 0, refresh: bool = True, **overrides) -> LongSeqCTR:
     return build_small_model("eta", seed, refresh=refresh, **{**MODEL, **overrides})
 
 
+def module_of(model: LongSeqCTR) -> SearchBasedInterest:
+    module = sequence_of(model)
+    assert isinstance(module, SearchBasedInterest)
+    return module
+
+
 def search_of(model: LongSeqCTR) -> SimHashSearch:
-    search = model.sequence_arch.search
+    search = module_of(model).search_unit
     assert isinstance(search, SimHashSearch)
     return search
 
 
 def signatures_of(model: LongSeqCTR) -> ItemDerivedTable:
-    return search_of(model).item_signatures
+    table = search_of(model).signatures[0]  # index 0: the item block, 1: the category block
+    assert table.source == "item"
+    return table
+
+
+def category_signatures_of(model: LongSeqCTR) -> ItemDerivedTable:
+    table = search_of(model).signatures[1]
+    assert table.source == "category"
+    return table
+
+
+def refresh_pending(model: LongSeqCTR) -> None:
+    """What the next forward does first: re-derive the rows looked up by the training forwards
+    since the last refresh (exact mode), or rebuild every ``refresh_every`` training forwards."""
+    model.sequence_arch.refresh_pending()
+
+
+def search(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The GSU's retrieval, on ids only (no lookup)."""
+    indices, lengths, aux = search_of(model).search(batch.features, batch.history_time,
+                                                    batch.request_time)
+    assert aux is None
+    return indices, lengths
 
 
 def projection_of(model: LongSeqCTR) -> torch.Tensor:
@@ -104,7 +133,7 @@ def test_touched_row_refresh_keeps_the_table_exact() -> None:
         before = table.clone()
         sgd_step(model, make_batch(step), optimizer)
         assert stale_rows(model)  # the step moved signatures: the table is behind until refreshed
-        model.refresh_derived_tables(step=step)
+        refresh_pending(model)
         assert torch.equal(table, rehash(model))
         changed += int((table != before).any(1).sum())
     assert changed > 20  # non-vacuous: many signatures did change
@@ -124,7 +153,7 @@ def test_untouched_rows_are_not_tracked() -> None:
     sgd_step(model, batch, optimizer)
     with torch.no_grad():
         item_weight(model)[outside] *= -1  # flips every bit with a nonzero projection
-    model.refresh_derived_tables(step=1)
+    refresh_pending(model)
     assert stale_rows(model) == [outside]
     assert torch.equal(signatures_of(model).table[outside], old)
     model.refresh_derived_tables()  # a full refresh repairs it
@@ -138,7 +167,7 @@ def test_traced_training_forward_still_records_touched_rows() -> None:
     optimizer = torch.optim.SGD([item_weight(model)], lr=LR)
     sgd_step(traced, make_batch(5), optimizer)
     assert stale_rows(model)
-    model.refresh_derived_tables(step=1)
+    refresh_pending(model)
     assert stale_rows(model) == []
 
 
@@ -150,7 +179,7 @@ def test_eval_forward_records_nothing() -> None:
     target = batch.features[TARGET_ITEM].values()[0]
     with torch.no_grad():
         item_weight(model)[target] *= -1
-    model.refresh_derived_tables(step=1)  # no training step happened: nothing to re-hash
+    refresh_pending(model)  # no training step happened: nothing to re-hash
     assert stale_rows(model) == [int(target)]
 
 
@@ -168,7 +197,7 @@ def test_periodic_refresh_rebuilds_every_n_steps() -> None:
             item_weight(model)[rows] = torch.randn(50, 8, generator=g)
         before = table.clone()
         assert stale_rows(model)
-        model.refresh_derived_tables(step=step)
+        refresh_pending(model)
         if step % 3 == 0:
             assert torch.equal(table, rehash(model)), step
         else:
@@ -194,7 +223,7 @@ def on_the_fly_retrieval(model: LongSeqCTR, batch: Batch, k: int
     f = batch.features
     weight, projection = item_weight(model).detach(), projection_of(model)
     cat_weight = model.embedding_collection.embeddings["category"].weight.detach()
-    cat_projection = search_of(model).category_signatures.derive.projection
+    cat_projection = category_signatures_of(model).derive.projection
     # the behavior embedding [item; category] hashed with diag(H_item, H_category)
     hist = torch.cat([simhash_signatures(weight[f[HIST_ITEM].values()], projection),
                       simhash_signatures(cat_weight[f[HIST_CATEGORY].values()], cat_projection)], 1)
@@ -217,7 +246,7 @@ def plain_forward(model: LongSeqCTR, batch: Batch, indices: torch.Tensor,
     """The model's computation with plain indexing of the weights: no KJT, no EmbeddingCollection,
     per-sample Python for the recent window and the time intervals."""
     f = batch.features
-    seq = model.sequence_arch
+    seq = module_of(model)
     bags = model.sparse_arch.embedding_bags
     items = model.embedding_collection.embeddings["item"].weight
     cats = model.embedding_collection.embeddings["category"].weight
@@ -259,12 +288,12 @@ def test_inference_path_equals_training_path() -> None:
     optimizer = torch.optim.SGD([item_weight(model)], lr=LR)  # move the table, keep the rest
     for step in range(1, 4):  # train with exact refreshes, so the table has moved
         sgd_step(model, make_batch(10 + step), optimizer)
-        model.refresh_derived_tables(step=step)
+        refresh_pending(model)
     assert (signatures_of(model).table != initial).any(1).sum() > 20
     model.eval()
     for batch in (make_batch(0), make_batch(1)):
         indices, lengths = on_the_fly_retrieval(model, batch, K)
-        found, found_lengths, _ = search_of(model)(batch.features, model.embedding_collection, None, None)
+        found, found_lengths = search(model, batch)
         assert torch.equal(found, indices) and torch.equal(found_lengths, lengths)
         torch.testing.assert_close(run(model, batch), plain_forward(model, batch, indices, lengths))
 
@@ -293,12 +322,12 @@ def test_state_dict_carries_table_and_projection() -> None:
     model.train()
     optimizer = torch.optim.SGD([item_weight(model)], lr=LR)
     sgd_step(model, make_batch(1), optimizer)
-    model.refresh_derived_tables(step=1)
+    refresh_pending(model)
     state = model.state_dict()
     table = signatures_of(model).table
-    assert torch.equal(state["sequence_arch.search.item_signatures.table"], table)
-    assert torch.equal(state["sequence_arch.search.item_signatures.derive.projection"],
-                       projection_of(model))
+    prefix = "sequence_arch.sequences.history.search_unit.signatures.0"
+    assert torch.equal(state[f"{prefix}.table"], table)
+    assert torch.equal(state[f"{prefix}.derive.projection"], projection_of(model))
 
     fresh = make_model(seed=1)
     batch = make_batch(2)
@@ -336,7 +365,7 @@ def test_signature_widths_work_end_to_end(num_bits: int) -> None:
         assert param.grad is None or torch.isfinite(param.grad).all(), name
     model.eval()
     indices, lengths = on_the_fly_retrieval(model, batch, K)
-    found, found_lengths, _ = search_of(model)(batch.features, model.embedding_collection, None, None)
+    found, found_lengths = search(model, batch)
     assert torch.equal(found, indices) and torch.equal(found_lengths, lengths)
 
 

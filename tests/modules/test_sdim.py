@@ -21,15 +21,17 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from torchrec import EmbeddingConfig
+
 from helpers import (B, D, DATA, WINDOW, build_small_model, capture, make_batch, make_features,
-                     nonzero_rows, per_sample)
+                     nonzero_rows, per_sample, sequence_of)
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
 from torchrec_longseq.data.synthetic import SyntheticConfig
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
-from torchrec_longseq.modules.lookup import SHORT_CATEGORY, SHORT_ITEM
 from torchrec_longseq.modules.sdim import SDIM, bucket_mean, collision_weights, collisions_by_id
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
+from torchrec_longseq.schema import default_schema
 
 SETTINGS = settings(max_examples=40, deadline=None)
 ATOL, RTOL = 1e-5, 1e-4
@@ -128,7 +130,7 @@ def test_collision_weights_hand_example() -> None:
     offsets = torch.tensor([0, 4, 4, 5])
     items = torch.tensor([1, 2, 3, 1, 4])
     cats = torch.tensor([0, 0, 1, 0, 1])
-    positions, lengths, weights = collision_weights(codes, target, offsets, items, cats, 2, 2, 2)
+    positions, lengths, weights = collision_weights(codes, target, offsets, [items, cats], 2, 2)
     assert lengths.tolist() == [2, 0, 0]
     got = {int(items[p]): w.tolist() for p, w in zip(positions, weights)}
     assert got == {1: [2.0, 0.0], 2: [0.0, 1.0]}  # A twice, in signature 0; B in signature 1
@@ -182,7 +184,7 @@ def test_collision_weights_and_bucket_mean_match_brute_force(
     offsets = offsets_of(lengths)
 
     positions, counts, weights = collision_weights(
-        codes, target_codes, offsets, items, cats, num_categories, tau, groups_per_word)
+        codes, target_codes, offsets, [items, cats], tau, groups_per_word)
     assert counts.shape == (b,) and weights.shape == (positions.numel(), num_signatures)
     assert int(counts.sum()) == positions.numel()
 
@@ -259,10 +261,10 @@ def check_collisions_by_id(lengths: List[int], tau: int, groups: int, num_items:
     items = torch.tensor([p[0] for p in flat], dtype=torch.long)
     cats = torch.tensor([p[1] for p in flat], dtype=torch.long)
     positions, counts, weights = collisions_by_id(
-        torch.tensor(item_words), items, torch.tensor(cat_words), cats,
-        torch.tensor([t[0] for t in targets], dtype=torch.long),
-        torch.tensor([t[1] for t in targets], dtype=torch.long), offsets_of(lengths), tau,
-        groups_per_word)
+        [torch.tensor(item_words), torch.tensor(cat_words)], [items, cats],
+        [torch.tensor([t[0] for t in targets], dtype=torch.long),
+         torch.tensor([t[1] for t in targets], dtype=torch.long)], [items, cats],
+        offsets_of(lengths), tau, groups_per_word)
     assert counts.tolist() == [len(expected_collisions(
         [p[0] for p in h], [p[1] for p in h], [item_words[i] + cat_words[c] for i, c in h],
         item_words[t[0]] + cat_words[t[1]], tau, groups_per_word)) for h, t in zip(hist, targets)]
@@ -290,8 +292,9 @@ def test_compiled_collisions_reject_more_than_64_signatures(monkeypatch: pytest.
     item_codes = torch.tensor([[0], [1 << 39]])
     cat_codes = torch.tensor([[0], [-1]])
     with pytest.raises(RuntimeError, match="at most 64 signatures"):
-        collisions_by_id(item_codes, torch.tensor([1]), cat_codes, torch.tensor([1]),
-                         torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 1]), tau,
+        collisions_by_id([item_codes, cat_codes], [torch.tensor([1]), torch.tensor([1])],
+                         [torch.tensor([0]), torch.tensor([0])],
+                         [torch.tensor([1]), torch.tensor([1])], torch.tensor([0, 1]), tau,
                          groups_per_word)
 
 
@@ -309,7 +312,7 @@ def test_nothing_collides() -> None:
     items = torch.tensor([1, 1, 2, 3, 3])
     cats = torch.tensor([0, 0, 1, 0, 0])
     table = torch.randn(5, 4).requires_grad_()
-    positions, lengths, weights = collision_weights(codes, target, offsets, items, cats, 2, tau,
+    positions, lengths, weights = collision_weights(codes, target, offsets, [items, cats], tau,
                                                     groups_per_word)
     assert positions.numel() == 0 and lengths.tolist() == [0, 0, 0]
     assert weights.shape == (0, words * groups_per_word)
@@ -320,7 +323,7 @@ def test_nothing_collides() -> None:
 
     # the last sample's target now shares exactly the top group (bits 6-7) of word 0 with item 3
     target[2] = torch.tensor([0b0111_1111, 0b1111_1111])
-    positions, lengths, weights = collision_weights(codes, target, offsets, items, cats, 2, tau,
+    positions, lengths, weights = collision_weights(codes, target, offsets, [items, cats], tau,
                                                     groups_per_word)
     assert lengths.tolist() == [0, 0, 1] and items[positions].tolist() == [3]
     assert weights.tolist() == [[0, 0, 0, 2, 0, 0, 0, 0]]  # signature 3 only, item 3 twice
@@ -339,7 +342,7 @@ def test_sign_bit_group_is_compared() -> None:
     codes = torch.tensor([[signed64(0xF << 60)], [signed64(0x7 << 60)]])
     target = torch.tensor([[signed64((0xF << 60) | 0x1)]])
     positions, lengths, weights = collision_weights(
-        codes, target, torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([0, 0]), 1, 4, 16)
+        codes, target, torch.tensor([0, 2]), [torch.tensor([0, 1]), torch.tensor([0, 0])], 4, 16)
     assert lengths.tolist() == [2] and sorted(positions.tolist()) == [0, 1]
     by_item = {int(p): w for p, w in zip(positions, weights)}
     assert by_item[0][15] == 1 and by_item[1][15] == 0  # 0xF matches, 0x7 does not
@@ -355,22 +358,34 @@ def test_bucket_mean_of_an_empty_batch() -> None:
 
 # ----------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("num_bits,tau", [(47, 1), (48, 5), (48, 7), (130, 5), (256, 4), (0, 1),
+def small_tables() -> Dict[str, EmbeddingConfig]:
+    """An item table of 10 rows and a category table of 3, both 4 wide (a behavior is 8 wide)."""
+    schema = default_schema()
+    item, category = schema.attributes
+    return {a.table: EmbeddingConfig(name=a.table, embedding_dim=4, num_embeddings=rows,
+                                     feature_names=[a.candidate_key, a.history_key])
+            for a, rows in ((item, 10), (category, 3))}
+
+
+@pytest.mark.parametrize("num_bits,tau", [(47, 2), (48, 5), (48, 7), (130, 5), (256, 4), (0, 1),
                                           (-48, 3), (2, 2), (80, 1), (128, 1)])
 def test_invalid_bits_and_tau_raise(num_bits: int, tau: int) -> None:
     with pytest.raises(ValueError, match="num_bits"):
-        SDIM((10, 3), 4, [4], TimeIntervalEmbedding(2), num_bits=num_bits, tau=tau)
+        SDIM(default_schema(), small_tables(), [4], TimeIntervalEmbedding(2),
+             num_bits=num_bits, tau=tau)
 
 
 @pytest.mark.parametrize("tau", [0, -3])
 def test_non_positive_tau_raises(tau: int) -> None:
     with pytest.raises(ValueError, match=f"tau >= 1.*tau={tau}"):
-        SDIM((10, 3), 4, [4], TimeIntervalEmbedding(2), num_bits=48, tau=tau)
+        SDIM(default_schema(), small_tables(), [4], TimeIntervalEmbedding(2),
+             num_bits=48, tau=tau)
 
 
 @pytest.mark.parametrize("num_bits,tau", [(2, 1), (48, 3), (128, 4), (128, 64)])
 def test_valid_bits_and_tau(num_bits: int, tau: int) -> None:
-    sdim = SDIM((10, 3), 4, [4], TimeIntervalEmbedding(2), num_bits=num_bits, tau=tau)
+    sdim = SDIM(default_schema(), small_tables(), [4], TimeIntervalEmbedding(2),
+                num_bits=num_bits, tau=tau)
     assert sdim.tau == tau and sdim.groups_per_word == num_bits // 2 // tau
     assert sdim.output_dim == 24
 
@@ -379,30 +394,42 @@ def test_valid_bits_and_tau(num_bits: int, tau: int) -> None:
 
 def make_model(seed: int = 0, data: SyntheticConfig = DATA, **overrides) -> LongSeqCTR:
     model = build_small_model("sdim", seed, data, **{**MODEL, **overrides})
-    assert isinstance(model.sequence_arch, SDIM)
+    assert isinstance(sequence_of(model), SDIM)
     return model
 
 
 def sequence_output(model: LongSeqCTR, batch: Batch) -> torch.Tensor:
-    out, aux = model.sequence_arch(batch.features, batch.history_time, batch.request_time,
-                                   model.embedding_collection)
-    assert aux is None
+    out, aux = model.sequence_arch(batch.features, batch.history_time, batch.request_time)
+    assert aux == []
     return out
+
+
+def split_lookup(kjt, key: str, history_lengths: List[int]
+                 ) -> Tuple[List[List[int]], List[List[int]]]:
+    """The ids sent under history key ``key``, per sample split into the long-term selection
+    and the short-term window that follows it (the window is the last ``min(WINDOW, L)``
+    behaviors of a history of ``L``)."""
+    looked = per_sample(kjt[key].values(), kjt[key].lengths())
+    assert len(looked) == len(history_lengths)
+    windows = [min(WINDOW, n) for n in history_lengths]
+    assert all(len(ids) >= w for ids, w in zip(looked, windows))
+    return ([ids[:len(ids) - w] for ids, w in zip(looked, windows)],
+            [ids[len(ids) - w:] for ids, w in zip(looked, windows)])
 
 
 def dense_codes(model: LongSeqCTR, items: torch.Tensor, cats: torch.Tensor) -> List[List[int]]:
     """Hash each behavior's [e_item; e_category] from the embedding tables now (no code table):
     SimHash's block-diagonal projection, one word per block."""
-    arch = model.sequence_arch
+    item_codes, category_codes = sequence_of(model).codes
     weights = model.embedding_collection.embeddings
-    item_words = arch.item_codes.derive(weights["item"].weight.detach()[items])
-    cat_words = arch.category_codes.derive(weights["category"].weight.detach()[cats])
+    item_words = item_codes.derive(weights["item"].weight.detach()[items])
+    cat_words = category_codes.derive(weights["category"].weight.detach()[cats])
     return torch.cat([item_words, cat_words], dim=1).tolist()
 
 
 def reference_model_interest(model: LongSeqCTR, batch: Batch
                              ) -> Tuple[torch.Tensor, List[Dict[Tuple[int, int], Tuple[int, List[bool]]]]]:
-    arch = model.sequence_arch
+    arch = sequence_of(model)
     f = batch.features
     weights = model.embedding_collection.embeddings
     item_w = weights["item"].weight.detach().double()
@@ -428,7 +455,7 @@ def test_sdim_matches_dense_reference(monkeypatch: pytest.MonkeyPatch, kernels: 
     """``kernels``: "1" the compiled CPU collisions (the default), "0" the torch ops."""
     monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
     model = make_model(sdim_bits=bits, sdim_tau=tau)
-    arch = model.sequence_arch
+    arch = sequence_of(model)
     assert arch.groups_per_word == bits // 2 // tau
     model.eval()
     for index in ((0, 1) if (bits, tau) == (48, 3) else (0,)):
@@ -453,7 +480,7 @@ def test_reference_sees_a_wrong_group_shift(monkeypatch: pytest.MonkeyPatch) -> 
     model.eval()
     batch = make_batch()
     out = sequence_output(model, batch)[:, 2 * D:4 * D].double()
-    assert (model.sequence_arch.tau, model.sequence_arch.groups_per_word) == (3, 8)
+    assert (sequence_of(model).tau, sequence_of(model).groups_per_word) == (3, 8)
     monkeypatch.setattr(sys.modules[__name__], "group_bits",
                         lambda word, group, t: ((word & MASK64) >> (t * group + 1)) & ((1 << t) - 1))
     shifted, _ = reference_model_interest(model, batch)
@@ -479,17 +506,19 @@ def test_lookup_is_distinct_colliding_behaviors_and_gradients_reach_exactly_them
     assert len(seen) == 1  # one lookup: target, distinct colliding behaviors, recent window
     kjt = seen[0]
     assert kjt[TARGET_ITEM].values().tolist() == f[TARGET_ITEM].values().tolist()
-    looked_items = per_sample(kjt[HIST_ITEM].values(), kjt[HIST_ITEM].lengths())
-    looked_cats = per_sample(kjt[HIST_CATEGORY].values(), kjt[HIST_CATEGORY].lengths())
+    # under each history key, per sample: the distinct colliding behaviors, then the window
+    assert kjt[HIST_ITEM].lengths().tolist() == [len(c) + min(WINDOW, len(h))
+                                                 for c, h in zip(collisions, items)]
+    history_lengths = [len(h) for h in items]
+    looked_items, short_items = split_lookup(kjt, HIST_ITEM, history_lengths)
+    looked_cats, short_cats = split_lookup(kjt, HIST_CATEGORY, history_lengths)
     for s in range(len(items)):
         pairs = list(zip(looked_items[s], looked_cats[s]))
         assert len(set(pairs)) == len(pairs)  # each distinct behavior once
         assert set(pairs) == set(collisions[s])  # exactly the colliding ones
         assert len(pairs) <= len(set(items[s])) < len(items[s])  # <= distinct items < L
-    assert per_sample(kjt[SHORT_ITEM].values(), kjt[SHORT_ITEM].lengths()) == [
-        h[-WINDOW:] for h in items]
-    assert per_sample(kjt[SHORT_CATEGORY].values(), kjt[SHORT_CATEGORY].lengths()) == [
-        h[-WINDOW:] for h in cats]
+    assert short_items == [h[-WINDOW:] for h in items]
+    assert short_cats == [h[-WINDOW:] for h in cats]
 
     # gradient of each sample's sequence output alone (no over-arch ReLUs that could be dead)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
@@ -522,10 +551,14 @@ def test_repeated_behaviors_are_merged_with_their_count(kernels: str) -> None:
     history_time = torch.arange(7, dtype=torch.long)
     request_time = torch.full((3,), 10**6, dtype=torch.long)
     seen = capture(model.embedding_collection)
-    out, _ = model.sequence_arch(features, history_time, request_time, model.embedding_collection)
-    # the target is item 7 itself: it collides in every signature
-    assert seen[0][HIST_ITEM].lengths().tolist()[0] in (1, 2)
-    assert seen[0][HIST_ITEM].values().tolist().count(7) == 2  # once per sample holding it
+    out, aux = model.sequence_arch(features, history_time, request_time)
+    assert aux == []
+    # the target is item 7 itself: it collides in every signature. Under hist_item each sample
+    # sends its long-term selection, then its window (the last WINDOW behaviors)
+    long_items, short_items = split_lookup(seen[0], HIST_ITEM, [len(h) for h in hist_items])
+    assert len(long_items[0]) in (1, 2)
+    assert sum(ids.count(7) for ids in long_items) == 2  # once per sample holding it
+    assert short_items == [h[-WINDOW:] for h in hist_items]
     batch = Batch(features=features, history_time=history_time, request_time=request_time,
                   labels=torch.zeros(3), relevant=torch.zeros(7, dtype=torch.bool))
     ref, collisions = reference_model_interest(model, batch)

@@ -16,15 +16,15 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.fx import symbolic_trace
 
 from helpers import (B, DATA, WINDOW, build_small_model, capture, make_batch, make_features,
-                     nonzero_rows, per_sample, with_histories)
+                     nonzero_rows, per_sample, sequence_of, with_histories)
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
 from torchrec_longseq.data.synthetic import SyntheticConfig
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.esu import ExactSearchUnit
-from torchrec_longseq.modules.lookup import SHORT_CATEGORY, SHORT_ITEM
-from torchrec_longseq.modules.sim import SEARCH_HIST, SEARCH_TARGET, HardSearch, SoftSearch
+from torchrec_longseq.modules.sim import HardSearch, SoftSearch, soft_search_tables
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
+from torchrec_longseq.schema import default_schema
 
 K = 4
 SEARCH_MODELS = ["sim-hard", "sim-soft", "eta"]
@@ -38,9 +38,14 @@ def make_model(name: str, seed: int = 0, data: SyntheticConfig = DATA, **overrid
     return build_small_model(name, seed, data, **{**MODEL, **overrides})
 
 
-def run(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Logits and the auxiliary output (SIM soft's), unlike ``helpers.run``."""
+def run(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Logits and the list of auxiliary outputs (``[aux]`` for SIM soft, else ``[]``), unlike
+    ``helpers.run``."""
     return model(batch.features, batch.history_time, batch.request_time)
+
+
+def hard_search(k: int) -> HardSearch:
+    return HardSearch(default_schema(), k)
 
 
 def no_grad(param: torch.nn.Parameter) -> bool:
@@ -71,7 +76,7 @@ def test_hard_search_hand_example() -> None:
     features = make_features([[10, 20, 11, 12, 21, 13], [], [30, 31], [0, 14]],
                              [[1, 2, 1, 1, 2, 1], [], [3, 3], [0, 1]],
                              [15, 16, 0, 17], [1, 1, 0, 1])
-    indices, lengths, aux = HardSearch(2)(features, None, None, None)
+    indices, lengths, aux = hard_search(2).search(features, None, None)
     assert indices.tolist() == [3, 5, 9]
     assert lengths.tolist() == [2, 0, 0, 1]
     assert aux is None
@@ -83,7 +88,7 @@ def test_hard_search_matches_loop_on_generated_batch(k: int) -> None:
     f = batch.features
     cats = per_sample(f[HIST_CATEGORY].values(), f[HIST_CATEGORY].lengths())
     targets = f[TARGET_CATEGORY].values().tolist()
-    indices, lengths, _ = HardSearch(k)(f, None, None, None)
+    indices, lengths, _ = hard_search(k).search(f, None, None)
     expected, counts = hard_reference(cats, targets, k)
     assert per_sample(indices, lengths) == expected
     assert lengths.tolist() == counts
@@ -111,7 +116,7 @@ def test_hard_search_matches_loop_random(hist_cats: List[List[int]], data, k: in
                                  max_size=len(hist_cats)))
     items = [[7] * len(h) for h in hist_cats]
     features = make_features(items, hist_cats, [0] * len(targets), targets)
-    indices, lengths, _ = HardSearch(k)(features, None, None, None)
+    indices, lengths, _ = hard_search(k).search(features, None, None)
     expected, counts = hard_reference(hist_cats, targets, k)
     assert per_sample(indices, lengths) == expected
     assert lengths.tolist() == counts
@@ -120,9 +125,25 @@ def test_hard_search_matches_loop_random(hist_cats: List[List[int]], data, k: in
 # ----------------------------------------------------------------------------- soft search
 
 def search_table(num_items: int, dim: int) -> EmbeddingCollection:
-    return EmbeddingCollection(tables=[EmbeddingConfig(
-        name="search_item", embedding_dim=dim, num_embeddings=num_items,
-        feature_names=[SEARCH_TARGET, SEARCH_HIST])])
+    """An item-only search space (table ``search_item``) over the item table of ``num_items``
+    rows: serves the user's own keys ``target_item`` and ``hist_item``."""
+    items = EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=num_items,
+                            feature_names=[TARGET_ITEM, HIST_ITEM])
+    table = soft_search_tables(default_schema(), {"item": items}, dim, history_keys=[HIST_ITEM])
+    assert [(c.name, c.feature_names, c.num_embeddings) for c in table.embedding_configs()] == [
+        ("search_item", [TARGET_ITEM, HIST_ITEM], num_items)]
+    return table
+
+
+def soft_search(num_items: int, dim: int, projection_dim: int, k: int,
+                aux_hidden: List[int]) -> SoftSearch:
+    return SoftSearch(default_schema(), search_table(num_items, dim), projection_dim, k,
+                      aux_hidden)
+
+
+def with_category(search: SoftSearch) -> bool:
+    """Whether the search space has the category table next to the item's."""
+    return "search_category" in search.search_table.embeddings
 
 
 def table_weight(search: SoftSearch) -> torch.nn.Parameter:
@@ -132,7 +153,7 @@ def table_weight(search: SoftSearch) -> torch.nn.Parameter:
 def search_vector(search: SoftSearch, item: int, category: int) -> torch.Tensor:
     """``u``: the item's search embedding, and its category's when the search has that table."""
     u = table_weight(search).detach().double()[item]
-    if search.with_category:
+    if with_category(search):
         cat = search.search_table.embeddings["search_category"].weight.detach().double()
         u = torch.cat([u, cat[category]])
     return u
@@ -187,7 +208,7 @@ def integer_soft_search() -> SoftSearch:
     """Integer weights: every score is an exact small integer in float32, so ties are exact
     (between repeated items and between different items) and compare exactly to the reference."""
     torch.manual_seed(0)
-    search = SoftSearch(search_table(6, 3), projection_dim=2, k=3, aux_hidden=[4])
+    search = soft_search(6, 3, projection_dim=2, k=3, aux_hidden=[4])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         table_weight(search).copy_(torch.randint(-2, 3, (6, 3), generator=g).float())
@@ -198,7 +219,7 @@ def integer_soft_search() -> SoftSearch:
 
 def test_soft_search_hand_example() -> None:
     # 1-d search space, W_a = W_b = 1: score = e_i * e_a. e = [0, 1, 2, -1], target item 1.
-    search = SoftSearch(search_table(4, 1), projection_dim=1, k=2, aux_hidden=[2])
+    search = soft_search(4, 1, projection_dim=1, k=2, aux_hidden=[2])
     with torch.no_grad():
         table_weight(search).copy_(torch.tensor([[0.0], [1.0], [2.0], [-1.0]]))
         search.w_a.weight.fill_(1.0)
@@ -207,7 +228,7 @@ def test_soft_search_hand_example() -> None:
     # sample 1 empty; sample 2: items 0 0 -> scores 0 0, k = 2 keeps both, later first: 6, 5
     features = make_features([[3, 1, 2, 1, 0], [], [0, 0]], [[0] * 5, [], [0, 0]],
                              [1, 1, 1], [0, 0, 0])
-    indices, lengths, aux = search(features, None, None, None)
+    indices, lengths, aux = search.search(features, None, None)
     assert indices.tolist() == [2, 3, 6, 5]
     assert lengths.tolist() == [2, 0, 2]
     assert aux.shape == (3,) and torch.isfinite(aux).all()
@@ -229,7 +250,7 @@ def test_soft_search_matches_dense_reference_with_exact_ties(
                                  max_size=len(hist_items)))
     features = make_features(hist_items, [[0] * len(h) for h in hist_items], targets,
                              [0] * len(targets))
-    indices, lengths, aux = search(features, None, None, None)
+    indices, lengths, aux = search.search(features, None, None)
     expected, _ = soft_reference(search, hist_items, targets)
     assert per_sample(indices, lengths) == expected
     torch.testing.assert_close(aux.double(), aux_reference(search, hist_items, targets),
@@ -238,7 +259,7 @@ def test_soft_search_matches_dense_reference_with_exact_ties(
 
 def test_soft_search_matches_dense_reference_on_model() -> None:
     model = make_model("sim-soft")
-    search = model.sequence_arch.search
+    search = sequence_of(model).search_unit
     assert isinstance(search, SoftSearch) and search.k == K
     batch = make_batch()
     f = batch.features
@@ -246,8 +267,11 @@ def test_soft_search_matches_dense_reference_on_model() -> None:
     targets = f[TARGET_ITEM].values().tolist()
     cats = per_sample(f[HIST_CATEGORY].values(), f[HIST_CATEGORY].lengths())
     target_cats = f[TARGET_CATEGORY].values().tolist()
-    assert search.with_category  # the model's search space: item and category tables
-    indices, lengths, aux = search(f, model.embedding_collection, None, None)
+    # the model's search space: item and category tables, in schema order
+    assert with_category(search)
+    assert search.history_keys == [HIST_ITEM, HIST_CATEGORY]
+    assert search.candidate_keys == [TARGET_ITEM, TARGET_CATEGORY]
+    indices, lengths, aux = search.search(f, batch.history_time, batch.request_time)
     expected, scores = soft_reference(search, items, targets, cats, target_cats)
     # float32 vs float64 scores: the order is only comparable where two different items are
     # farther apart than float32 error; make sure no such near-tie decides this batch's top k
@@ -260,18 +284,20 @@ def test_soft_search_matches_dense_reference_on_model() -> None:
     torch.testing.assert_close(aux.double(), aux_reference(search, items, targets, cats, target_cats),
                                rtol=1e-4, atol=1e-5)
     _, model_aux = run(model, batch)
-    torch.testing.assert_close(model_aux, aux)
+    assert len(model_aux) == 1
+    torch.testing.assert_close(model_aux[0], aux)
 
 
 def test_soft_search_aux_loss_trains_the_whole_search_space() -> None:
     model = make_model("sim-soft")
-    search = model.sequence_arch.search
+    search = sequence_of(model).search_unit
     full = make_batch()
     lengths = full.features[HIST_ITEM].lengths().tolist()
     keep = [0 if b == 5 else n for b, n in enumerate(lengths)]
     batch = with_histories(full, keep)  # one empty history among full ones
     f = batch.features
-    logits, aux = run(model, batch)
+    logits, aux_list = run(model, batch)
+    (aux,) = aux_list
 
     # the main logit does not depend on the search space (the top-k choice takes no gradient)
     torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward(
@@ -285,7 +311,7 @@ def test_soft_search_aux_loss_trains_the_whole_search_space() -> None:
     # every behavior of every sample (not only the retrieved k) and every target gets a gradient
     expected = set(f[HIST_ITEM].values().tolist()) | set(f[TARGET_ITEM].values().tolist())
     assert nonzero_rows(table_weight(search).grad) == expected
-    retrieved = set(f[HIST_ITEM].values()[search(f, None, None, None)[0]].tolist())
+    retrieved = set(f[HIST_ITEM].values()[search.search(f, None, None)[0]].tolist())
     assert len(expected - retrieved - set(f[TARGET_ITEM].values().tolist())) > 50
     assert search.w_a.weight.grad.abs().sum() > 0
     assert search.w_b.weight.grad.abs().sum() > 0
@@ -313,12 +339,16 @@ def test_lookup_grows_with_k_not_with_history(name: str, length: int) -> None:
     batch = make_batch(data=data, batch_size=4)
     assert batch.features[HIST_ITEM].lengths().tolist() == [length] * 4
     main = capture(model.embedding_collection)
-    search_side = capture(model.sequence_arch.search.search_table) if name == "sim-soft" else []
+    search = sequence_of(model).search_unit
+    search_side = capture(search.search_table) if name == "sim-soft" else []
     logits, _ = run(model, batch)
     assert torch.isfinite(logits).all()
     assert len(main) == 1  # one lookup for candidate, retrieved and recent
-    items = ids_per_sample(main[0], [TARGET_ITEM, HIST_ITEM, SHORT_ITEM])
-    categories = ids_per_sample(main[0], [TARGET_CATEGORY, HIST_CATEGORY, SHORT_CATEGORY])
+    # the history keys carry the retrieved and the recent window, one after the other
+    assert sorted(main[0].keys()) == sorted([TARGET_ITEM, HIST_ITEM, TARGET_CATEGORY,
+                                             HIST_CATEGORY])
+    items = ids_per_sample(main[0], [TARGET_ITEM, HIST_ITEM])
+    categories = ids_per_sample(main[0], [TARGET_CATEGORY, HIST_CATEGORY])
     assert all(n <= k + window + 1 for n in items), items
     assert categories == items
     if name == "sim-hard":
@@ -332,7 +362,7 @@ def test_lookup_grows_with_k_not_with_history(name: str, length: int) -> None:
     if name == "sim-soft":
         # documented: the small search table does see the whole history
         assert len(search_side) == 1
-        assert search_side[0][SEARCH_HIST].lengths().tolist() == [length] * 4
+        assert search_side[0][HIST_ITEM].lengths().tolist() == [length] * 4
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -345,7 +375,8 @@ def test_main_table_gradients_reach_exactly_the_looked_up_rows(name: str) -> Non
                            num_categories=10, subclusters=10)
     batch = make_batch(1, data=long)
     f = batch.features
-    indices, lengths, _ = model.sequence_arch.search(f, model.embedding_collection, None, None)
+    indices, lengths, _ = sequence_of(model).search_unit.search(f, batch.history_time,
+                                                                batch.request_time)
     items = per_sample(f[HIST_ITEM].values(), f[HIST_ITEM].lengths())
     cats = per_sample(f[HIST_CATEGORY].values(), f[HIST_CATEGORY].lengths())
     assert min(len(h) for h in items) > K + WINDOW
@@ -362,12 +393,17 @@ def test_main_table_gradients_reach_exactly_the_looked_up_rows(name: str) -> Non
     # samples whose over-arch ReLUs are all dead at this random init pass no gradient at all
     alive = torch.autograd.grad(logits.sum(), over_input["x"], retain_graph=True)[0].abs().sum(1) > 0
     assert alive.sum() >= len(alive) // 2
-    # what reached the lookup: target, the search's retrieved positions, the last WINDOW
+    # what reached the lookup: target, and per sample under the history key the search's
+    # retrieved positions followed by the last WINDOW
+    assert len(seen) == 1
+    retrieved_items = per_sample(hist_items[indices], lengths)
+    retrieved_cats = per_sample(hist_cats[indices], lengths)
     assert seen[0][TARGET_ITEM].values().tolist() == f[TARGET_ITEM].values().tolist()
-    assert seen[0][HIST_ITEM].values().tolist() == hist_items[indices].tolist()
-    assert seen[0][HIST_ITEM].lengths().tolist() == lengths.tolist()
-    assert per_sample(seen[0][SHORT_ITEM].values(), seen[0][SHORT_ITEM].lengths()) == [
-        h[-WINDOW:] for h in items]
+    assert seen[0][TARGET_CATEGORY].values().tolist() == f[TARGET_CATEGORY].values().tolist()
+    assert per_sample(seen[0][HIST_ITEM].values(), seen[0][HIST_ITEM].lengths()) == [
+        r + h[-WINDOW:] for r, h in zip(retrieved_items, items)]
+    assert per_sample(seen[0][HIST_CATEGORY].values(), seen[0][HIST_CATEGORY].lengths()) == [
+        r + c[-WINDOW:] for r, c in zip(retrieved_cats, cats)]
 
     torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
     used_items = (set(f[TARGET_ITEM].values().tolist()) | set(hist_items[indices].tolist())
@@ -439,11 +475,11 @@ def test_esu_index_reads_the_indexed_behaviors(time_as_bias: bool) -> None:
     assert torch.equal(indexed[1], torch.zeros(8)) and indexed[0].abs().sum() > 0
 
 
-def total_loss(logits: torch.Tensor, aux: Optional[torch.Tensor], labels: torch.Tensor
+def total_loss(logits: torch.Tensor, aux: List[torch.Tensor], labels: torch.Tensor
                ) -> torch.Tensor:
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-    if aux is not None:
-        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(aux, labels)
+    for extra in aux:
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(extra, labels)
     return loss
 
 
@@ -455,19 +491,19 @@ def test_empty_histories_give_finite_logits_and_gradients(name: str, pattern: st
     batch = with_histories(make_batch(), keep)
     logits, aux = run(model, batch)
     assert logits.shape == (B,) and torch.isfinite(logits).all()
-    assert (aux is not None) == (name == "sim-soft")
-    if aux is not None:
-        assert torch.isfinite(aux).all()
+    assert len(aux) == (1 if name == "sim-soft" else 0)
+    for extra in aux:
+        assert extra.shape == (B,) and torch.isfinite(extra).all()
     total_loss(logits, aux, batch.labels).backward()
     for pname, param in model.named_parameters():
         assert param.grad is None or torch.isfinite(param.grad).all(), pname
-    seq = model.sequence_arch
+    seq = sequence_of(model)
     if pattern == "all":  # nothing retrieved, nothing recent: ESU and DIN get no gradient
         for module in (seq.esu, seq.short_term):
             for param in module.parameters():
                 assert no_grad(param)
         if name == "sim-soft":
-            assert no_grad(seq.search.w_a.weight) and no_grad(seq.search.w_b.weight)
+            assert no_grad(seq.search_unit.w_a.weight) and no_grad(seq.search_unit.w_b.weight)
     else:
         assert seq.esu.attention.v_proj.weight.grad.abs().sum() > 0
 
@@ -482,14 +518,15 @@ def test_no_behavior_of_the_target_category() -> None:
     other = [[(t + 1 + j % 3) % DATA.num_categories for j in range(n)]
              for t, n in zip(targets, lengths)]
     nomatch = with_histories(batch, lengths, categories=other)
-    _, found, _ = model.sequence_arch.search(nomatch.features, None, None, None)
+    seq = sequence_of(model)
+    _, found, _ = seq.search_unit.search(nomatch.features, nomatch.history_time,
+                                         nomatch.request_time)
     assert found.tolist() == [0] * B
     logits, aux = run(model, nomatch)
-    assert aux is None and torch.isfinite(logits).all()
+    assert aux == [] and torch.isfinite(logits).all()
     total_loss(logits, aux, batch.labels).backward()
     for pname, param in model.named_parameters():
         assert param.grad is None or torch.isfinite(param.grad).all(), pname
-    seq = model.sequence_arch
     for param in seq.esu.attention.parameters():
         assert no_grad(param)  # nothing retrieved
     assert seq.short_term.score[1].weight.grad.abs().sum() > 0  # the recent window still counts
@@ -507,7 +544,6 @@ def test_fx_trace_matches_eager(name: str) -> None:
         eager, eager_aux = run(model, batch)
         logits, aux = traced(batch.features, batch.history_time, batch.request_time)
         torch.testing.assert_close(logits, eager, rtol=0, atol=0)
-        if name == "sim-soft":
-            torch.testing.assert_close(aux, eager_aux, rtol=0, atol=0)
-        else:
-            assert aux is None and eager_aux is None
+        assert len(aux) == len(eager_aux) == (1 if name == "sim-soft" else 0)
+        for traced_extra, eager_extra in zip(aux, eager_aux):
+            torch.testing.assert_close(traced_extra, eager_extra, rtol=0, atol=0)

@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from helpers import (B, D, TABLES, build_small_model, make_batch, make_features, per_sample, run,
-                     with_histories)
+                     sequence_of, with_histories)
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
-from torchrec_longseq.modules.esu import ExactSearchUnit
+from torchrec_longseq.modules.esu import ExactSearchUnit, SearchBasedInterest
+from torchrec_longseq.modules.sequence import table_configs
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.modules.twin import TwinSearch
+from torchrec_longseq.schema import default_schema
 
 K = 5
 HEADS, HEAD_DIM = 2, 4
@@ -39,13 +41,28 @@ def make_model(seed: int = 0, **overrides) -> LongSeqCTR:
         for table in model.embedding_collection.embeddings.values():
             table.weight.copy_(torch.randn(table.weight.shape, generator=g))
     model.refresh_derived_tables()
-    assert isinstance(model.sequence_arch.search, TwinSearch)
+    assert isinstance(search_of(model), TwinSearch)
     return model
 
 
+def module_of(model: LongSeqCTR) -> SearchBasedInterest:
+    module = sequence_of(model)
+    assert isinstance(module, SearchBasedInterest)
+    return module
+
+
+def search_of(model: LongSeqCTR) -> TwinSearch:
+    return module_of(model).search_unit
+
+
+def refresh_pending(model: LongSeqCTR) -> None:
+    """What the next forward does first: rebuild the tables if a refresh is due."""
+    model.sequence_arch.refresh_pending()
+
+
 def search(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-    indices, lengths, aux = model.sequence_arch.search(
-        batch.features, model.embedding_collection, batch.history_time, batch.request_time)
+    indices, lengths, aux = search_of(model).search(batch.features, batch.history_time,
+                                                    batch.request_time)
     assert aux is None
     return indices, lengths
 
@@ -57,7 +74,8 @@ def dense_scores(model: LongSeqCTR, batch: Batch, bias_sign: float = 1.0,
     """The ESU's attention logits of every behavior, mean over heads, from the embedding tables
     and the ESU's weights: padded ``[B, Lmax]`` float64 (padding -inf) and the mask."""
     f = batch.features
-    att, time_bias = model.sequence_arch.esu.attention, model.sequence_arch.esu.time_embedding
+    esu = module_of(model).esu
+    att, time_bias = esu.attention, esu.time_embedding
     h, dh = att.num_heads, att.head_dim
     weights = model.embedding_collection.embeddings
     item_w = weights["item"].weight.detach().double()
@@ -168,7 +186,7 @@ def test_exact_ties_go_to_the_more_recent_behavior(kernels: str) -> None:
     batch = Batch(features=make_features(hist_items, hist_cats, [7, 7, 7], [0, 0, 0]),
                   history_time=history_time, request_time=torch.full((3,), request),
                   labels=torch.zeros(3), relevant=torch.zeros(9, dtype=torch.bool))
-    buckets = model.sequence_arch.esu.time_embedding.bucketize(request - history_time)
+    buckets = module_of(model).esu.time_embedding.bucketize(request - history_time)
     assert len(set(buckets.tolist())) == 1  # one bucket: only the ids decide
     scores, mask = dense_scores(model, batch)
     item7, item300 = float(scores[0, 0]), float(scores[0, 1])
@@ -191,13 +209,14 @@ def test_search_tables_are_the_projected_embeddings() -> None:
 # ----------------------------------------------------------------------------- table refresh
 
 def rows_of(model: LongSeqCTR, name: str):
-    search_module = model.sequence_arch.search
-    return search_module.item_rows if name == "item" else search_module.category_rows
+    rows = search_of(model).rows[0 if name == "item" else 1]  # one table per attribute
+    assert rows.source == name
+    return rows
 
 
 def expected_rows(model: LongSeqCTR):
     """``[e W_q[:, block]^T, e W_k[:, block]^T]`` from the current weights, per table."""
-    att = model.sequence_arch.esu.attention
+    att = module_of(model).esu.attention
     wq, wk = att.q_proj.weight.detach(), att.k_proj.weight.detach()
     assert wq.shape == (HEADS * HEAD_DIM, 2 * D) and wk.shape == (HEADS * HEAD_DIM, 2 * D)
     weights = model.embedding_collection.embeddings
@@ -222,7 +241,7 @@ def adam_step(model: LongSeqCTR, batch: Batch, optimizer: torch.optim.Optimizer)
 def test_tables_follow_the_trained_projections_and_embeddings() -> None:
     model = make_model()
     model.train()
-    att = model.sequence_arch.esu.attention
+    att = module_of(model).esu.attention
     weights = model.embedding_collection.embeddings
     initial = {"q": att.q_proj.weight.detach().clone(), "k": att.k_proj.weight.detach().clone(),
                "item": weights["item"].weight.detach().clone()}
@@ -231,7 +250,7 @@ def test_tables_follow_the_trained_projections_and_embeddings() -> None:
     for step in range(1, 4):
         adam_step(model, make_batch(step), optimizer)
         assert max_staleness(model) > 1e-3  # the step moved the rows: stale until refreshed
-        model.refresh_derived_tables(step)
+        refresh_pending(model)
         assert max_staleness(model) < 1e-5, step
     # non-vacuous: both the projections and the embeddings were trained
     assert (att.q_proj.weight - initial["q"]).abs().max() > 1e-2
@@ -251,7 +270,7 @@ def test_periodic_refresh_every_three_steps() -> None:
     for step in range(1, 7):
         before = [t.clone() for t in tables]
         adam_step(model, make_batch(step), optimizer)
-        model.refresh_derived_tables(step)
+        refresh_pending(model)
         if step % 3 == 0:
             assert max_staleness(model) < 1e-5, step
         else:
@@ -321,14 +340,16 @@ def test_esu_time_bias_width_must_equal_heads() -> None:
 
 
 def test_twin_search_needs_a_bias_esu_and_times() -> None:
+    model = make_model()
+    tables = table_configs(model.embedding_collection)
     esu = ExactSearchUnit(2 * D, TimeIntervalEmbedding(4), num_heads=HEADS, head_dim=HEAD_DIM)
     with pytest.raises(ValueError, match="time_as_bias"):
-        TwinSearch((TABLES[HIST_ITEM], TABLES[HIST_CATEGORY]), D, esu, k=K)
-    model = make_model()
+        TwinSearch(default_schema(), tables, esu, k=K)
+    TwinSearch(default_schema(), tables, module_of(model).esu, k=K)  # a bias ESU: accepted
     batch = make_batch()
+    # the history times reach the search through the model (SequenceArch), from history_time
     with pytest.raises(ValueError, match="history_time"):
-        model.sequence_arch.search(batch.features, model.embedding_collection, None,
-                                   batch.request_time)
+        model(batch.features, None, batch.request_time)
 
 
 # ----------------------------------------------------------------------------- empty histories
@@ -346,7 +367,7 @@ def test_empty_histories_give_finite_logits_and_gradients(kernels: str, pattern:
     torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
     for name, param in model.named_parameters():
         assert param.grad is None or torch.isfinite(param.grad).all(), name
-    esu = model.sequence_arch.esu
+    esu = module_of(model).esu
     v_grad = esu.attention.v_proj.weight.grad
     if pattern == "all":  # nothing retrieved: the ESU gets no gradient
         assert v_grad is None or not v_grad.any()

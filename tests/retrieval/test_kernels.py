@@ -14,6 +14,33 @@ from torchrec_longseq.modules import eta, sdim, twin
 from torchrec_longseq.retrieval import hard, kernels, simhash, topk
 
 
+# the searches of the two-attribute (item, category) layout, in the kernels' argument order
+
+def signature_topk(item_table, items, target_items, category_table, categories,
+                   target_categories, offsets, k):
+    """``eta.signature_topk`` over an item and a category signature table."""
+    return eta.signature_topk([item_table, category_table], [items, categories],
+                              [target_items, target_categories], offsets, k)
+
+
+def twin_topk(item_rows, category_rows, items, categories, target_items, target_categories,
+              offsets, bias, num_heads, k):
+    """``twin.twin_topk`` over an item and a category table of projected rows, the candidates'
+    queries summed from their rows' query halves."""
+    width = item_rows.size(1) // 2
+    queries = item_rows[target_items, :width] + category_rows[target_categories, :width]
+    return twin.twin_topk([item_rows, category_rows], [items, categories], queries, offsets,
+                          bias, num_heads, k)
+
+
+def collisions_by_id(item_codes, items, category_codes, categories, target_items,
+                     target_categories, offsets, tau, groups_per_word):
+    """``sdim.collisions_by_id`` over an item and a category code table."""
+    return sdim.collisions_by_id([item_codes, category_codes], [items, categories],
+                                 [target_items, target_categories], [items, categories],
+                                 offsets, tau, groups_per_word)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     lengths=st.lists(st.one_of(st.integers(0, 40), st.integers(40, 9000)), min_size=0,
@@ -49,7 +76,7 @@ def test_kernel_equals_torch_ops(lengths, words: int, num_items: int, k: int, ti
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
     with kernels.disabled():  # ETA's own torch-ops path (GPU tensors, kernels off)
-        fallback = eta.signature_topk(table, items, target_ids, categories, cat_ids,
+        fallback = signature_topk(table, items, target_ids, categories, cat_ids,
                                       cat_target_ids, offsets, k)
     assert torch.equal(fallback[0], expected[0]) and torch.equal(fallback[1], expected[1])
 
@@ -86,7 +113,7 @@ def test_shared_history_kernel_equals_torch_ops(length: int, candidates: int, wo
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
     with kernels.disabled():  # ETA's own torch-ops path for one shared history
-        fallback = eta.signature_topk(table, items, target_ids, categories, cat_ids,
+        fallback = signature_topk(table, items, target_ids, categories, cat_ids,
                                       cat_target_ids, None, k)
     assert torch.equal(fallback[0], expected[0]) and torch.equal(fallback[1], expected[1])
 
@@ -244,10 +271,10 @@ def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, shared: bool,
     real = kernels.twin_topk_by_id
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "twin_topk_by_id", lambda *a: ran.append(real(*a)) or ran[-1])
-        found = twin.twin_topk(*args)
+        found = twin_topk(*args)
     assert len(ran) == 1 and ran[0] is not None
     with pytest.MonkeyPatch.context() as mp:
-        expected = torch_ops(mp, twin.twin_topk, *args)
+        expected = torch_ops(mp, twin_topk, *args)
     assert torch.equal(found[1], expected[1])
     assert torch.equal(found[0], expected[0])
 
@@ -291,7 +318,7 @@ def test_sdim_kernel_equals_torch_ops(lengths, tau: int, seed: int) -> None:
             offsets, tau, groups)
     found = kernels.sdim_collisions(*args)
     with pytest.MonkeyPatch.context() as mp:
-        expected = torch_ops(mp, sdim.collisions_by_id, *args)
+        expected = torch_ops(mp, collisions_by_id, *args)
     assert found is not None
     assert torch.equal(found[1], expected[1])
     # the same (position, weights) per sample; the kernel lists pairs by first occurrence, the
@@ -508,10 +535,10 @@ CATEGORY_SIGNATURES = torch.arange(5).view(5, 1) * 0x0F0F  # 5 category rows
      r"segment 1 = \[4, 8\) is not inside the 4 values"),
     (lambda: hard.hard_search(torch.tensor([1, 2, 1, 1]), torch.tensor([0, 2, 4]),
                               torch.tensor([1]), 2), RuntimeError, "2 segments for 1 targets"),
-    (lambda: eta.signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
+    (lambda: signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
                                 CATEGORY_SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
                                 torch.tensor([0, 2, 4]), 2), RuntimeError, "2 segments for 1"),
-    (lambda: eta.signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
+    (lambda: signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
                                 CATEGORY_SIGNATURES, torch.tensor([1, 2]), torch.tensor([1]),
                                 torch.tensor([0, 4]), 2), RuntimeError,
      "4 item ids but 2 category ids"),
@@ -523,15 +550,15 @@ CATEGORY_SIGNATURES = torch.arange(5).view(5, 1) * 0x0F0F  # 5 category rows
      "target categories must be integer ids, got Bool"),
     # ids outside the tables, where the kernels' own check is cheap next to their work: one
     # shared history (serving), TWIN's dot products, SDIM's hash maps
-    (lambda: eta.signature_topk(SIGNATURES, torch.tensor([1, 2, 10**9, 4]), torch.tensor([1]),
+    (lambda: signature_topk(SIGNATURES, torch.tensor([1, 2, 10**9, 4]), torch.tensor([1]),
                                 CATEGORY_SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
                                 None, 2), RuntimeError,
      "item ids at position 2 is 1000000000, outside the table of 10 rows"),
-    (lambda: eta.signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
+    (lambda: signature_topk(SIGNATURES, torch.tensor([1, 2, 3, 4]), torch.tensor([1]),
                                 CATEGORY_SIGNATURES, torch.tensor([1, -1, 3, 4]), torch.tensor([1]),
                                 None, 2), RuntimeError,
      "category ids at position 1 is -1, outside the table of 5 rows"),
-    (lambda: twin.twin_topk(torch.zeros(7, 8), torch.zeros(3, 8), torch.tensor([1, 7, 2]),
+    (lambda: twin_topk(torch.zeros(7, 8), torch.zeros(3, 8), torch.tensor([1, 7, 2]),
                             torch.tensor([0, 1, 2]), torch.tensor([1]), torch.tensor([1]),
                             torch.tensor([0, 3]), torch.zeros(3, 1), 1, 2), RuntimeError,
      "item ids at position 1 is 7, outside the table of 7 rows"),

@@ -1,17 +1,16 @@
-"""Checks a batch against the layout of ``torchrec_longseq.data.batch`` before it reaches a model.
+"""Checks a batch before it reaches a model: the keys its sequence schemas name, and the rest.
 
 Every error names the feature and, where there is one, the sample (its index in the batch), so a
 broken input pipeline is found at the batch it broke, not as a shape error deep in a model.
 All checks are vectorised O(N) scans over the values.
 """
 
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
 
-from torchrec_longseq.data.batch import FEATURE_KEYS, HIST_CATEGORY, HIST_ITEM, Batch
-
-SINGLE_VALUED = ["user_id", "context_hour", "target_item", "target_category"]
+from torchrec_longseq.data.batch import Batch
+from torchrec_longseq.schema import SequenceSchema, default_schema
 
 
 class BatchError(ValueError):
@@ -32,30 +31,36 @@ def _sample_of(offsets: torch.Tensor, position: int) -> int:
     return int(torch.searchsorted(offsets, offsets.new_tensor(position), right=True)) - 1
 
 
-def check_batch(batch: Batch, table_sizes: Dict[str, int]) -> None:
+def check_batch(batch: Batch, table_sizes: Dict[str, int],
+                schemas: Optional[Sequence[SequenceSchema]] = None) -> None:
     """Raise ``BatchError`` naming the feature and sample if ``batch`` is malformed.
 
     Args:
         batch (Batch): the batch.
-        table_sizes (Dict[str, int]): rows of the table each feature is looked up in.
+        table_sizes (Dict[str, int]): rows of the table each feature is looked up in
+            (``LongSeqCTR.table_rows``); these keys must be present.
+        schemas (Optional[Sequence[SequenceSchema]]): the model's sequences (default: the
+            synthetic ``default_schema()``).
 
-    Checked: keys (none missing, none extra); lengths summing to the values; one value per
-    sample for the single-valued features; ``hist_item`` and ``hist_category`` aligned; ids in
+    Checked: keys (every key of ``table_sizes`` and of the schemas present; extra keys are the
+    user's and allowed); integer values and lengths; lengths summing to the values; one value per
+    sample for every candidate key; a schema's history keys (and time key) aligned; ids in
     ``[0, rows)``; timestamps aligned with the history, non-decreasing, strictly before the
     request; labels 0 or 1. An empty history (L = 0) is valid.
     """
+    schemas = [default_schema()] if schemas is None else list(schemas)
     kjt = batch.features
     keys = list(kjt.keys())
-    missing = [k for k in FEATURE_KEYS if k not in keys]
-    extra = [k for k in keys if k not in FEATURE_KEYS]
-    if missing or extra:
-        raise BatchError(f"KeyedJaggedTensor keys: missing {missing}, unexpected {extra}")
+    needed = list(dict.fromkeys(list(table_sizes) + [k for s in schemas for k in s.keys()]))
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise BatchError(f"KeyedJaggedTensor keys: missing {missing} (has {keys})")
     for name, t in (("KeyedJaggedTensor values", kjt.values()), ("lengths", kjt.lengths()),
                     ("history_time", batch.history_time), ("request_time", batch.request_time)):
         if not integer_dtype(t):
             raise BatchError(f"{name}: expected integers, got {t.dtype}")
     b = batch.labels.numel()
-    if kjt.lengths().numel() % len(keys):
+    if kjt.lengths().numel() % max(len(keys), 1):
         raise BatchError(f"{kjt.lengths().numel()} lengths for {len(keys)} keys: not the same "
                          f"number of samples per key")
     lengths = kjt.lengths().view(len(keys), -1)
@@ -66,51 +71,68 @@ def check_batch(batch: Batch, table_sizes: Dict[str, int]) -> None:
         raise BatchError(f"feature {keys[key]!r}, sample {_first(lengths[key] < 0)}: negative length")
     ends = torch.cumsum(lengths.sum(1), 0)
     n = kjt.values().numel()
-    if int(ends[-1]) != n:
+    if keys and int(ends[-1]) != n:
         over = ends > n
         key = keys[_first(over)] if over.any() else keys[-1]
         raise BatchError(f"feature {key!r}: lengths sum to {int(ends[-1])} values in all, but the "
                          f"KeyedJaggedTensor holds {n}")
     features = kjt.to_dict()
-    for key in SINGLE_VALUED:
+    for key in dict.fromkeys(k for s in schemas for k in s.candidate_keys):
         bad = features[key].lengths() != 1
         if bad.any():
             raise BatchError(f"feature {key!r}, sample {_first(bad)}: expected exactly one value, got "
                              f"{int(features[key].lengths()[_first(bad)])}")
-    mismatch = features[HIST_ITEM].lengths() != features[HIST_CATEGORY].lengths()
-    if mismatch.any():
-        raise BatchError(f"feature {HIST_CATEGORY!r}, sample {_first(mismatch)}: length differs from "
-                         f"{HIST_ITEM!r}")
-    for key in FEATURE_KEYS:
-        values, rows = features[key].values(), table_sizes[key]
+    for schema in schemas:
+        first = schema.history_keys[0]
+        for key in schema.history_keys[1:] + ([schema.time_key] if schema.time_key else []):
+            mismatch = features[key].lengths() != features[first].lengths()
+            if mismatch.any():
+                raise BatchError(f"feature {key!r}, sample {_first(mismatch)}: length differs "
+                                 f"from {first!r}")
+    for key, rows in table_sizes.items():
+        values = features[key].values()
         bad = (values < 0) | (values >= rows)
         if bad.any():
             pos = _first(bad)
             raise BatchError(f"feature {key!r}, sample {_sample_of(features[key].offsets(), pos)}: id "
                              f"{int(values[pos])} outside the table of {rows} rows")
-    hist = features[HIST_ITEM]
-    offsets = hist.offsets().long()
-    if batch.history_time.numel() != hist.values().numel():
-        raise BatchError(f"feature 'history_time': {batch.history_time.numel()} timestamps for "
-                         f"{hist.values().numel()} behaviors")
-    if batch.relevant.numel() != hist.values().numel():
-        raise BatchError(f"feature 'relevant': {batch.relevant.numel()} flags for "
-                         f"{hist.values().numel()} behaviors")
     if batch.request_time.numel() != b:
         raise BatchError(f"feature 'request_time': {batch.request_time.numel()} values for {b} samples")
-    seg = torch.repeat_interleave(torch.arange(b, device=offsets.device), hist.lengths().long())
-    late = batch.history_time >= batch.request_time[seg]
-    if late.any():
-        pos = _first(late)
-        raise BatchError(f"feature 'history_time', sample {int(seg[pos])}: behavior at "
-                         f"{int(batch.history_time[pos])} is not before the request time "
-                         f"{int(batch.request_time[seg[pos]])}")
-    if n > 0:
-        same_sample = seg[1:] == seg[:-1]
-        unsorted = same_sample & (batch.history_time[1:] < batch.history_time[:-1])
-        if unsorted.any():
-            raise BatchError(f"feature 'history_time', sample {int(seg[1:][_first(unsorted)])}: "
-                             f"timestamps are not in chronological order")
+    dense = [s for s in schemas if s.time_key is None]
+    if dense:
+        behaviors = features[dense[0].history_keys[0]].values().numel()
+        if batch.history_time.numel() != behaviors:
+            raise BatchError(f"feature 'history_time': {batch.history_time.numel()} timestamps for "
+                             f"{behaviors} behaviors")
+        if batch.relevant.numel() not in (0, behaviors):
+            raise BatchError(f"feature 'relevant': {batch.relevant.numel()} flags for "
+                             f"{behaviors} behaviors")
+    for schema in schemas:
+        hist = features[schema.history_keys[0]]
+        if schema.time_key is None:
+            name, times = "history_time", batch.history_time
+        else:
+            name, times = schema.time_key, features[schema.time_key].values()
+        _check_times(name, times, hist.lengths(), batch.request_time)
     bad = (batch.labels != 0) & (batch.labels != 1)
     if bad.any():
         raise BatchError(f"labels, sample {_first(bad)}: {float(batch.labels[_first(bad)])} is not 0 or 1")
+
+
+def _check_times(name: str, times: torch.Tensor, lengths: torch.Tensor,
+                 request_time: torch.Tensor) -> None:
+    """Timestamps ``times [N]`` of a history with ``lengths [B]``: before the request, in order."""
+    b = lengths.numel()
+    seg = torch.repeat_interleave(torch.arange(b, device=times.device), lengths.long())
+    late = times >= request_time[seg]
+    if late.any():
+        pos = _first(late)
+        raise BatchError(f"feature {name!r}, sample {int(seg[pos])}: behavior at "
+                         f"{int(times[pos])} is not before the request time "
+                         f"{int(request_time[seg[pos]])}")
+    if times.numel() > 0:
+        same_sample = seg[1:] == seg[:-1]
+        unsorted = same_sample & (times[1:] < times[:-1])
+        if unsorted.any():
+            raise BatchError(f"feature {name!r}, sample {int(seg[1:][_first(unsorted)])}: "
+                             f"timestamps are not in chronological order")

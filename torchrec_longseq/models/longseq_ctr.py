@@ -1,15 +1,16 @@
-"""``LongSeqCTR``: a CTR model with a lifelong behavior sequence, composed like TorchRec's DLRM.
+"""``LongSeqCTR``: a CTR model with lifelong behavior sequences, composed like TorchRec's DLRM.
 
 Parts::
 
     features (KJT) ──► sparse arch: EmbeddingBagCollection ─ pooled user, context (and, for
                   │                                           avg-pool, the whole history)
-                  └──► sequence arch (DIN, SIM, ETA, ...) ─ searches the history on ids, looks
-                       up the candidate and the selection in the EmbeddingCollection (item and
-                       category tables shared by candidate and history), attends
-    [pooled, sequence output] ──► over arch (MLP) ──► logit
+                  └──► sequence arch (SequenceArch: one module per sequence: DIN, SIM, ETA,
+                       ...) ─ searches each history on ids, looks up the candidate and the
+                       selections in one EmbeddingCollection call, attends
+    [pooled, sequence outputs] ──► over arch (MLP) ──► logit
 
-``build_model`` assembles the configurations the train entry point offers.
+``build_model`` assembles the configurations the train entry point offers on the synthetic
+schema; ``build_sequence`` builds one sequence module for any schema (a user's own model).
 """
 
 from dataclasses import dataclass, field
@@ -27,50 +28,31 @@ from torchrec import (
     PoolingType,
 )
 
-from torchrec_longseq.data.batch import (
-    CONTEXT_HOUR,
-    HIST_CATEGORY,
-    HIST_ITEM,
-    TARGET_CATEGORY,
-    TARGET_ITEM,
-    USER_ID,
-    Batch,
-)
+from torchrec_longseq.data.batch import Batch
 from torchrec_longseq.modules.attention import DINAttention, mlp
-from torchrec_longseq.modules import derived
-from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import ExactSearchUnit, SearchBasedInterest, WholeHistory
 from torchrec_longseq.modules.eta import SimHashSearch
-from torchrec_longseq.modules.sim import (
-    SEARCH_HIST,
-    SEARCH_HIST_CATEGORY,
-    SEARCH_TARGET,
-    SEARCH_TARGET_CATEGORY,
-    HardSearch,
-    SoftSearch,
-)
 from torchrec_longseq.modules.sdim import SDIM
+from torchrec_longseq.modules.sequence import SequenceArch, SequenceModule, behavior_dim
+from torchrec_longseq.modules.sim import HardSearch, SoftSearch, soft_search_tables
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.modules.twin import TwinSearch
-from torchrec_longseq.modules.lookup import CATEGORY_KEYS, CATEGORY_TABLE, ITEM_KEYS, ITEM_TABLE
+from torchrec_longseq.schema import SequenceSchema, default_schema
 
 
 class LongSeqCTR(nn.Module):
-    """Pooled features + one sequence module + MLP -> one logit per sample.
+    """Pooled features + sequence modules + MLP -> one logit per sample.
 
     Args:
         embedding_bag_collection (EmbeddingBagCollection): pooled features.
         over_arch_layers (List[int]): hidden widths of the final MLP (a last layer of 1 is added).
-        embedding_collection (Optional[EmbeddingCollection]): item and category tables for the
-            candidate and the history (features ``target_*`` and ``hist_*``).
-        sequence_arch (Optional[nn.Module]): called as ``sequence_arch(features, history_time,
-            request_time, embedding_collection)``, returns ``(output [B, output_dim], aux_logits)``
-            where ``aux_logits [B]`` is an auxiliary task's logit (SIM soft search) or ``None``.
+        sequence_arch (Optional[SequenceArch]): the sequences (their EmbeddingCollection and one
+            module each); ``None`` for a model of pooled features only.
 
     Example::
 
-        model = build_model("din", ModelConfig(), table_sizes)
+        model = build_model("eta", ModelConfig(), table_sizes)
         logits, aux = model(batch.features, batch.history_time, batch.request_time)
     """
 
@@ -78,20 +60,19 @@ class LongSeqCTR(nn.Module):
         self,
         embedding_bag_collection: EmbeddingBagCollection,
         over_arch_layers: List[int],
-        embedding_collection: Optional[EmbeddingCollection] = None,
-        sequence_arch: Optional[nn.Module] = None,
+        sequence_arch: Optional[SequenceArch] = None,
     ) -> None:
         super().__init__()
-        if (embedding_collection is None) != (sequence_arch is None):
-            raise ValueError("embedding_collection and sequence_arch come together")
         self.sparse_arch = embedding_bag_collection
-        self.embedding_collection = embedding_collection
         self.sequence_arch = sequence_arch
+        # the keys of the first input KJT, in its order: serving builds requests in it (a
+        # sharded module reads every later KJT in the order of its first)
+        self.feature_keys: Optional[List[str]] = None
         configs = embedding_bag_collection.embedding_bag_configs()
         # a sharded EBC orders its output by shard placement: regroup in this fixed order
         self.pooled_keys = [f for c in configs for f in c.feature_names]
-        lookups = list(configs) + list(embedding_collection.embedding_configs()
-                                       if embedding_collection is not None else [])
+        lookups = list(configs) + list(sequence_arch.embedding_collection.embedding_configs()
+                                       if sequence_arch is not None else [])
         # rows of the table each feature is looked up in (kept: a sharded module has no configs)
         self.table_rows: Dict[str, int] = {feature: c.num_embeddings for c in lookups
                                            for feature in c.feature_names}
@@ -100,35 +81,32 @@ class LongSeqCTR(nn.Module):
             in_dim += sequence_arch.output_dim
         self.over_arch = nn.Sequential(mlp(in_dim, over_arch_layers), nn.Linear(over_arch_layers[-1], 1))
 
-    @torch.no_grad()
-    def refresh_derived_tables(self, step: Optional[int] = None) -> None:
-        """Bring every per-item derived table (ETA's signatures) up to date with the embeddings.
+    @property
+    def embedding_collection(self) -> Optional[EmbeddingCollection]:
+        return self.sequence_arch.embedding_collection if self.sequence_arch is not None else None
 
-        ``step=None`` rebuilds them from the whole item table (at start, after loading weights);
-        otherwise call it after optimizer step ``step``: exact tables re-derive the rows that step
-        touched, periodic ones rebuild every ``refresh_every`` steps. A collective under DMP.
-        """
-        if self.embedding_collection is None:
-            return
-        tables = [t for t in self.modules() if isinstance(t, ItemDerivedTable)]
-        exact = [t for t in tables if step is not None and t.exact]
-        if exact:  # the touched rows, read from the (local shards of the) tables
-            derived.refresh_touched(exact, self.embedding_collection)
-        for table in tables:  # whole rebuilds: at start, and every refresh_every steps if periodic
-            if step is None or (not table.exact and step % table.refresh_every == 0):
-                table.refresh(self.embedding_collection)
+    @torch.no_grad()
+    def refresh_derived_tables(self) -> None:
+        """Rebuild every per-item derived table (ETA's signatures, ...) from the current
+        embeddings now (after loading weights, before reading them outside a forward). Training
+        needs no call: ``SequenceArch`` keeps them exact at every forward. A collective under
+        DMP."""
+        if self.sequence_arch is not None:
+            self.sequence_arch.derived.reset()
+            self.sequence_arch.refresh_pending()
 
     def forward(
-        self, features: KeyedJaggedTensor, history_time: torch.Tensor, request_time: torch.Tensor
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns ``(logits [B], aux_logits [B] or None)``."""
+        self, features: KeyedJaggedTensor, history_time: Optional[torch.Tensor],
+        request_time: torch.Tensor,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Returns ``(logits [B], aux_logits)``, a list of ``[B]`` auxiliary logits."""
+        if self.feature_keys is None and isinstance(features, KeyedJaggedTensor):
+            self.feature_keys = list(features.keys())
         pooled = self.pooled(features)
-        aux: Optional[torch.Tensor] = None
+        aux: List[torch.Tensor] = []
         sequence: Optional[torch.Tensor] = None
         if self.sequence_arch is not None:
-            sequence, aux = self.sequence_arch(
-                features, history_time, request_time, self.embedding_collection
-            )
+            sequence, aux = self.sequence_arch(features, history_time, request_time)
         return self.head(pooled, sequence), aux
 
     def pooled(self, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -140,7 +118,7 @@ class LongSeqCTR(nn.Module):
         return KeyedTensor.regroup([pooled], [self.pooled_keys])[0]
 
     def head(self, pooled: torch.Tensor, sequence: Optional[torch.Tensor]) -> torch.Tensor:
-        """``pooled [B, P]`` and the sequence module's output ``[B, S]`` -> logits ``[B]``."""
+        """``pooled [B, P]`` and the sequence outputs ``[B, S]`` -> logits ``[B]``."""
         if sequence is not None:
             pooled = torch.cat([pooled, sequence], dim=1)
         return self.over_arch(pooled).squeeze(1)
@@ -149,7 +127,7 @@ class LongSeqCTR(nn.Module):
 class LongSeqCTRTrain(nn.Module):
     """Training wrapper: ``batch -> (loss, (loss, logits, labels))`` as TorchRec's ``DLRMTrain``.
 
-    ``loss = beta * BCE(logits) + alpha * BCE(aux_logits)`` when the model has an auxiliary task.
+    ``loss = beta * BCE(logits) + alpha * sum of BCE(aux_logits)`` over the auxiliary tasks.
     """
 
     def __init__(self, model: LongSeqCTR, alpha: float = 1.0, beta: float = 1.0) -> None:
@@ -160,8 +138,8 @@ class LongSeqCTRTrain(nn.Module):
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         logits, aux = self.model(batch.features, batch.history_time, batch.request_time)
         loss = self.beta * nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-        if aux is not None:
-            loss = loss + self.alpha * nn.functional.binary_cross_entropy_with_logits(aux, batch.labels)
+        for extra in aux:
+            loss = loss + self.alpha * nn.functional.binary_cross_entropy_with_logits(extra, batch.labels)
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
 
@@ -196,109 +174,97 @@ class ModelConfig:
 
 
 MODELS = ["avgpool", "din", "din-full", "sim-hard", "sim-soft", "eta", "sdim", "twin"]
+SEQUENCE_MODELS = MODELS[1:]
+
+
+def build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, EmbeddingConfig],
+                   config: ModelConfig, device: Optional[torch.device] = None) -> SequenceModule:
+    """The sequence module called ``name`` (one of ``SEQUENCE_MODELS``) over ``schema``, whose
+    tables are ``tables`` (the EmbeddingCollection's configs by name, see
+    ``sequence.table_configs``). ``device`` places SIM soft search's own search tables."""
+    d = behavior_dim(schema, tables)
+    time = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
+    if name == "din":
+        return DIN(schema, d, config.attention_hidden, time, last_n=config.short_window)
+    if name == "sdim":
+        return SDIM(schema, tables, config.attention_hidden, time, config.sdim_bits,
+                    config.sdim_tau, config.short_window, config.refresh_every)
+    if name == "twin":
+        # the interval is a cross feature: one logit bias per head, shared by GSU and ESU (and
+        # the short-term branch's time feature)
+        bias = TimeIntervalEmbedding(config.num_heads, config.time_buckets)
+        esu = ExactSearchUnit(d, bias, config.num_heads, config.head_dim, time_as_bias=True)
+        search = TwinSearch(schema, tables, esu, config.twin_k, config.refresh_every)
+        return SearchBasedInterest(search, esu, _short_term(config, d, config.num_heads),
+                                   config.short_window)
+    if name == "eta":
+        # ETA's paper (and FuxiCTR's ETA): multi-head target attention over the retrieved k and,
+        # with its own parameters, over the recent window
+        recent = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
+        short_term = (ExactSearchUnit(d, recent, config.num_heads, config.head_dim)
+                      if config.short_window else None)
+        search = SimHashSearch(schema, tables, config.hash_bits, config.k, config.refresh_every)
+        return SearchBasedInterest(search, ExactSearchUnit(d, time, config.num_heads,
+                                                           config.head_dim),
+                                   short_term, config.short_window)
+    if name in ("din-full", "sim-hard", "sim-soft"):
+        if name == "din-full":
+            search: nn.Module = WholeHistory(schema)
+        elif name == "sim-hard":
+            search = HardSearch(schema, config.k)
+        else:
+            table = soft_search_tables(schema, tables, config.search_dim, device=device)
+            projection = config.search_dim * len(table.embedding_configs())
+            search = SoftSearch(schema, table, projection, config.k, config.attention_hidden)
+        return SearchBasedInterest(
+            search, ExactSearchUnit(d, time, config.num_heads, config.head_dim),
+            _short_term(config, d, config.time_embedding_dim), config.short_window)
+    raise ValueError(f"unknown sequence model {name!r}; choose from {SEQUENCE_MODELS}")
 
 
 def build_model(
     name: str, config: ModelConfig, table_sizes: Dict[str, int], device: Optional[torch.device] = None
 ) -> LongSeqCTR:
-    """The model called ``name`` (one of ``MODELS``) for tables of ``table_sizes`` rows
-    (keyed by feature name, as ``SyntheticConfig.table_sizes``). ``device="meta"`` builds
-    the tables without memory, for DistributedModelParallel to materialise shards."""
+    """The model called ``name`` (one of ``MODELS``) on the synthetic schema (``default_schema``)
+    for tables of ``table_sizes`` rows (keyed by feature name, as ``SyntheticConfig.table_sizes``).
+    ``device="meta"`` builds the tables without memory, for DistributedModelParallel to
+    materialise shards."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     d = config.embedding_dim
+    schema = default_schema()
+    item, category = schema.attributes
     pooled = [
-        EmbeddingBagConfig(name="user", embedding_dim=d, num_embeddings=table_sizes[USER_ID],
-                           feature_names=[USER_ID]),
-        EmbeddingBagConfig(name="hour", embedding_dim=d, num_embeddings=table_sizes[CONTEXT_HOUR],
-                           feature_names=[CONTEXT_HOUR]),
+        EmbeddingBagConfig(name="user", embedding_dim=d, num_embeddings=table_sizes["user_id"],
+                           feature_names=["user_id"]),
+        EmbeddingBagConfig(name="hour", embedding_dim=d, num_embeddings=table_sizes["context_hour"],
+                           feature_names=["context_hour"]),
     ]
     if name == "avgpool":
         # the history averaged on the shard: O(B D) communication whatever L is
         pooled += [
-            EmbeddingBagConfig(name="item", embedding_dim=d, num_embeddings=table_sizes[HIST_ITEM],
-                               feature_names=[TARGET_ITEM, HIST_ITEM], pooling=PoolingType.MEAN),
-            EmbeddingBagConfig(name="category", embedding_dim=d,
-                               num_embeddings=table_sizes[HIST_CATEGORY],
-                               feature_names=[TARGET_CATEGORY, HIST_CATEGORY],
-                               pooling=PoolingType.MEAN),
-        ]
+            EmbeddingBagConfig(name=a.table, embedding_dim=d,
+                               num_embeddings=table_sizes[a.history_key],
+                               feature_names=[a.candidate_key, a.history_key],
+                               pooling=PoolingType.MEAN)
+            for a in (item, category)]
         ebc = EmbeddingBagCollection(tables=pooled, device=device)
         return LongSeqCTR(ebc, config.over_arch_layers)
     ebc = EmbeddingBagCollection(tables=pooled, device=device)
     ec = EmbeddingCollection(
-        tables=[
-            EmbeddingConfig(name=ITEM_TABLE, embedding_dim=d, num_embeddings=table_sizes[HIST_ITEM],
-                            feature_names=ITEM_KEYS),
-            EmbeddingConfig(name=CATEGORY_TABLE, embedding_dim=d,
-                            num_embeddings=table_sizes[HIST_CATEGORY],
-                            feature_names=CATEGORY_KEYS),
-        ],
+        tables=[EmbeddingConfig(name=a.table, embedding_dim=d,
+                                num_embeddings=table_sizes[a.history_key],
+                                feature_names=[a.candidate_key, a.history_key])
+                for a in (item, category)],
         device=device,
     )
-    time = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
-    if name == "din":
-        seq: nn.Module = DIN(d, config.attention_hidden, time, last_n=config.short_window)
-    elif name == "sdim":
-        seq = SDIM((table_sizes[HIST_ITEM], table_sizes[HIST_CATEGORY]), d,
-                   config.attention_hidden, time, config.sdim_bits, config.sdim_tau,
-                   config.short_window, config.refresh_every)
-    elif name == "twin":
-        # the interval is a cross feature: one logit bias per head, shared by GSU and ESU (and
-        # the short-term branch's time feature)
-        bias = TimeIntervalEmbedding(config.num_heads, config.time_buckets)
-        esu = ExactSearchUnit(2 * d, bias, config.num_heads, config.head_dim, time_as_bias=True)
-        search = TwinSearch((table_sizes[HIST_ITEM], table_sizes[HIST_CATEGORY]), d, esu,
-                            config.twin_k, config.refresh_every)
-        seq = SearchBasedInterest(search, esu, _short_term(config, config.num_heads),
-                                  config.short_window)
-    elif name == "eta":
-        # ETA's paper (and FuxiCTR's ETA): multi-head target attention over the retrieved k and,
-        # with its own parameters, over the recent window
-        recent = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
-        short_term = (ExactSearchUnit(2 * d, recent, config.num_heads, config.head_dim)
-                      if config.short_window else None)
-        seq = SearchBasedInterest(_search(name, config, table_sizes, device),
-                                  ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim),
-                                  short_term, config.short_window)
-    elif name in ("din-full", "sim-hard", "sim-soft"):
-        seq = SearchBasedInterest(
-            _search(name, config, table_sizes, device),
-            ExactSearchUnit(2 * d, time, config.num_heads, config.head_dim),
-            _short_term(config, config.time_embedding_dim),
-            config.short_window,
-        )
-    else:
-        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-    return LongSeqCTR(ebc, config.over_arch_layers, ec, seq)
+    tables = {c.name: c for c in ec.embedding_configs()}
+    sequence = build_sequence(name, schema, tables, config, device)
+    return LongSeqCTR(ebc, config.over_arch_layers, SequenceArch(ec, {"history": sequence}))
 
 
-def _short_term(config: ModelConfig, context_dim: int) -> Optional[DINAttention]:
+def _short_term(config: ModelConfig, behavior_width: int, context_dim: int) -> Optional[DINAttention]:
     """DIN over the last ``short_window`` behaviors (``None`` for a window of 0: no branch)."""
     if config.short_window == 0:
         return None
-    return DINAttention(2 * config.embedding_dim, config.attention_hidden, context_dim)
-
-
-def _search(name: str, config: ModelConfig, table_sizes: Dict[str, int],
-            device: Optional[torch.device]) -> nn.Module:
-    if name == "din-full":
-        return WholeHistory()
-    if name == "sim-hard":
-        return HardSearch(config.k)
-    if name == "sim-soft":
-        # initialised in [-0.5, 0.5] (TorchRec's default is +-1/sqrt(rows)): with tiny vectors
-        # every score is ~0, the softmax of the auxiliary task is uniform and its gradient
-        # cannot separate behaviors, so soft search would not learn to search
-        table = EmbeddingCollection(
-            tables=[EmbeddingConfig(name="search_item", embedding_dim=config.search_dim,
-                                    num_embeddings=table_sizes[HIST_ITEM],
-                                    feature_names=[SEARCH_TARGET, SEARCH_HIST],
-                                    weight_init_min=-0.5, weight_init_max=0.5),
-                    EmbeddingConfig(name="search_category", embedding_dim=config.search_dim,
-                                    num_embeddings=table_sizes[HIST_CATEGORY],
-                                    feature_names=[SEARCH_TARGET_CATEGORY, SEARCH_HIST_CATEGORY],
-                                    weight_init_min=-0.5, weight_init_max=0.5)],
-            device=device,
-        )
-        return SoftSearch(table, 2 * config.search_dim, config.k, config.attention_hidden)
-    return SimHashSearch((table_sizes[HIST_ITEM], table_sizes[HIST_CATEGORY]), config.embedding_dim,
-                         config.hash_bits, config.k, config.refresh_every)
+    return DINAttention(behavior_width, config.attention_hidden, context_dim)

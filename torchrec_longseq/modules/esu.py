@@ -1,17 +1,17 @@
 """The exact search unit (ESU) shared by SIM and ETA, and the search-then-attend module."""
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor
 
 from torchrec_longseq import jagged
-from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
-from torchrec_longseq.modules import derived
-from torchrec_longseq.modules.attention import TargetAttention
-from torchrec_longseq.modules.lookup import lookup_behaviors
-from torchrec_longseq.modules.time import TimeIntervalEmbedding, intervals_of
+from torchrec_longseq.modules.attention import TargetAttention, head_logits
+from torchrec_longseq.modules.sequence import Looked, Selection, SequenceModule
+from torchrec_longseq.modules.time import TimeIntervalEmbedding
+from torchrec_longseq.retrieval import topk
+from torchrec_longseq.schema import SequenceSchema
 
 
 class ExactSearchUnit(nn.Module):
@@ -65,53 +65,59 @@ class ExactSearchUnit(nn.Module):
         bias = time if self.time_as_bias else None  # [M, H]
         return self.attention(target, keys, offsets, bias, index)
 
-
-HISTORY_KEY = {TARGET_ITEM: HIST_ITEM, TARGET_CATEGORY: HIST_CATEGORY}
-
-
-@torch.fx.wrap
-def looked_up_ids(features: KeyedJaggedTensor, key: str, retrieved: torch.Tensor,
-                  recent: torch.Tensor) -> torch.Tensor:
-    """Ids of ``key``'s table (``target_item`` or ``target_category``) that this step looked up:
-    the candidate's and those of the retrieved and recent positions."""
-    hist = features[HISTORY_KEY[key]].values()
-    return torch.cat([features[key].values(), hist[retrieved], hist[recent]])
+    def logits(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,
+               intervals: torch.Tensor) -> torch.Tensor:
+        """``[N]`` the attention logits of every behavior, averaged over heads."""
+        time = self.time_embedding(intervals)
+        keys = behaviors if self.time_as_bias else torch.cat([behaviors, time], dim=1)
+        seg = jagged.segment_ids(offsets, behaviors.size(0))
+        attention = self.attention
+        return head_logits(attention.q_proj(target), attention.k_proj(keys), seg,
+                           attention.num_heads, time if self.time_as_bias else None).mean(dim=1)
 
 
 class WholeHistory(nn.Module):
     """The search that keeps everything: every behavior goes to the ESU.
 
-    ``SearchBasedInterest(WholeHistory(), ...)`` is the full-length target attention that SIM and
-    ETA approximate: the same ESU and short-term branch, with no retrieval (O(L) lookup and
-    attention).
+    ``SearchBasedInterest(WholeHistory(schema), ...)`` is the full-length target attention that
+    SIM and ETA approximate: the same ESU and short-term branch, with no retrieval (O(L) lookup
+    and attention).
     """
 
-    def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
-        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        indices, lengths = jagged.all_positions(features[HIST_ITEM].offsets())
+    def __init__(self, schema: SequenceSchema) -> None:
+        super().__init__()
+        self.schema = schema
+
+    def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
+               request_time: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
+                                                    Optional[torch.Tensor]]:
+        indices, lengths = jagged.all_positions(features[self.schema.history_keys[0]].offsets())
         return indices, lengths, None
 
+    def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
+                       intervals: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return torch.arange(intervals.numel(), device=intervals.device), None
 
-class SearchBasedInterest(nn.Module):
-    """Search the whole history on ids, then attend over what was found (SIM and ETA).
+
+class SearchBasedInterest(SequenceModule):
+    """Search the whole history on ids, then attend over what was found (SIM, ETA, TWIN).
 
     ::
 
         history ids ──► search (GSU) ──► <= k positions ─┐
         last ``short_window`` positions ─────────────────┼─► one EmbeddingCollection lookup
-        candidate ───────────────────────────────────────┘      │
+        candidate ───────────────────────────────────────┘      │   (SequenceArch)
               ESU(candidate, retrieved + time) ◄─────────────────┤
               DIN(candidate, recent window)    ◄─────────────────┘
 
     Only the candidate, the ``<= k`` retrieved and the ``<= short_window`` recent behaviors are
-    looked up: ``<= k + short_window + 1`` item rows per sample, whatever L is.
+    looked up: ``<= k + short_window + 1`` rows per attribute and sample, whatever L is.
 
     Args:
-        search (nn.Module): ``search(features, lookup, history_time, request_time) -> (indices [M],
-            lengths [B], aux)``
-            (``HardSearch``, ``SoftSearch``, ``SimHashSearch``); ``aux`` is an auxiliary logit
+        search (nn.Module): a GSU with ``schema``, ``search(features, history_time,
+            request_time) -> (indices [M], lengths [B], aux)`` and ``search_request(history,
+            candidates, intervals) -> (indices, lengths)`` (``HardSearch``, ``SoftSearch``,
+            ``SimHashSearch``, ``TwinSearch``, ``WholeHistory``); ``aux`` is an auxiliary logit
             ``[B]`` or ``None``.
         esu (ExactSearchUnit): attention over the retrieved behaviors.
         short_term (Optional[nn.Module]): the short-term branch over the recent window: DIN's
@@ -121,9 +127,9 @@ class SearchBasedInterest(nn.Module):
             ``None`` for none (the long-term path alone: nothing recent is looked up).
         short_window (int): how many recent behaviors the short-term branch sees (0 without one).
 
-    Output: ``[B, 2 D + esu.output_dim + short_term.output_dim]`` (candidate, long-term interest,
-    short-term interest; no short-term columns without the branch) and the search's auxiliary
-    logit.
+    Output: ``[B, D + esu.output_dim + short_term.output_dim]`` (candidate, long-term interest,
+    short-term interest; no short-term columns without the branch); the search's auxiliary logit
+    is the selection's ``aux``.
     """
 
     def __init__(self, search: nn.Module, esu: ExactSearchUnit,
@@ -132,7 +138,8 @@ class SearchBasedInterest(nn.Module):
         if (short_term is None) != (short_window == 0):
             raise ValueError(f"a short-term branch needs a window and a window needs the branch: "
                              f"short_window={short_window}, short_term={short_term}")
-        self.search = search
+        self.schema = search.schema
+        self.search_unit = search
         self.esu = esu
         self.short_term = short_term
         self.short_window = short_window
@@ -140,46 +147,46 @@ class SearchBasedInterest(nn.Module):
         self.output_dim = behavior_dim + esu.output_dim + (
             short_term.output_dim if short_term is not None else 0)
 
-    def forward(
-        self,
-        features: KeyedJaggedTensor,
-        history_time: torch.Tensor,
-        request_time: torch.Tensor,
-        lookup: EmbeddingCollection,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        offsets = features[HIST_ITEM].offsets()
-        indices, lengths, aux = self.search(features, lookup, history_time, request_time)
+    def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
+               request_time: torch.Tensor) -> Selection:
+        indices, lengths, aux = self.search_unit.search(features, history_time, request_time)
+        offsets = features[self.schema.history_keys[0]].offsets()
         recent = jagged.last_n(offsets, self.short_window) if self.short_term is not None else None
-        target, retrieved, retrieved_offsets, short, short_offsets = lookup_behaviors(
-            lookup, features, (indices, lengths), recent
-        )
-        recent_indices = recent[0] if recent is not None else indices[:0]
-        for table in self.search.modules():
-            if isinstance(table, derived.ItemDerivedTable):  # re-derived after the optimizer step
-                derived.remember_items(table, looked_up_ids(features, table.key, indices,
-                                                            recent_indices))
-        intervals = intervals_of(history_time, request_time, offsets, indices)
-        short_intervals = intervals_of(history_time, request_time, offsets, recent_indices)
-        return self.attend(target, retrieved, retrieved_offsets, intervals, short, short_offsets,
-                           short_intervals), aux
+        return Selection((indices, lengths), recent, aux)
 
-    def attend(self, target: torch.Tensor, retrieved: torch.Tensor,
-               retrieved_offsets: Optional[torch.Tensor], intervals: torch.Tensor,
-               short: torch.Tensor, short_offsets: Optional[torch.Tensor],
-               short_intervals: torch.Tensor,
-               retrieved_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Everything after the search and the lookup (serving calls it with looked-up rows it
-        shares between candidates): ``target [B, D]``, the retrieved ``[M, D]`` and recent
-        ``[S, D]`` behaviors with their offsets ``[B + 1]`` and intervals ``[M]``, ``[S]`` ->
-        ``[B, output_dim]``. Offsets ``None``: those behaviors are every candidate's (one user's
-        window; with ``WholeHistory``, the user's whole history). ``retrieved_index``: the
-        retrieved behaviors are ``retrieved[retrieved_index]`` (see ``ExactSearchUnit``)."""
-        long_term = self.esu(target, retrieved, retrieved_offsets, intervals, retrieved_index)
+    def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
+                       intervals: torch.Tensor) -> Selection:
+        indices, lengths = self.search_unit.search_request(history, candidates, intervals)
+        n = intervals.numel()
+        recent = None
+        if self.short_term is not None:
+            recent = (torch.arange(max(n - self.short_window, 0), n, device=intervals.device), None)
+        return Selection((indices, lengths), recent)
+
+    def attend(self, looked: Looked, selection: Selection) -> torch.Tensor:
+        """Everything after the search and the lookup -> ``[B, output_dim]``. Offsets ``None``
+        (serving): those behaviors are every candidate's; ``long_index``: the retrieved
+        behaviors are ``long[long_index]`` (see ``ExactSearchUnit``)."""
+        target = looked.candidates
+        long_term = self.esu(target, looked.long, looked.long_offsets, looked.long_intervals,
+                             looked.long_index)
         if self.short_term is None:
             return torch.cat([target, long_term], dim=1)
         if isinstance(self.short_term, ExactSearchUnit):  # multi-head target attention (ETA)
-            short_term = self.short_term(target, short, short_offsets, short_intervals)
+            short_term = self.short_term(target, looked.short, looked.short_offsets,
+                                         looked.short_intervals)
         else:  # DIN: the interval's embedding as side information
-            short_term = self.short_term(target, short, short_offsets,
-                                         self.esu.time_embedding(short_intervals))
+            short_term = self.short_term(target, looked.short, looked.short_offsets,
+                                         self.esu.time_embedding(looked.short_intervals))
         return torch.cat([target, long_term, short_term], dim=1)
+
+    @torch.no_grad()
+    def attention_topk(self, looked: Looked, lengths: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The reference a search approximates: per sample the top ``max(lengths)`` behaviors of
+        ``looked.long`` (the whole history, looked up) by the ESU's own logits, averaged over
+        heads (TWIN's GSU consistency; for measuring, not for training)."""
+        k = int(lengths.max()) if lengths.numel() else 0
+        return topk.jagged_topk(self.esu.logits(looked.candidates, looked.long,
+                                                looked.long_offsets, looked.long_intervals),
+                                looked.long_offsets, k)

@@ -15,87 +15,115 @@ sample instead of L embeddings. The same tables are what an inference server loa
 needs no embedding lookup of the L behaviors.
 """
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, KeyedJaggedTensor
+from torchrec import EmbeddingConfig, KeyedJaggedTensor
 
 from torchrec_longseq import jagged
-from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.retrieval import kernels, simhash, topk
+from torchrec_longseq.schema import SequenceSchema
 
 
 class SimHashSearch(nn.Module):
     """ETA's GSU: the ``k`` behaviors with the smallest Hamming distance to the candidate.
 
+    Every attribute of the schema with a candidate key is hashed as one block of the
+    block-diagonal projection (``m`` bits each, its own derived table of signatures per row of
+    its embedding table); the distance is the sum over the blocks.
+
     Args:
-        table_sizes (Tuple[int, int]): rows of the item and of the category table.
-        embedding_dim (int): width of the item and category embeddings.
-        num_bits (int): m, signature bits per block (1 to 64 or a multiple of 64): ``2 m`` in all.
+        schema (SequenceSchema): the sequence's keys and tables.
+        tables (Dict[str, EmbeddingConfig]): the EmbeddingCollection's configs by table name.
+        num_bits (int): m, signature bits per block (1 to 64 or a multiple of 64).
         k (int): behaviors kept per sample; ties go to the more recent behavior.
         refresh_every (int): 1 = exact signature tables (default), N = re-hash all every N steps.
 
     The history ids must index the tables (``data.validation.check_batch``, which ``train.py``
     runs on every batch): on CPU the per-sample kernel reads the signatures by id without a
-    bounds check, which would cost 30-65% of its scan. (The shared-history search of serving, and
-    TWIN's and SDIM's kernels, check their ids.)
+    bounds check, which would cost 30-65% of its scan.
 
     Example::
 
-        search = SimHashSearch((10_000, 100), 16, num_bits=64, k=50)
-        search.item_signatures.refresh(embedding_collection)
-        search.category_signatures.refresh(embedding_collection)
-        indices, lengths, _ = search(features, embedding_collection, history_time, request_time)
+        search = SimHashSearch(default_schema(), table_configs(ec), num_bits=64, k=50)
+        indices, lengths, _ = search.search(features, history_time, request_time)
     """
 
-    def __init__(self, table_sizes: Tuple[int, int], embedding_dim: int, num_bits: int, k: int,
-                 refresh_every: int = 1) -> None:
+    def __init__(self, schema: SequenceSchema, tables: Dict[str, EmbeddingConfig], num_bits: int,
+                 k: int, refresh_every: int = 1) -> None:
         super().__init__()
+        self.schema = schema
         self.k = topk.check_k(k)
         words = simhash.check_num_bits(num_bits)
-        self.item_signatures = ItemDerivedTable(
-            table_sizes[0], words, torch.int64, simhash.SimHash(embedding_dim, num_bits, seed=0),
-            refresh_every, key=TARGET_ITEM)
-        self.category_signatures = ItemDerivedTable(
-            table_sizes[1], words, torch.int64, simhash.SimHash(embedding_dim, num_bits, seed=1),
-            refresh_every, key=TARGET_CATEGORY)
+        self.signatures = nn.ModuleList(
+            ItemDerivedTable(tables[a.table].num_embeddings, words, torch.int64,
+                             simhash.SimHash(tables[a.table].embedding_dim, num_bits, seed=i),
+                             refresh_every, table=a.table)
+            for i, a in enumerate(schema.matched))
 
-    def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
-        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        hist_item, hist_category = features[HIST_ITEM], features[HIST_CATEGORY]
+    def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
+               request_time: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
+                                                    Optional[torch.Tensor]]:
+        matched = self.schema.matched
         indices, lengths = signature_topk(
-            self.item_signatures.table, hist_item.values(), features[TARGET_ITEM].values(),
-            self.category_signatures.table, hist_category.values(),
-            features[TARGET_CATEGORY].values(), hist_item.offsets(), self.k,
-        )
+            [t.table for t in self.signatures],
+            [features[a.history_key].values() for a in matched],
+            [features[a.candidate_key].values() for a in matched],
+            features[matched[0].history_key].offsets(), self.k)
         return indices, lengths, None
+
+    def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
+                       intervals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        matched = self.schema.matched
+        return signature_topk([t.table for t in self.signatures],
+                              [history[a.history_key] for a in matched],
+                              [candidates[a.candidate_key] for a in matched], None, self.k)
+
+
+def two_blocks(tables: List[torch.Tensor], ids: List[torch.Tensor],
+               targets: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor],
+                                                     List[torch.Tensor]]:
+    """Any number of signature blocks as the two the compiled kernel reads: the first by id, the
+    rest side by side per behavior (one ``[N, W]`` gather, ids ``0..N-1``; for one block, a zero
+    word that adds no distance). Two blocks pass unchanged."""
+    if len(tables) == 2:
+        return tables, ids, targets
+    n, device = ids[0].numel(), ids[0].device
+    if len(tables) == 1:
+        zero = tables[0].new_zeros(1, 1)
+        return ([tables[0], zero], [ids[0], torch.zeros_like(ids[0])],
+                [targets[0], torch.zeros_like(targets[0])])
+    rest = torch.cat([t[i] for t, i in zip(tables[1:], ids[1:])], dim=1)  # [N, W]
+    rest_targets = torch.cat([t[i] for t, i in zip(tables[1:], targets[1:])], dim=1)  # [B, W]
+    return ([tables[0], rest], [ids[0], torch.arange(n, device=device)],
+            [targets[0], rest_targets])
 
 
 @torch.fx.wrap
-def signature_topk(item_table: torch.Tensor, items: torch.Tensor, target_items: torch.Tensor,
-                   category_table: torch.Tensor, categories: torch.Tensor,
-                   target_categories: torch.Tensor, offsets: Optional[torch.Tensor],
+def signature_topk(tables: List[torch.Tensor], ids: List[torch.Tensor],
+                   targets: List[torch.Tensor], offsets: Optional[torch.Tensor],
                    k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hamming top-k of the history against the candidate, signatures read from the tables.
 
-    On CPU the compiled one-pass kernel (``retrieval.kernels``); on GPU, or with
-    ``TORCHREC_LONGSEQ_KERNELS=0``, ``simhash_topk`` on the concatenated signatures. Both give
-    identical results (tested). ``offsets=None``: one history shared by all candidates
-    (serving).
+    ``tables[a] [rows_a, W]`` int64 signatures of attribute ``a``, ``ids[a] [N]`` its history
+    ids, ``targets[a] [B]`` the candidates' ids; the distance sums over the attributes.
+    On CPU the compiled one-pass kernel (``retrieval.kernels``); on GPU, or with the kernels
+    off, ``simhash_topk`` on the concatenated signatures. Both give identical results (tested).
+    ``offsets=None``: one history shared by all candidates (serving).
     """
-    item_targets, category_targets = item_table[target_items], category_table[target_categories]
-    found = kernels.hamming_topk_by_id(item_table, items, item_targets, category_table,
-                                       categories, category_targets, offsets, k)
-    if found is not None:
-        return found
-    history = torch.cat([item_table[items], category_table[categories]], dim=1)
-    targets = torch.cat([item_targets, category_targets], dim=1)
+    target_rows = [t[i] for t, i in zip(tables, targets)]
+    if kernels.kernels_enabled() and tables[0].device.type == "cpu":
+        (t0, t1), (i0, i1), (c0, c1) = two_blocks(tables, ids, targets)
+        found = kernels.hamming_topk_by_id(t0, i0, t0[c0] if c0.dim() == 1 else c0, t1, i1,
+                                           t1[c1] if c1.dim() == 1 else c1, offsets, k)
+        if found is not None:
+            return found
+    history = torch.cat([t[i] for t, i in zip(tables, ids)], dim=1)
+    candidates = torch.cat(target_rows, dim=1)
     if offsets is None:  # the torch ops run the shared history as B copies
-        n, b = items.numel(), targets.size(0)
+        n, b = ids[0].numel(), candidates.size(0)
         return jagged.positions_in_copy(simhash.simhash_topk(
-            history.repeat(b, 1), jagged.copies_offsets(n, b, items.device), targets, k), n)
-    return simhash.simhash_topk(history, offsets, targets, k)
+            history.repeat(b, 1), jagged.copies_offsets(n, b, ids[0].device), candidates, k), n)
+    return simhash.simhash_topk(history, offsets, candidates, k)

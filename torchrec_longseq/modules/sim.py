@@ -19,92 +19,125 @@ the paper's short-term DIN branch over the recent window. The train wrapper's lo
 ``alpha * L_gsu + beta * L_esu`` (``LongSeqCTRTrain``; the paper's a = 1 soft, a = 0 hard).
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, JaggedTensor, KeyedJaggedTensor
+from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 
 from torchrec_longseq import jagged
-from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules.attention import mlp
 from torchrec_longseq.retrieval import hard, topk
-
-SEARCH_TARGET = "search_target_item"
-SEARCH_HIST = "search_hist_item"
-SEARCH_TARGET_CATEGORY = "search_target_category"
-SEARCH_HIST_CATEGORY = "search_hist_category"
-SEARCH_KEYS = [SEARCH_TARGET, SEARCH_TARGET_CATEGORY, SEARCH_HIST, SEARCH_HIST_CATEGORY]
+from torchrec_longseq.schema import Attribute, SequenceSchema
 
 
 class HardSearch(nn.Module):
-    """SIM's hard search as a GSU: the ``k`` most recent behaviors of the candidate's category.
+    """SIM's hard search as a GSU: the ``k`` most recent behaviors whose ``schema.hard_search``
+    attribute (the category by default) equals the candidate's.
 
     Args:
+        schema (SequenceSchema): the sequence's keys; ``hard_search_key`` picks the attribute.
         k (int): at most this many per sample.
     """
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, schema: SequenceSchema, k: int) -> None:
         super().__init__()
+        self.schema = schema
         self.k = topk.check_k(k)
 
-    def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
-        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        hist = features[HIST_CATEGORY]
+    def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
+               request_time: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
+                                                    Optional[torch.Tensor]]:
+        attribute = self.schema.hard_search
+        hist = features[attribute.history_key]
         indices, lengths = hard.hard_search(
-            hist.values(), hist.offsets(), features[TARGET_CATEGORY].values(), self.k
-        )
+            hist.values(), hist.offsets(), features[attribute.candidate_key].values(), self.k)
         return indices, lengths, None
 
+    def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
+                       intervals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        attribute = self.schema.hard_search
+        return hard.hard_search(history[attribute.history_key], None,
+                                candidates[attribute.candidate_key], self.k)
+
+
+def soft_search_tables(schema: SequenceSchema, tables: Dict[str, EmbeddingConfig],
+                       search_dim: int, history_keys: Optional[Sequence[str]] = None,
+                       device: Optional[torch.device] = None) -> EmbeddingCollection:
+    """The search space's tables: one ``search_dim``-wide table ``search_<table>`` per chosen
+    attribute (``history_keys``; default every attribute with a candidate key), serving that
+    attribute's candidate and history keys, with as many rows as its embedding table.
+
+    Initialised in [-0.5, 0.5] (TorchRec's default is +-1/sqrt(rows)): with tiny vectors every
+    score is ~0, the softmax of the auxiliary task is uniform and its gradient cannot separate
+    behaviors, so soft search would not learn to search."""
+    chosen = _chosen(schema, history_keys)
+    return EmbeddingCollection(
+        tables=[EmbeddingConfig(name=f"search_{a.table}", embedding_dim=search_dim,
+                                num_embeddings=tables[a.table].num_embeddings,
+                                feature_names=[a.candidate_key, a.history_key],
+                                weight_init_min=-0.5, weight_init_max=0.5)
+                for a in chosen],
+        device=device)
+
+
+def _chosen(schema: SequenceSchema, history_keys: Optional[Sequence[str]]) -> List[Attribute]:
+    if history_keys is None:
+        return schema.matched
+    unknown = [k for k in history_keys if k not in schema.history_keys]
+    if unknown:
+        raise ValueError(f"soft search attributes {unknown} are not history keys of the schema "
+                         f"({schema.history_keys})")
+    chosen = [a for a in schema.attributes if a.history_key in history_keys]
+    if not chosen or any(a.candidate_key is None for a in chosen):
+        raise ValueError("soft search needs at least one attribute, each with a candidate key")
+    return chosen
+
 
 @torch.fx.wrap
-def search_features(features: KeyedJaggedTensor, with_category: bool) -> KeyedJaggedTensor:
-    """The candidate and the whole history under the search keys (categories if asked)."""
-    keys = SEARCH_KEYS if with_category else [SEARCH_TARGET, SEARCH_HIST]
-    source = {SEARCH_TARGET: TARGET_ITEM, SEARCH_TARGET_CATEGORY: TARGET_CATEGORY,
-              SEARCH_HIST: HIST_ITEM, SEARCH_HIST_CATEGORY: HIST_CATEGORY}
-    jts = [features[source[key]] for key in keys]
-    return KeyedJaggedTensor(
-        keys=keys,
-        values=torch.cat([jt.values() for jt in jts]),
-        lengths=torch.cat([jt.lengths() for jt in jts]),
-    )
+def select_features(features: KeyedJaggedTensor, keys: List[str]) -> KeyedJaggedTensor:
+    """``features`` reduced to ``keys``, in that order."""
+    jts = [features[key] for key in keys]
+    return KeyedJaggedTensor(keys=keys, values=torch.cat([jt.values() for jt in jts]),
+                             lengths=torch.cat([jt.lengths() for jt in jts]))
 
 
 @torch.fx.wrap
-def search_vectors(embeddings: Dict[str, JaggedTensor], item_key: str, category_key: str,
-                   with_category: bool) -> torch.Tensor:
-    """``u``: the item's search embedding, concatenated with its category's if there is one."""
-    if not with_category:
-        return embeddings[item_key].values()
-    return torch.cat([embeddings[item_key].values(), embeddings[category_key].values()], dim=1)
+def search_vectors(embeddings: Dict[str, JaggedTensor], keys: List[str]) -> torch.Tensor:
+    """``u``: the search embeddings of ``keys`` side by side, ``[N, S]``."""
+    return torch.cat([embeddings[key].values() for key in keys], dim=1)
 
 
 class SoftSearch(nn.Module):
     """SIM's soft search as a GSU, with its auxiliary CTR task.
 
     Args:
-        search_table (EmbeddingCollection): the search space's item table (features
-            ``search_target_item``, ``search_hist_item``) and, optionally, category table
-            (``search_target_category``, ``search_hist_category``); a behavior's search vector
-            ``u`` is the concatenation of the two (width ``S``). DMP shards them like any table.
+        schema (SequenceSchema): the sequence's keys.
+        search_table (EmbeddingCollection): the search space (``soft_search_tables``): one table
+            per chosen attribute, serving its candidate and history keys; a behavior's search
+            vector ``u`` is the concatenation (width ``S``). DMP shards it like any table.
         projection_dim (int): width of the search space ``W_a u_a``, ``W_b u_i``.
         k (int): behaviors kept per sample.
         aux_hidden (List[int]): hidden widths of the auxiliary CTR MLP.
 
-    Returns ``(indices [M], lengths [B], aux_logits [B])``; ties in score go to the more recent
-    behavior. No gradient flows through the choice of the top k; the scores get their gradient
-    from the auxiliary task.
+    ``search`` returns ``(indices [M], lengths [B], aux_logits [B])``; ties in score go to the
+    more recent behavior. No gradient flows through the choice of the top k; the scores get their
+    gradient from the auxiliary task.
     """
 
-    def __init__(self, search_table: EmbeddingCollection, projection_dim: int, k: int,
-                 aux_hidden: List[int]) -> None:
+    def __init__(self, schema: SequenceSchema, search_table: EmbeddingCollection,
+                 projection_dim: int, k: int, aux_hidden: List[int]) -> None:
         super().__init__()
+        self.schema = schema
         self.search_table = search_table
         configs = search_table.embedding_configs()
-        self.with_category = any(SEARCH_HIST_CATEGORY in c.feature_names for c in configs)
+        served = {f for c in configs for f in c.feature_names}
+        chosen = [a for a in schema.matched if a.history_key in served]
+        if not chosen:
+            raise ValueError("the search table serves none of the schema's history keys")
+        self.candidate_keys = [a.candidate_key for a in chosen]
+        self.history_keys = [a.history_key for a in chosen]
+        self.search_keys = [f for c in configs for f in c.feature_names]  # the EC's order
         search_dim = sum(c.embedding_dim for c in configs)
         self.k = topk.check_k(k)
         self.w_a = nn.Linear(search_dim, projection_dim, bias=False)
@@ -117,17 +150,13 @@ class SoftSearch(nn.Module):
             nn.init.eye_(self.w_b.weight)
         self.aux = nn.Sequential(mlp(2 * search_dim, aux_hidden), nn.Linear(aux_hidden[-1], 1))
 
-    def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
-        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        embeddings = self.search_table(search_features(features, self.with_category))
-        target = search_vectors(embeddings, SEARCH_TARGET, SEARCH_TARGET_CATEGORY,
-                                self.with_category)  # [B, S]
-        behaviors = search_vectors(embeddings, SEARCH_HIST, SEARCH_HIST_CATEGORY,
-                                   self.with_category)  # [N, S]
-        hist = embeddings[SEARCH_HIST]
-        offsets = jagged.lengths_to_offsets(hist.lengths())
+    def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
+               request_time: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
+                                                    Optional[torch.Tensor]]:
+        embeddings = self.search_table(select_features(features, self.search_keys))
+        target = search_vectors(embeddings, self.candidate_keys)  # [B, S]
+        behaviors = search_vectors(embeddings, self.history_keys)  # [N, S]
+        offsets = jagged.lengths_to_offsets(embeddings[self.history_keys[0]].lengths())
         seg = jagged.segment_ids(offsets, behaviors.size(0))
         scores = (self.w_b(behaviors) * self.w_a(target)[seg]).sum(1)  # [N]
         indices, lengths = topk.jagged_topk(scores.detach(), offsets, self.k)
@@ -135,3 +164,33 @@ class SoftSearch(nn.Module):
         pooled = jagged.segment_sum(weights * behaviors, seg, target.size(0))  # [B, S]
         aux = self.aux(torch.cat([pooled, target], dim=1)).squeeze(1)
         return indices, lengths, aux
+
+    def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
+                       intervals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The history's search vectors looked up and projected once: ``[L, P]``."""
+        n, c = intervals.numel(), next(iter(candidates.values())).numel()
+        features = request_kjt(self.search_keys, history, candidates, c)
+        embeddings = self.search_table(features)
+        behaviors = self.w_b(search_vectors(embeddings, self.history_keys))  # [L, P]
+        targets = self.w_a(search_vectors(embeddings, self.candidate_keys))  # [C, P]
+        scores = (targets @ behaviors.t()).flatten()  # [C L]: row c scores the history for c
+        return jagged.positions_in_copy(
+            topk.jagged_topk(scores, jagged.copies_offsets(n, c, scores.device), self.k), n)
+
+
+def request_kjt(keys: List[str], history: Dict[str, torch.Tensor],
+                candidates: Dict[str, torch.Tensor], c: int) -> KeyedJaggedTensor:
+    """One request as ``c`` samples in which every id appears once: a candidate key holds each
+    candidate's id, a history key the whole history on the first sample (the others empty)."""
+    device = next(iter(candidates.values())).device
+    lengths = torch.zeros(len(keys), c, dtype=torch.int32, device=device)
+    values = []
+    for i, key in enumerate(keys):
+        if key in candidates:
+            values.append(candidates[key].long())
+            lengths[i] = 1
+        else:
+            values.append(history[key].long())
+            if c > 0:
+                lengths[i, 0] = values[-1].numel()
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths.flatten())

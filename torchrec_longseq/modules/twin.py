@@ -4,10 +4,11 @@ TWIN's consistency-preserving GSU (CP-GSU) ranks the whole history with the *sam
 the ESU, so what it keeps is what the ESU would weight most. It stays cheap by splitting the
 behavior features in two:
 
-* inherent, item-side features (here ``e_j = [e_item; e_category]``): their key projection
-  ``W_k e_j`` does not depend on the user, so it is computed once per item and kept in per-item
-  tables. The projection splits by blocks, ``W_k e_j = W_k^item e_item + W_k^cat e_category``,
-  so one table per embedding table suffices (``ItemDerivedTable``). The tables also hold
+* inherent, item-side features (here ``e_j``, the behavior's attributes side by side, e.g.
+  ``[e_item; e_category; e_shop]``): their key projection ``W_k e_j`` does not depend on the
+  user, so it is computed once per item and kept in per-item tables. The projection splits by
+  blocks, ``W_k e_j = sum_a W_k^a e_a``, so one table per attribute suffices
+  (``ItemDerivedTable``). The tables also hold
   ``W_q``'s blocks, so the candidate's query is read by id as well and the whole search runs
   before the sharded lookup;
 * user-item cross features (here the time interval): each compressed to one scalar bias per
@@ -24,19 +25,18 @@ Per behavior the search reads ``H Dh`` floats twice (item and category keys) and
 multiply-adds: O(L) float work, no embedding lookup and no projection of the L behaviors.
 """
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, KeyedJaggedTensor
+from torchrec import EmbeddingConfig, KeyedJaggedTensor
 
 from torchrec_longseq import jagged
-from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules.attention import TargetAttention, head_logits
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.esu import ExactSearchUnit
-from torchrec_longseq.modules.lookup import lookup_behaviors
 from torchrec_longseq.retrieval import kernels, topk
+from torchrec_longseq.schema import SequenceSchema
 
 
 class ProjectedRows:
@@ -57,30 +57,36 @@ class ProjectedRows:
         return embeddings @ weight.detach().t()
 
 
-@torch.fx.wrap
-def twin_scores(item_rows: torch.Tensor, category_rows: torch.Tensor, items: torch.Tensor,
-                categories: torch.Tensor, target_items: torch.Tensor,
-                target_categories: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor,
-                num_heads: int) -> torch.Tensor:
-    """The ESU's logits, averaged over heads, for every behavior, from the per-item tables.
+def summed_rows(tables: List[torch.Tensor], ids: List[torch.Tensor], cols: slice) -> torch.Tensor:
+    """``sum_a tables[a][ids[a], cols]``: one projected block per attribute, added up."""
+    out = tables[0][ids[0], cols]
+    for table, index in zip(tables[1:], ids[1:]):
+        out = out + table[index, cols]
+    return out
 
-    ``*_rows [rows, 2 H Dh]`` hold ``[W_q block, W_k block]`` per id; ``items, categories [N]``
-    the history, ``target_* [B]`` the candidates, ``bias [N, H]`` the cross-feature biases ->
-    ``[N]``.
+
+@torch.fx.wrap
+def twin_scores(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.Tensor,
+                offsets: torch.Tensor, bias: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The ESU's logits, averaged over heads, for every behavior, from the per-attribute tables.
+
+    ``rows[a] [rows_a, 2 H Dh]`` hold ``[W_q block, W_k block]`` per id of attribute ``a``,
+    ``ids[a] [N]`` the history's ids, ``queries [B, H Dh]`` the candidates' projected queries,
+    ``bias [N, H]`` the cross-feature biases -> ``[N]``.
     """
-    width = item_rows.size(1) // 2
-    query = item_rows[target_items, :width] + category_rows[target_categories, :width]  # [B, HDh]
-    keys = item_rows[items, width:] + category_rows[categories, width:]  # [N, H Dh]
-    seg = jagged.segment_ids(offsets, items.numel())
-    return head_logits(query, keys, seg, num_heads, bias).mean(dim=1)
+    width = rows[0].size(1) // 2
+    keys = summed_rows(rows, ids, slice(width, 2 * width))  # [N, H Dh]
+    seg = jagged.segment_ids(offsets, ids[0].numel())
+    return head_logits(queries, keys, seg, num_heads, bias).mean(dim=1)
 
 
 class TwinSearch(nn.Module):
     """TWIN's CP-GSU: the ``k`` behaviors with the highest ESU attention logits.
 
     Args:
-        table_sizes (Tuple[int, int]): rows of the item and of the category table.
-        embedding_dim (int): D, width of both tables.
+        schema (SequenceSchema): the sequence's keys and tables; every attribute gets a table of
+            projected rows (the query part is read for the attributes with a candidate key).
+        tables (Dict[str, EmbeddingConfig]): the EmbeddingCollection's configs by table name.
         esu (ExactSearchUnit): the ESU (``time_as_bias=True``) whose attention ranks; its time
             bias is shared (the same module), its projections are read into the tables.
         k (int): behaviors kept per sample (TWIN: 100); ties go to the more recent behavior.
@@ -89,86 +95,89 @@ class TwinSearch(nn.Module):
     Example::
 
         esu = ExactSearchUnit(32, TimeIntervalEmbedding(4), 4, 8, time_as_bias=True)
-        search = TwinSearch((2000, 100), 16, esu, k=100)
-        indices, lengths, _ = search(features, lookup, history_time, request_time)
+        search = TwinSearch(default_schema(), table_configs(ec), esu, k=100)
     """
 
-    def __init__(self, table_sizes: Tuple[int, int], embedding_dim: int, esu: ExactSearchUnit,
-                 k: int, refresh_every: int = 1) -> None:
+    def __init__(self, schema: SequenceSchema, tables: Dict[str, EmbeddingConfig],
+                 esu: ExactSearchUnit, k: int, refresh_every: int = 1) -> None:
         super().__init__()
         if not esu.time_as_bias:
             raise ValueError("TWIN's search needs an ESU with time_as_bias=True")
+        self.schema = schema
         self.k = topk.check_k(k)
         self.num_heads = esu.attention.num_heads
         self.time_bias = esu.time_embedding
         width = 2 * esu.attention.output_dim
-        d = embedding_dim
-        self.item_rows = ItemDerivedTable(
-            table_sizes[0], width, torch.float32, ProjectedRows(esu.attention, slice(0, d)),
-            refresh_every, key=TARGET_ITEM, trained_derive=True)
-        self.category_rows = ItemDerivedTable(
-            table_sizes[1], width, torch.float32, ProjectedRows(esu.attention, slice(d, 2 * d)),
-            refresh_every, key=TARGET_CATEGORY, trained_derive=True)
+        start, blocks = 0, []
+        for a in schema.attributes:
+            dim = tables[a.table].embedding_dim
+            blocks.append(ItemDerivedTable(
+                tables[a.table].num_embeddings, width, torch.float32,
+                ProjectedRows(esu.attention, slice(start, start + dim)), refresh_every,
+                table=a.table, trained_derive=True))
+            start += dim
+        self.rows = nn.ModuleList(blocks)
+        # which attributes have a candidate (their query blocks make the candidate's query)
+        self.matched = [i for i, a in enumerate(schema.attributes) if a.candidate_key is not None]
 
-    def forward(
-        self, features: KeyedJaggedTensor, lookup: EmbeddingCollection,
-        history_time: Optional[torch.Tensor], request_time: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        if history_time is None or request_time is None:
-            raise ValueError("TWIN's search needs history_time and request_time")
-        hist_item = features[HIST_ITEM]
-        offsets = hist_item.offsets()
+    def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
+               request_time: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
+                                                    Optional[torch.Tensor]]:
+        offsets = features[self.schema.history_keys[0]].offsets()
         with torch.no_grad():
             intervals = request_time[jagged.segment_ids(offsets, history_time.numel())] - history_time
             indices, lengths = twin_topk(
-                self.item_rows.table, self.category_rows.table, hist_item.values(),
-                features[HIST_CATEGORY].values(), features[TARGET_ITEM].values(),
-                features[TARGET_CATEGORY].values(), offsets, self.time_bias(intervals),
-                self.num_heads, self.k)
+                [r.table for r in self.rows],
+                [features[key].values() for key in self.schema.history_keys],
+                self._queries([features[a.candidate_key].values() for a in self.schema.matched]),
+                offsets, self.time_bias(intervals), self.num_heads, self.k)
         return indices, lengths, None
+
+    def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
+                       intervals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # the history's time biases are bucketed once for all candidates: [L, H]
+        return twin_topk([r.table for r in self.rows],
+                         [history[key] for key in self.schema.history_keys],
+                         self._queries([candidates[a.candidate_key] for a in self.schema.matched]),
+                         None, self.time_bias(intervals), self.num_heads, self.k)
+
+    def _queries(self, candidate_ids: List[torch.Tensor]) -> torch.Tensor:
+        """``[B, H Dh]``: the candidates' projected queries, summed over their attributes."""
+        width = self.rows[0].table.size(1) // 2
+        return summed_rows([self.rows[i].table for i in self.matched], candidate_ids,
+                           slice(0, width))
 
 
 @torch.fx.wrap
-def twin_topk(item_rows: torch.Tensor, category_rows: torch.Tensor, items: torch.Tensor,
-              categories: torch.Tensor, target_items: torch.Tensor,
-              target_categories: torch.Tensor, offsets: Optional[torch.Tensor],
-              bias: torch.Tensor, num_heads: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def twin_topk(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.Tensor,
+              offsets: Optional[torch.Tensor], bias: torch.Tensor, num_heads: int,
+              k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` of ``twin_scores`` per sample (ties to the more recent behavior): on CPU one
     compiled pass per sample (``kernels.twin_topk_by_id``, the mean over heads folded into one dot
     product and the mean bias), elsewhere ``twin_scores`` and ``jagged_topk``.
-    ``offsets=None``: one history (and ``bias``) shared by all candidates (serving)."""
-    width = item_rows.size(1) // 2
-    queries = item_rows[target_items, :width] + category_rows[target_categories, :width]
+    ``offsets=None``: one history (and ``bias``) shared by all candidates (serving).
+
+    The kernel reads two tables by id: with more attributes, those after the first are added up
+    per behavior first (one ``[N, 2 H Dh]`` pass); with one, the second is a zero row."""
+    width = rows[0].size(1) // 2
     head_dim = width // num_heads
-    found = kernels.twin_topk_by_id(item_rows, items, category_rows, categories, queries,
+    n = ids[0].numel()
+    if len(rows) == 2:
+        second, second_ids = rows[1], ids[1]
+    elif len(rows) == 1:
+        second, second_ids = rows[0].new_zeros(1, rows[0].size(1)), torch.zeros_like(ids[0])
+    else:
+        second = summed_rows(rows[1:], ids[1:], slice(0, 2 * width))
+        second_ids = torch.arange(n, device=ids[0].device)
+    found = kernels.twin_topk_by_id(rows[0], ids[0], second, second_ids, queries,
                                     bias.mean(dim=1), offsets, k,
                                     1.0 / (num_heads * head_dim**0.5))
     if found is not None:
         return found
     if offsets is None:  # the torch ops run the shared history as B copies
-        n, b = items.numel(), target_items.numel()
-        copies = jagged.copies_offsets(n, b, items.device)
+        b = queries.size(0)
+        copies = jagged.copies_offsets(n, b, ids[0].device)
         return jagged.positions_in_copy(twin_topk(
-            item_rows, category_rows, items.repeat(b), categories.repeat(b), target_items,
-            target_categories, copies, bias.repeat(b, 1), num_heads, k), n)
-    scores = twin_scores(item_rows, category_rows, items, categories, target_items,
-                         target_categories, offsets, bias, num_heads)
+            rows, [i.repeat(b) for i in ids], queries, copies, bias.repeat(b, 1), num_heads, k), n)
+    scores = twin_scores(rows, ids, queries, offsets, bias, num_heads)
     return topk.jagged_topk(scores, offsets, k)
-
-
-@torch.no_grad()
-def full_attention_topk(esu: ExactSearchUnit, lookup: EmbeddingCollection,
-                        features: KeyedJaggedTensor, history_time: torch.Tensor,
-                        request_time: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The reference TWIN's search approximates: the top ``k`` of the ESU's logits (mean over
-    heads) over *every* behavior, computed from embeddings looked up now (O(L) lookup; for
-    measuring the search, e.g. its overlap with this, not for training)."""
-    offsets = features[HIST_ITEM].offsets()
-    everything = jagged.all_positions(offsets)
-    target, behaviors, _, _, _ = lookup_behaviors(lookup, features, everything)
-    seg = jagged.segment_ids(offsets, behaviors.size(0))
-    attention = esu.attention
-    bias = esu.time_embedding(request_time[seg] - history_time)
-    logits = head_logits(attention.q_proj(target), attention.k_proj(behaviors), seg,
-                         attention.num_heads, bias).mean(dim=1)
-    return topk.jagged_topk(logits, offsets, k)

@@ -1,0 +1,303 @@
+"""The protocol every sequence module implements, and ``SequenceArch``, which runs it.
+
+A sequence module (DIN, SIM, ETA, SDIM, TWIN, or one a user writes) works in three steps, and
+training, evaluation and serving all call exactly these::
+
+    search(features, history_time, request_time) -> Selection     on ids, before any lookup
+        │   which history positions to look up: a long-term selection (<= k per sample) and
+        │   an optional short-term window, plus an auxiliary logit or module-specific tensors
+        ▼
+    SequenceArch: ONE EmbeddingCollection call for every sequence of the model
+        │   the candidate's attributes, and every attribute of the selected positions
+        ▼
+    attend(looked: Looked, selection: Selection) -> [B, output_dim]
+
+    search_request(history, candidates, intervals) -> Selection    serving: one user's history
+        searched once for all C candidates (positions into that one history)
+
+``SequenceArch`` holds the user's EmbeddingCollection and the modules (one per sequence). Per
+step it asks every module for its selection, builds one KJT with the EmbeddingCollection's own
+feature names (a history key carries, per sample, the positions every module selected from that
+history, one after the other; a candidate key its candidate id), looks it up once (one input and
+one output all-to-all under DMP, however many sequences), splits the rows back and calls each
+module's ``attend``. Only selected positions are looked up: ``<= k + window + 1`` rows per
+attribute, sequence and sample, whatever L is.
+
+It also keeps the per-item derived tables (ETA's signatures, SDIM's codes, TWIN's projected
+keys) exact: every id sent to the EmbeddingCollection in a training forward is remembered per
+table, and at the start of the next forward, after the optimizer has moved those rows, the
+derived rows of those ids are re-derived (``DerivedTables``). The user's training loop does not
+have to call anything.
+"""
+
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+from torchrec_longseq import jagged
+from torchrec_longseq.modules.derived import DerivedTables, ItemDerivedTable
+from torchrec_longseq.modules.time import intervals_of
+from torchrec_longseq.schema import SequenceSchema
+
+Part = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+class Selection(NamedTuple):
+    """What a search chose, before any lookup.
+
+    ``long = (indices [M], lengths [B])``: positions into the history values (of the schema's
+    keys), grouped by sample; ``lengths=None`` (serving) means every candidate reads all ``M``.
+    ``short``: the recent window in the same form, or ``None``. ``aux``: an auxiliary logit
+    ``[B]`` (SIM soft search) or ``None``. ``extra``: tensors the module's ``attend`` needs and
+    only it reads (SDIM's collision weights).
+    """
+
+    long: Part
+    short: Optional[Part] = None
+    aux: Optional[torch.Tensor] = None
+    extra: Tuple[torch.Tensor, ...] = ()
+
+
+class Looked(NamedTuple):
+    """The looked-up rows a module attends over; a row is its attributes' embeddings side by side.
+
+    ``candidates [B, D]`` (zeros in the blocks of attributes without a candidate key);
+    ``long [U, D]`` with ``long_offsets [B + 1]`` (``None``: every candidate's), ``long_index
+    [M]`` (``None``: the rows in order; serving: the row each position reads, so a behavior
+    retrieved by several candidates is looked up once) and ``long_intervals [U]`` (request time
+    minus behavior time); ``short [S, D]``, ``short_offsets``, ``short_intervals [S]`` likewise.
+    """
+
+    candidates: torch.Tensor
+    long: torch.Tensor
+    long_offsets: Optional[torch.Tensor]
+    long_intervals: torch.Tensor
+    short: torch.Tensor
+    short_offsets: Optional[torch.Tensor]
+    short_intervals: torch.Tensor
+    long_index: Optional[torch.Tensor] = None
+
+
+class SequenceModule(nn.Module):
+    """Base class of sequence modules: a ``schema``, an ``output_dim`` and the three methods of
+    the module docstring. ``derived_tables()`` lists the per-item tables the module keeps
+    (``ItemDerivedTable``; ``SequenceArch`` refreshes them)."""
+
+    schema: SequenceSchema
+    output_dim: int
+
+    def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
+               request_time: torch.Tensor) -> Selection:
+        raise NotImplementedError
+
+    def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
+                       intervals: torch.Tensor) -> Selection:
+        """One history (``history[key] [L]`` per history key, ``intervals [L]``) searched for
+        ``C`` candidates (``candidates[key] [C]``): positions into that history."""
+        raise NotImplementedError
+
+    def attend(self, looked: Looked, selection: Selection) -> torch.Tensor:
+        raise NotImplementedError
+
+    def derived_tables(self) -> List[ItemDerivedTable]:
+        return [m for m in self.modules() if isinstance(m, ItemDerivedTable)]
+
+
+def table_configs(collection: EmbeddingCollection) -> Dict[str, EmbeddingConfig]:
+    """``table name -> EmbeddingConfig`` of a (not yet sharded) EmbeddingCollection."""
+    return {c.name: c for c in collection.embedding_configs()}
+
+
+def behavior_dim(schema: SequenceSchema, tables: Dict[str, EmbeddingConfig]) -> int:
+    """Width of a behavior (and candidate) row: the schema's attributes' widths summed."""
+    missing = [a.table for a in schema.attributes if a.table not in tables]
+    if missing:
+        raise ValueError(f"tables {missing} of the schema are not in the EmbeddingCollection "
+                         f"(it has {sorted(tables)})")
+    return sum(tables[a.table].embedding_dim for a in schema.attributes)
+
+
+def history_times(schema: SequenceSchema, features: KeyedJaggedTensor,
+                  history_time: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[N]`` the timestamps of the schema's behaviors: its ``time_key`` or the dense one."""
+    if schema.time_key is not None:
+        return features[schema.time_key].values()
+    if history_time is None:
+        raise ValueError("this sequence reads the dense history_time, but none was given")
+    return history_time
+
+
+@torch.fx.wrap
+def _interleave(parts: List[Part], batch: int) -> Tuple[torch.Tensor, torch.Tensor,
+                                                       List[torch.Tensor]]:
+    """Several selections of one history as one jagged list: per sample, part 0's positions,
+    then part 1's, ... Returns ``(indices [T], lengths [B], where)`` with ``where[p] [M_p]`` the
+    place of part ``p``'s entries in ``indices``."""
+    if len(parts) == 1:
+        indices, lengths = parts[0]
+        assert lengths is not None
+        return indices, lengths, [torch.arange(indices.numel(), device=indices.device)]
+    lengths = torch.stack([p[1] for p in parts])  # [P, B]
+    total = lengths.sum(0)
+    offsets = jagged.lengths_to_offsets(total)
+    before = torch.cumsum(lengths, 0) - lengths  # [P, B]
+    out = torch.empty(int(offsets[-1]), dtype=torch.long, device=total.device)
+    where = []
+    for p, (indices, part_lengths) in enumerate(parts):
+        part_offsets = jagged.lengths_to_offsets(part_lengths)
+        seg = jagged.segment_ids(part_offsets, indices.numel())
+        dest = offsets[:-1][seg] + before[p][seg] + (
+            torch.arange(indices.numel(), device=indices.device) - part_offsets[:-1][seg])
+        out[dest] = indices
+        where.append(dest)
+    return out, total, where
+
+
+class SequenceArch(nn.Module):
+    """The user's EmbeddingCollection and one sequence module per behavior sequence.
+
+    Args:
+        embedding_collection (EmbeddingCollection): the tables every schema names; each table's
+            ``feature_names`` list its schemas' history and candidate keys. DMP shards it.
+        sequences (Dict[str, SequenceModule]): name -> module; outputs are concatenated in this
+            order.
+
+    Output of ``forward``: ``([B, sum of output_dim], aux)``, ``aux`` the auxiliary logits
+    ``[B]`` of the modules that have one (SIM soft search), in order.
+
+    Example::
+
+        arch = SequenceArch(ec, {"clicks": eta_module, "buys": sim_hard_module})
+        out, aux = arch(features, history_time, request_time)
+    """
+
+    def __init__(self, embedding_collection: EmbeddingCollection,
+                 sequences: Dict[str, SequenceModule]) -> None:
+        super().__init__()
+        if not sequences:
+            raise ValueError("a SequenceArch needs at least one sequence module")
+        self.embedding_collection = embedding_collection
+        self.sequences = nn.ModuleDict(sequences)
+        configs = embedding_collection.embedding_configs()
+        # the EC's keys in one fixed order (a sharded EC reads every later KJT in the order of
+        # its first one), and what each table serves (kept: a sharded EC has no configs)
+        self.lookup_keys: List[str] = [f for c in configs for f in c.feature_names]
+        self.table_of_key: Dict[str, str] = {f: c.name for c in configs for f in c.feature_names}
+        self.dims: Dict[str, int] = {c.name: c.embedding_dim for c in configs}
+        self.table_rows: Dict[str, int] = {c.name: c.num_embeddings for c in configs}
+        dense_times = [name for name, m in sequences.items() if m.schema.time_key is None]
+        if len(dense_times) > 1:
+            raise ValueError(f"sequences {dense_times} all read the dense history_time: give "
+                             f"each but one a time_key")
+        for name, module in sequences.items():
+            for attribute in module.schema.attributes:
+                for key in (attribute.history_key, attribute.candidate_key):
+                    if key is not None and self.table_of_key.get(key) != attribute.table:
+                        raise ValueError(
+                            f"sequence {name!r}: key {key!r} must be a feature of table "
+                            f"{attribute.table!r} in the EmbeddingCollection (its tables serve "
+                            f"{self.table_of_key})")
+        self.output_dim = sum(m.output_dim for m in sequences.values())
+        self.derived = DerivedTables([t for m in sequences.values() for t in m.derived_tables()])
+
+    def forward(self, features: KeyedJaggedTensor, history_time: Optional[torch.Tensor],
+                request_time: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        self.refresh_pending()
+        selections = {
+            name: module.search(features, history_times(module.schema, features, history_time),
+                                request_time)
+            for name, module in self.sequences.items()}
+        looked = self.look_up(features, history_time, request_time, selections)
+        outputs = [module.attend(looked[name], selections[name])
+                   for name, module in self.sequences.items()]
+        aux = [s.aux for s in selections.values() if s.aux is not None]
+        return torch.cat(outputs, dim=1), aux
+
+    def refresh_pending(self) -> None:
+        """Bring the derived tables up to date with the tables (see ``DerivedTables``): the rows
+        the last training forward looked up (the optimizer has moved them since), or all rows the
+        first time. Called at the start of every forward; call it before reading the derived
+        tables elsewhere (export, a checkpoint)."""
+        _refresh(self.derived, self.embedding_collection)
+
+    def look_up(self, features: KeyedJaggedTensor, history_time: Optional[torch.Tensor],
+                request_time: torch.Tensor,
+                selections: Dict[str, Selection]) -> Dict[str, Looked]:
+        """The rows of every module's selection, in one EmbeddingCollection call."""
+        batch = request_time.numel()
+        # per history key, the parts (selections) read from it, in module order; slots[name]
+        # [kind][key]: which part of ``key`` is module ``name``'s long (0) or short (1) one
+        parts: Dict[str, List[Part]] = {}
+        slots: Dict[str, List[Dict[str, int]]] = {}
+        for name, selection in selections.items():
+            slots[name] = [{}, {}]
+            for kind, part in enumerate((selection.long, selection.short)):
+                if part is None:
+                    continue
+                for key in self.sequences[name].schema.history_keys:
+                    slots[name][kind][key] = len(parts.setdefault(key, []))
+                    parts[key].append(part)
+        candidate_keys = {k for m in self.sequences.values() for k in m.schema.candidate_keys}
+        values, lengths, where = [], [], {}
+        for key in self.lookup_keys:
+            if key in parts:
+                positions, key_lengths, where[key] = _interleave(parts[key], batch)
+                values.append(features[key].values()[positions])
+                lengths.append(key_lengths)
+            elif key in candidate_keys:
+                jt = features[key]
+                values.append(jt.values())
+                lengths.append(jt.lengths())
+            else:  # a feature of the collection that no sequence reads
+                values.append(request_time.new_zeros(0, dtype=torch.long))
+                lengths.append(request_time.new_zeros(batch, dtype=torch.long))
+        kjt = _lookup_kjt(self.lookup_keys, values, lengths)
+        _remember(self.derived, self.lookup_keys, values, self.table_of_key)
+        embeddings = self.embedding_collection(kjt)  # one all-to-all for every sequence
+        looked = {}
+        for name, selection in selections.items():
+            schema = self.sequences[name].schema
+            times = history_times(schema, features, history_time)
+            offsets = features[schema.history_keys[0]].offsets()
+            candidates = torch.cat([
+                embeddings[a.candidate_key].values() if a.candidate_key is not None else
+                torch.zeros(batch, self.dims[a.table], device=request_time.device)
+                for a in schema.attributes], dim=1)  # [B, D]
+            found = []
+            for kind, part in enumerate((selection.long, selection.short)):
+                if part is None:
+                    found += [candidates[:0], jagged.lengths_to_offsets(
+                        request_time.new_zeros(batch, dtype=torch.long)),
+                        request_time.new_zeros(0)]
+                    continue
+                rows = torch.cat([  # [M, D]
+                    embeddings[key].values()[where[key][slots[name][kind][key]]]
+                    for key in schema.history_keys], dim=1)
+                assert part[1] is not None
+                found += [rows, jagged.lengths_to_offsets(part[1]),
+                          intervals_of(times, request_time, offsets, part[0])]
+            looked[name] = Looked(candidates, *found)
+        return looked
+
+
+@torch.fx.wrap
+def _lookup_kjt(keys: List[str], values: List[torch.Tensor],
+                lengths: List[torch.Tensor]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(keys=keys, values=torch.cat([v.long() for v in values]),
+                             lengths=torch.cat(lengths).int())
+
+
+# the derived tables' bookkeeping as fx leaves: a traced forward still records the looked-up ids
+# (in training mode) and refreshes the tables first
+
+@torch.fx.wrap
+def _remember(derived: DerivedTables, keys: List[str], values: List[torch.Tensor],
+              table_of_key: Dict[str, str]) -> None:
+    derived.remember(keys, values, table_of_key)
+
+
+@torch.fx.wrap
+def _refresh(derived: DerivedTables, collection: EmbeddingCollection) -> None:
+    derived.refresh_pending(collection)
