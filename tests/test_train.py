@@ -81,3 +81,46 @@ def test_own_model_example_trains_on_two_ranks() -> None:
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "own model (ETA over clicks, SIM hard over purchases): test auc=" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def taobao_store(tmp_path_factory) -> Path:
+    """A store prepared from a made-up log in the Taobao UserBehavior layout, as
+    ``examples/taobao_user_behavior.py --demo`` writes it (two sequences: clicks and buys)."""
+    import taobao_user_behavior
+    out = tmp_path_factory.mktemp("taobao") / "store"
+    taobao_user_behavior.main(["--demo", "20000", "--out", str(out), "--max-seq-len", "100",
+                               "--num-shards", "3"])
+    return out
+
+
+@pytest.mark.parametrize("model", ["avgpool", "din", "din-full", "sim-hard", "sim-soft", "eta",
+                                   "sdim", "twin"])
+def test_every_model_trains_from_a_prepared_store(tmp_path: Path, taobao_store: Path,
+                                                  model: str) -> None:
+    """``--data DIR`` with ``--config`` (the example's YAML, its flags overridden): both of the
+    store's sequences through ``model``, 2 ranks, evaluated; the resolved options are written
+    next to the metrics."""
+    import yaml
+    config = Path(__file__).resolve().parents[1] / "examples" / "taobao.yaml"
+    result = train(tmp_path / "run", "--config", str(config), "--data", str(taobao_store),
+                   "--model", model, "--sequence-model", f"clicks={model}",
+                   "--sequence-model", f"buys={model}", "--steps", "3")
+    assert result["data"] == str(taobao_store) and result["max_seq_len"] == 100
+    assert 0.0 <= result["auc"] <= 1.0 and result["logloss"] > 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["model"] == model and resolved["steps"] == 3  # the flags won
+    assert resolved["sequence_model"] == [f"clicks={model}", f"buys={model}"]
+    assert resolved["embedding_dim"] == 16 and resolved["k"] == 50  # from the file
+
+
+def test_a_config_file_with_an_unknown_option_is_named(tmp_path: Path) -> None:
+    from torchrec_longseq.train import parse_args
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: eta\nno_such_option: 3\n")
+    with pytest.raises(SystemExit, match="unknown option 'no_such_option'"):
+        parse_args(["--config", str(bad)])
+    good = tmp_path / "good.yaml"
+    good.write_text("model: eta\nk: 7\npipeline: true\n")
+    args = parse_args(["--config", str(good), "--k", "9"])
+    assert (args.model, args.k, args.pipeline) == ("eta", 9, True)

@@ -50,7 +50,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec_longseq import jagged
 from torchrec_longseq.data.batch import Batch
 from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.data.validation import integer_dtype
+from torchrec_longseq.data.validation import MAX_TIME, integer_dtype
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.sequence import Looked, SequenceModule
 from torchrec_longseq.retrieval import kernels
@@ -117,6 +117,8 @@ def check_request(request: Request, model: LongSeqCTR) -> None:
     without bounds checks, so ``score_request`` runs this first."""
     if isinstance(request.request_time, bool) or not isinstance(request.request_time, int):
         raise RequestError(f"request_time: expected an int, got {request.request_time!r}")
+    if not 0 <= request.request_time < MAX_TIME:
+        raise RequestError(f"request_time: {request.request_time} outside [0, 2^62)")
     groups = {"user": request.user, "history": request.history,
               "candidates": request.candidates}
     for name, values in groups.items():
@@ -151,6 +153,10 @@ def check_request(request: Request, model: LongSeqCTR) -> None:
         if len(set(lengths.values())) > 1:
             raise RequestError(f"sequence {name!r}: its history keys and times need one value per "
                                f"behavior, got lengths {lengths}")
+        if times.numel() and int(times.min()) < 0:
+            at = int((times < 0).nonzero()[0, 0])
+            raise RequestError(f"history time of {name!r}, behavior {at}: {int(times[at])} "
+                               f"outside [0, 2^62)")
         back = times[1:] < times[:-1]
         if back.any():
             at = int(back.nonzero()[0, 0]) + 1

@@ -41,6 +41,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticLifelongSequences
+from torchrec_longseq.data.store import SampleStore, StoreBatches, StoreDataset
 from torchrec_longseq.data.validation import check_batch
 from torchrec_longseq.metrics import CTRMetrics
 from torchrec_longseq.modules.sequence import Selection, history_times
@@ -51,6 +52,7 @@ from torchrec_longseq.models.longseq_ctr import (
     LongSeqCTRTrain,
     ModelConfig,
     build_model,
+    build_store_model,
 )
 
 
@@ -65,8 +67,16 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="a YAML (or JSON) file of these options by name (e.g. "
+                   "'model: eta', 'k: 50', 'sequence_model: [clicks=eta, buys=sim-hard]'); "
+                   "flags on the command line override it")
+    p.add_argument("--data", help="a sample store written by torchrec_longseq.data.prepare "
+                   "(default: the synthetic lifelong sequences)")
+    p.add_argument("--sequence-model", action="append", default=[], metavar="SEQUENCE=MODEL",
+                   help="with --data: the model of one of the store's sequences (default: "
+                        "--model for every sequence)")
     p.add_argument("--model", default="din-full", choices=MODELS)
     p.add_argument("--max-seq-len", type=at_least(1), default=2000)
     p.add_argument("--steps", type=at_least(0), default=300, help="training steps (batches per rank)")
@@ -101,7 +111,45 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=at_least(0), default=1, help="DataLoader workers per rank")
     p.add_argument("--pipeline", action="store_true",
                    help="train with TorchRec's TrainPipelineSparseDist")
-    return p.parse_args(argv)
+    return p
+
+
+def config_argv(path: str) -> List[str]:
+    """The options of a YAML / JSON config file as command-line tokens (so they are checked by
+    the same parser, and flags given after them win)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        options = yaml.safe_load(f) or {}
+    if not isinstance(options, dict):
+        raise SystemExit(f"{path}: expected a mapping of options, got {type(options).__name__}")
+    known = {a.dest: a for a in parser()._actions}
+    argv: List[str] = []
+    for name, value in options.items():
+        action = known.get(str(name).replace("-", "_"))
+        if action is None or action.dest in ("help", "config"):
+            raise SystemExit(f"{path}: unknown option {name!r}")
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The options: ``--config FILE``'s, then the command line's (which win)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, _ = parser().parse_known_args(argv)
+    if first.config:
+        argv = config_argv(first.config) + argv
+    args = parser().parse_args(argv)
+    last = {item.partition("=")[0]: item for item in args.sequence_model}  # later ones win
+    args.sequence_model = list(last.values())
+    return args
 
 
 def init_distributed() -> torch.device:
@@ -158,23 +206,93 @@ def shard(model: nn.Module, device: torch.device, sharding: str, sparse_lr: floa
     return DistributedModelParallel(module=model, device=device, plan=plan)
 
 
-def batches(dataset: SyntheticLifelongSequences, num_workers: int) -> Iterator[Batch]:
+class Data:
+    """Where the batches come from: the synthetic generator, or a prepared store (``--data``)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.store = SampleStore(args.data) if args.data else None
+        self.synthetic = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len)
+
+    def model(self, config: ModelConfig) -> LongSeqCTR:
+        args = self.args
+        if self.store is None:
+            if args.sequence_model:
+                raise SystemExit("--sequence-model needs --data (the synthetic data has one sequence)")
+            return build_model(args.model, config, self.synthetic.table_sizes,
+                               device=torch.device("cpu"))
+        models = {name: args.model for name in self.store.sequence_names}
+        for item in args.sequence_model:
+            name, _, model = item.partition("=")
+            if name not in models or model not in MODELS:
+                raise SystemExit(f"--sequence-model {item}: expected SEQUENCE=MODEL with a sequence "
+                                 f"of the store ({self.store.sequence_names}) and a model of {MODELS}")
+            models[name] = model
+        return build_store_model(models, config, self.store, device=torch.device("cpu"))
+
+    def training(self, start: int) -> Iterator[Batch]:
+        """The training stream from step ``start`` on: the synthetic batches of those steps, or the
+        store's train split epoch after epoch (shuffled per epoch; a resumed run reads past the
+        batches it had trained on)."""
+        args = self.args
+        if self.store is None:
+            yield from batches(SyntheticLifelongSequences(
+                self.synthetic, "train", args.batch_size, num_batches=args.steps - start,
+                rank=self.rank, world_size=self.world, start=start), args.num_workers)
+            return
+        dataset = StoreBatches(StoreDataset(self.store, "train", args.batch_size, self.rank,
+                                            self.world, shuffle_seed=args.seed))
+        epoch, seen = 0, 0
+        while True:
+            dataset.set_epoch(epoch)
+            empty = True
+            for batch in batches(dataset, args.num_workers):
+                empty = False
+                seen += 1
+                if seen > start:
+                    yield batch
+            if empty:
+                raise SystemExit(f"{args.data}: no training samples for rank {self.rank}")
+            epoch += 1
+
+    def evaluation(self, split: str) -> Iterator[Batch]:
+        """At most ``--eval-batches`` batches of ``split`` per rank; every rank stops at the same
+        count (a store's ranks may hold one batch more or less)."""
+        args = self.args
+        if self.store is None:
+            dataset = SyntheticLifelongSequences(self.synthetic, split, args.batch_size,
+                                                 num_batches=args.eval_batches, rank=self.rank,
+                                                 world_size=self.world)
+        else:
+            dataset = StoreBatches(StoreDataset(self.store, split, args.batch_size, self.rank,
+                                                self.world))
+        stream = batches(dataset, args.num_workers)
+        for _ in range(args.eval_batches):
+            batch = next(stream, None)
+            more = torch.tensor([batch is not None], dtype=torch.int32)
+            dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if not more.item():
+                return
+            yield batch
+
+
+def batches(dataset, num_workers: int) -> Iterator[Batch]:
     return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
                            persistent_workers=False))
 
 
-def checked_batches(dataset: SyntheticLifelongSequences, num_workers: int,
-                    model: LongSeqCTR) -> Iterator[Batch]:
+def checked_batches(stream: Iterator[Batch], model: LongSeqCTR) -> Iterator[Batch]:
     """The training batches, each validated (``check_batch``) as it is read."""
     schemas = [m.schema for m in model.sequence_arch.sequences.values()] \
         if model.sequence_arch is not None else []
-    for batch in batches(dataset, num_workers):
+    for batch in stream:
         check_batch(batch, model.table_rows, schemas)
         yield batch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: SyntheticConfig, split: str, args: argparse.Namespace,
+def evaluate(model: nn.Module, data: Data, split: str, args: argparse.Namespace,
              device: torch.device) -> Dict[str, float]:
     """AUC / GAUC / log loss over ``--eval-batches`` batches per rank of ``split``; for the
     sequence over the dense history (whose behaviors the generator flags as relevant or not),
@@ -189,9 +307,7 @@ def evaluate(model: nn.Module, data: SyntheticConfig, split: str, args: argparse
         if arch is not None else []
     found = torch.zeros(2, dtype=torch.float64, device=device)  # retrieved relevant, achievable
     overlap = torch.zeros(2, dtype=torch.float64, device=device)  # in both top-k, in dense
-    ds = SyntheticLifelongSequences(data, split, args.batch_size, num_batches=args.eval_batches,
-                                    rank=dist.get_rank(), world_size=dist.get_world_size())
-    for batch in batches(ds, args.num_workers):
+    for batch in data.evaluation(split):
         batch = batch.to(device)
         _, (_, logits, labels) = model(batch)
         metrics.update(batch.user_ids, logits, labels)
@@ -253,13 +369,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # same dense initialisation on every rank
-    data = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len)
+    data = Data(args)
+    if rank == 0:  # the run's resolved options, next to its metrics
+        import yaml
+        (out / "config.yaml").write_text(yaml.safe_dump(
+            {k: v for k, v in vars(args).items() if k != "config"}, sort_keys=False))
     config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, num_heads=args.heads,
                          short_window=args.short_window, time_buckets=args.time_buckets,
                          hash_bits=args.hash_bits, refresh_every=args.refresh_every,
                          sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k)
-    model = LongSeqCTRTrain(build_model(args.model, config, data.table_sizes,
-                                        device=torch.device("cpu")), args.alpha, args.beta)
+    model = LongSeqCTRTrain(data.model(config), args.alpha, args.beta)
     model = shard(model, device, args.sharding, args.sparse_lr)
     dense = dense_optimizer(model, args.dense_lr)
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
@@ -279,13 +398,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if ctr.sequence_arch is not None:  # from the (initial or loaded) embeddings, at the next forward
         ctr.sequence_arch.derived.reset()
 
-    train = SyntheticLifelongSequences(data, "train", args.batch_size, num_batches=args.steps - start,
-                                       rank=rank, world_size=world, start=start)
     history: List[Dict[str, float]] = []
     train_time = 0.0
     progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc=args.model,
                     mininterval=2.0)
-    checked = checked_batches(train, args.num_workers, ctr)
+    checked = checked_batches(data.training(start), ctr)
     pipeline = TrainPipelineSparseDist(model, optimizer, device) if args.pipeline else None
     for step in range(start + 1, args.steps + 1):
         batch = next(checked) if pipeline is None else None  # read outside the timing
@@ -320,7 +437,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     steps_run = args.steps - start
     result = {
         "model": args.model,
-        "max_seq_len": args.max_seq_len,
+        "max_seq_len": int(data.store.meta["max_seq_len"]) if data.store else args.max_seq_len,
+        "data": args.data or "synthetic",
         "auc": test["auc"],
         "gauc": test["gauc"],
         "logloss": test["logloss"],

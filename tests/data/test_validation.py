@@ -131,11 +131,20 @@ def test_lengths_not_summing_to_values() -> None:
     e = Editable()
     lengths = torch.tensor([len(s) for key in FEATURE_KEYS for s in e.features[key]])
     lengths[4 * B + 2] += 1  # hist_item, sample 2 claims one value more than there is
+    # checked on the lengths first: the history keys must agree, and the message names both
+    raises(e.build(lengths=lengths), "feature 'hist_category', sample 2", "differs from "
+           "'hist_item'")
+    lengths[5 * B + 2] += 1  # hist_category too: aligned, but more lengths than values
     message = raises(e.build(lengths=lengths), "lengths sum to")
     # the values cannot tell which feature is wrong, but the message names one of them
     assert re.search(r"feature '(hist_item|hist_category)'", message), message
-    lengths[4 * B + 2] -= 2  # one value fewer
+    lengths[4 * B + 2] -= 2  # one value fewer in each
+    lengths[5 * B + 2] -= 2
     raises(e.build(lengths=lengths), "lengths sum to", "feature '")
+    lengths[4 * B + 2] += 1
+    lengths[5 * B + 2] += 1
+    lengths[2 * B + 3] += 1  # a candidate key: one value per sample
+    raises(e.build(lengths=lengths), "feature 'target_item', sample 3: expected exactly one")
 
 
 def test_negative_length() -> None:
@@ -272,9 +281,49 @@ def test_float_ids_and_times_are_rejected() -> None:
     floats = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().double() + 0.5,
                                lengths=kjt.lengths())
     raises(Batch(**{**batch.__dict__, "features": floats}), "KeyedJaggedTensor values",
-           "expected integers", "torch.float64")
+           "expected torch.int32 or torch.int64", "torch.float64")
     raises(Batch(**{**batch.__dict__, "history_time": batch.history_time.float()}),
-           "history_time: expected integers")
+           "history_time: expected torch.int32 or torch.int64")
+
+
+@pytest.mark.parametrize("field, convert, message", [
+    ("labels", lambda t: t.long(), "labels: expected torch.float32 or torch.float64, got torch.int64"),
+    ("labels", lambda t: t.bool(), "labels: expected torch.float32 or torch.float64, got torch.bool"),
+    ("labels", lambda t: t.to(torch.uint8), "labels: expected torch.float32 or torch.float64"),
+    ("lengths", lambda t: t.to(torch.int16), "KeyedJaggedTensor lengths: expected torch.int32 or "
+                                            "torch.int64, got torch.int16"),
+    ("lengths", lambda t: t.to(torch.uint8), "KeyedJaggedTensor lengths: expected"),
+    ("values", lambda t: t.to(torch.int16), "KeyedJaggedTensor values: expected torch.int32 or "
+                                           "torch.int64, got torch.int16"),
+    ("history_time", lambda t: t.to(torch.uint64), "history_time: expected torch.int32 or "
+                                                  "torch.int64, got torch.uint64"),
+])
+def test_dtypes_the_models_cannot_use_are_named(field: str, convert, message: str) -> None:
+    """Each used to pass the check and fail inside torch or fbgemm ("result type Float can't be
+    cast to Long", "asynchronous_complete_cumsum_cpu_kernel not implemented for 'Short'"), or
+    crash inside the check (uint64)."""
+    batch = Editable().build()
+    kjt = batch.features
+    if field in ("lengths", "values"):
+        parts = {"values": kjt.values(), "lengths": kjt.lengths()}
+        parts[field] = convert(parts[field])
+        changed = {"features": KeyedJaggedTensor(keys=kjt.keys(), **parts)}
+    else:
+        changed = {field: convert(getattr(batch, field))}
+    raises(Batch(**{**batch.__dict__, **changed}), message)
+
+
+@pytest.mark.parametrize("time", [-1, 2**62, 2**63 - 1, -(2**63)])
+def test_timestamps_outside_the_range_are_named(time: int) -> None:
+    """``request_time - history_time`` would overflow int64 (a behavior at the smallest int64
+    landed in the "under a minute old" bucket)."""
+    batch = Editable().build()
+    history = batch.history_time.clone()
+    history[0] = time if time < 0 else history[0]
+    request = batch.request_time.clone()
+    request[0] = time if time > 0 else request[0]
+    raises(Batch(**{**batch.__dict__, "history_time": history, "request_time": request}),
+           f"timestamp {time} outside [0, 2^62)")
 
 
 def test_lengths_not_a_multiple_of_the_keys() -> None:

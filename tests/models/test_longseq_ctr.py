@@ -227,3 +227,22 @@ def test_heads_and_window_out_of_range_are_errors() -> None:
         TargetAttention(8, 8, num_heads=0, head_dim=8)
     with pytest.raises(ValueError, match="last_n must be >= 0, got -5"):
         DIN(default_schema(), 8, [16], TimeIntervalEmbedding(4), last_n=-5)
+
+
+@pytest.mark.parametrize("name", ["avgpool", "din", "sim-soft", "eta", "sdim", "twin"])
+def test_a_batch_of_zero_samples_has_loss_zero(name: str) -> None:
+    """Not the NaN of a mean over nothing; the loss of other batches is the usual mean BCE."""
+    model = build_small_model(name)
+    train = LongSeqCTRTrain(model)
+    empty = make_batch(batch_size=0)
+    loss, (_, logits, labels) = train(empty)
+    assert float(loss) == 0.0 and logits.shape == (0,) and labels.shape == (0,)
+    loss.backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is None or not param.grad.any(), pname
+    batch = make_batch(batch_size=4)
+    loss, (_, logits, _) = train(batch)
+    logits_again, aux = model(batch.features, batch.history_time, batch.request_time)
+    expected = sum(torch.nn.functional.binary_cross_entropy_with_logits(x, batch.labels)
+                   for x in [logits_again, *aux])
+    torch.testing.assert_close(loss, expected)

@@ -60,7 +60,7 @@ def test_the_users_batch_passes_its_checks_with_extra_keys() -> None:
                                                 f["buy_seq_ts"].lengths().argmax(), B).int())
     bad = Batch(features=KeyedJaggedTensor.from_jt_dict(f), history_time=batch.history_time,
                 request_time=batch.request_time, labels=batch.labels, relevant=batch.relevant)
-    with pytest.raises(ValueError, match="feature 'buy_seq_ts', sample .*: length differs"):
+    with pytest.raises(ValueError, match="feature 'buy_seq_ts', sample .*: length .* differs from 'buy_seq_item'"):
         check_batch(bad, model.table_rows, schemas(model))
 
 

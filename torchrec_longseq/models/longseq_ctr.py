@@ -127,7 +127,9 @@ class LongSeqCTR(nn.Module):
 class LongSeqCTRTrain(nn.Module):
     """Training wrapper: ``batch -> (loss, (loss, logits, labels))`` as TorchRec's ``DLRMTrain``.
 
-    ``loss = beta * BCE(logits) + alpha * sum of BCE(aux_logits)`` over the auxiliary tasks.
+    ``loss = beta * BCE(logits) + alpha * sum of BCE(aux_logits)`` over the auxiliary tasks, each
+    BCE the mean over the batch's samples; a batch of zero samples has loss 0 (and no gradient),
+    not the NaN of a mean over nothing.
     """
 
     def __init__(self, model: LongSeqCTR, alpha: float = 1.0, beta: float = 1.0) -> None:
@@ -137,10 +139,16 @@ class LongSeqCTRTrain(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         logits, aux = self.model(batch.features, batch.history_time, batch.request_time)
-        loss = self.beta * nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        labels = batch.labels.to(logits.dtype)
+        samples = torch.ones_like(labels).sum().clamp(min=1)  # a tensor: traceable, no branch
+        loss = self.beta * _bce_sum(logits, labels) / samples
         for extra in aux:
-            loss = loss + self.alpha * nn.functional.binary_cross_entropy_with_logits(extra, batch.labels)
+            loss = loss + self.alpha * _bce_sum(extra, labels) / samples
         return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+def _bce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
 
 
 @dataclass
@@ -268,3 +276,46 @@ def _short_term(config: ModelConfig, behavior_width: int, context_dim: int) -> O
     if config.short_window == 0:
         return None
     return DINAttention(behavior_width, config.attention_hidden, context_dim)
+
+
+def build_store_model(models: Dict[str, str], config: ModelConfig, store: "SampleStore",
+                      device: Optional[torch.device] = None) -> LongSeqCTR:
+    """A model of a prepared sample store (``data.store``): the pooled user, one
+    EmbeddingCollection table per id column (item, each attribute, the behavior type), shared by
+    the candidate and every sequence, and one module per sequence, ``models[sequence]`` (names of
+    ``MODELS``; ``"avgpool"`` for one averages every sequence's history in the pooled features,
+    and then every sequence must be ``"avgpool"``). Keys and tables: ``store_schemas``."""
+    from torchrec_longseq.data.store import USER_KEY, store_schemas, store_tables
+
+    d, sizes, schemas = config.embedding_dim, store_tables(store), store_schemas(store)
+    unknown = {m for m in models.values() if m not in MODELS} | (set(schemas) ^ set(models))
+    if unknown:
+        raise ValueError(f"models {models} must name one of {MODELS} for each sequence of the "
+                         f"store ({sorted(schemas)})")
+    pooled = [EmbeddingBagConfig(name="user", embedding_dim=d, num_embeddings=sizes["user"],
+                                 feature_names=[USER_KEY])]
+    tables = list(dict.fromkeys(a.table for s in schemas.values() for a in s.attributes))
+
+    def features(table: str) -> List[str]:
+        keys = [a.candidate_key for s in schemas.values() for a in s.attributes
+                if a.table == table and a.candidate_key is not None][:1]
+        return keys + [a.history_key for s in schemas.values() for a in s.attributes
+                       if a.table == table]
+
+    if set(models.values()) == {"avgpool"}:
+        pooled += [EmbeddingBagConfig(name=t, embedding_dim=d, num_embeddings=sizes[t],
+                                      feature_names=features(t), pooling=PoolingType.MEAN)
+                   for t in tables]
+        return LongSeqCTR(EmbeddingBagCollection(tables=pooled, device=device),
+                          config.over_arch_layers)
+    if "avgpool" in models.values():
+        raise ValueError("avgpool pools every sequence: it cannot be mixed with other models")
+    ec = EmbeddingCollection(tables=[EmbeddingConfig(name=t, embedding_dim=d,
+                                                     num_embeddings=sizes[t],
+                                                     feature_names=features(t))
+                                     for t in tables], device=device)
+    configs = {c.name: c for c in ec.embedding_configs()}
+    arch = SequenceArch(ec, {name: build_sequence(models[name], schema, configs, config, device)
+                             for name, schema in schemas.items()})
+    return LongSeqCTR(EmbeddingBagCollection(tables=pooled, device=device),
+                      config.over_arch_layers, arch)
