@@ -17,8 +17,9 @@ $(STAMP): requirements-cpu.lock pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# OMP_NUM_THREADS=1 is what torchrun sets for 2 ranks anyway; set here, torchrun prints no notice
 demo: $(STAMP)
-	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m torchrec_longseq.train $(DEMO_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m torchrec_longseq.train $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -24,14 +24,16 @@ back; the report lists which); that only moves TorchRec's plumbing, not this pro
 Then it times the ops at each ``--lengths`` L for ``--candidates`` candidates with L behaviors
 each (N = candidates x L in all), on the device (``torch.cuda.synchronize``, warm-up, median of
 ``--repeats``) next to the CPU of the same machine (the default path, compiled kernels, and the
-torch ops with ``TORCHREC_LONGSEQ_KERNELS=0``; median of ``--cpu-repeats``, a single call where
-one takes over 2 s), and prints markdown tables; ``OUT/gpu_check.json`` keeps everything::
+torch ops with ``kernel="torch"``; median of ``--cpu-repeats``, a single call where one takes
+over 2 s), and prints markdown tables; ``OUT/gpu_check.json`` keeps everything::
 
     python benchmarks/gpu_check.py --lengths 1000 10000 100000 --candidates 64 --k 50 \\
         --embedding-dim 64 --hash-bits 64 --out runs/gpu_check
 
-``--device cpu`` runs the "device" side on CPU with the kernels off (a smoke test of the script
-without a GPU: kernels against torch ops).
+The "device" side always runs with ``kernel="torch"`` (``retrieval.kernels.set_kernel`` on its
+modules, ``kernel=`` to its functions), the CPU side with the default ``"auto"``. ``--device cpu``
+thus runs the "device" side on CPU with the kernels off (a smoke test of the script without a
+GPU: kernels against torch ops).
 """
 
 import argparse
@@ -50,7 +52,8 @@ from torch.utils._pytree import tree_map
 
 from torchrec_longseq import jagged
 from torchrec_longseq.modules.attention import TargetAttention
-from torchrec_longseq.retrieval import kernels, simhash
+from torchrec_longseq.retrieval import simhash
+from torchrec_longseq.retrieval.kernels import set_kernel
 from torchrec_longseq.retrieval.hard import hard_search
 from torchrec_longseq.retrieval.topk import jagged_topk
 
@@ -149,12 +152,12 @@ def equal_pairs(a: Pair, b: Pair) -> Tuple[bool, str]:
 def same_selections(fn: Callable[..., Pair], args: Tuple, device: str,
                     ks: Tuple[int, ...]) -> Tuple[bool, int]:
     """``fn(*args, k)`` for each ``k``: on CPU (the compiled kernel where there is one) against
-    ``fn`` on ``device`` with the torch ops. Returns (all identical, CPU selections in all)."""
+    ``fn(..., kernel="torch")`` on ``device`` (the torch ops). Returns (all identical, CPU
+    selections in all)."""
     same, selected = True, 0
     for k in ks:
         ref = fn(*args, k)
-        with kernels.disabled():
-            got = fn(*moved(args, device), k)
+        got = fn(*moved(args, device), k, kernel="torch")
         same = equal_pairs(ref, got)[0] and same
         selected += ref[0].numel()
     return same, selected
@@ -190,7 +193,8 @@ def check_signatures_exact(device: str, g: torch.Generator) -> Tuple[bool, str]:
         proj = torch.randint(-3, 4, (64, bits), generator=g).float()
         zeros += int(((emb @ proj) == 0).sum())
         same &= torch.equal(simhash.simhash_signatures(emb, proj),
-                            simhash.simhash_signatures(emb.to(device), proj.to(device)).cpu())
+                            simhash.simhash_signatures(emb.to(device), proj.to(device),
+                                                       kernel="torch").cpu())
     return same, f"m = 16, 64, 128; {zeros} projections exactly 0"
 
 
@@ -200,7 +204,7 @@ def check_signatures_gaussian(device: str, g: torch.Generator) -> Tuple[bool, st
     emb = torch.randn(20_000, 64, generator=g)
     proj = torch.randn(64, 128, generator=g)
     a = simhash.simhash_signatures(emb, proj)
-    b = simhash.simhash_signatures(emb.to(device), proj.to(device)).cpu()
+    b = simhash.simhash_signatures(emb.to(device), proj.to(device), kernel="torch").cpu()
     diff_words = a ^ b
     bit = torch.arange(64)
     flipped = ((diff_words.unsqueeze(-1) >> bit) & 1).bool().flatten(1)  # [N, 128]
@@ -235,8 +239,10 @@ def check_simhash_topk(device: str, g: torch.Generator) -> Tuple[bool, str]:
         else:
             hist[:, 1] &= 0xFF
             target[:, 1] &= 0xFF
-        same, count = same_selections(simhash.simhash_topk, (hist, offsets, target), device,
-                                      (0, 1, 7, 50, 400))
+        # simhash_topk is torch ops only: the same function on both sides
+        same, count = same_selections(
+            lambda h, o, t, k, kernel="auto": simhash.simhash_topk(h, o, t, k),
+            (hist, offsets, target), device, (0, 1, 7, 50, 400))
         results.append(same)
         selected += count
     return all(results), f"W = 1, 2; k = 0, 1, 7, 50, 400; {selected} selected"
@@ -297,8 +303,9 @@ def check_jagged_topk(device: str, g: torch.Generator, largest: bool) -> Tuple[b
     for scores in (torch.randn(n, generator=g),  # distinct
                    torch.randint(0, 10, (n,), generator=g).float(),  # many ties
                    torch.randint(0, 10, (n,), generator=g)):  # integer scores
-        same, count = same_selections(lambda s, o, k: jagged_topk(s, o, k, largest),
-                                      (scores, offsets), device, (0, 1, 7, 50))
+        same, count = same_selections(
+            lambda s, o, k, kernel="auto": jagged_topk(s, o, k, largest, kernel=kernel),
+            (scores, offsets), device, (0, 1, 7, 50))
         results.append(same)
         selected += count
     return all(results), f"float, tied float, int scores; k = 0, 1, 7, 50; {selected} selected"
@@ -307,7 +314,7 @@ def check_jagged_topk(device: str, g: torch.Generator, largest: bool) -> Tuple[b
 def check_attention(device: str, g: torch.Generator, bias: bool, shared: bool) -> Tuple[bool, str]:
     torch.manual_seed(0)
     att = TargetAttention(query_dim=24, key_dim=40, num_heads=4, head_dim=8)
-    att_dev = copy.deepcopy(att).to(device)
+    att_dev = set_kernel(copy.deepcopy(att).to(device), "torch")
     lengths = random_lengths(g, 64, 300)
     offsets: Optional[torch.Tensor] = jagged.lengths_to_offsets(lengths)
     n = int(lengths.sum())
@@ -326,9 +333,8 @@ def check_attention(device: str, g: torch.Generator, bias: bool, shared: bool) -
         return out
 
     out = run(att, query, keys, b if bias else None, offsets, grad_out)
-    with kernels.disabled():
-        out_dev = run(att_dev, leaves_dev[0], leaves_dev[1], leaves_dev[2] if bias else None,
-                      None if offsets is None else offsets.to(device), grad_out.to(device))
+    out_dev = run(att_dev, leaves_dev[0], leaves_dev[1], leaves_dev[2] if bias else None,
+                  None if offsets is None else offsets.to(device), grad_out.to(device))
     pairs = [("out", out, out_dev)] + [
         (name, a.grad, d.grad) for name, a, d in zip(["dq", "dkeys", "dbias"], leaves, leaves_dev)]
     pairs += [(f"d{name}", p.grad, p_dev.grad)
@@ -411,8 +417,7 @@ def check_twin(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str
     exact, explained, unexplained = 0, 0, 0
     for k in (1, 7, 50):
         ref = twin_topk(*inputs, k)
-        with kernels.disabled():
-            got = on_cpu(twin_topk(*inputs_dev, k))
+        got = on_cpu(twin_topk(*inputs_dev, k, "torch"))
         if not torch.equal(ref[1], got[1]):
             unexplained += batch
             continue
@@ -452,8 +457,7 @@ def check_sdim(device: str, g: torch.Generator) -> Tuple[bool, str]:
     # behaviors are merged by every attribute's ids: here the two hashed ones
     inputs = ([item_codes, category_codes], hist_ids, target_ids, hist_ids, offsets, tau, groups)
     ref = collisions_by_id(*inputs)
-    with kernels.disabled():
-        got = on_cpu(collisions_by_id(*moved(inputs, device)))
+    got = on_cpu(collisions_by_id(*moved(inputs, device), "torch"))
 
     def by_position(found):
         positions, lens, weights = found
@@ -549,9 +553,8 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
     torch.manual_seed(0)
     model = build_model(name, config, data.table_sizes)
     model.refresh_derived_tables()
-    model_dev = copy.deepcopy(model).to(device)
-    with kernels.disabled():
-        model_dev.refresh_derived_tables()  # rebuilt on the device from the same embeddings
+    model_dev = set_kernel(copy.deepcopy(model).to(device), "torch")  # the torch ops throughout
+    model_dev.refresh_derived_tables()  # rebuilt on the device from the same embeddings
     notes: List[str] = []
     ok_tables, note = compare_tables(derived_tables(model), derived_tables(model_dev))
     if note:
@@ -569,9 +572,8 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
         with torch.no_grad():
             ref = module.search_unit.search(batch.features, batch.history_time,
                                             batch.request_time)
-            with kernels.disabled():
-                got = module_dev.search_unit.search(batch_dev.features, batch_dev.history_time,
-                                                    batch_dev.request_time)
+            got = module_dev.search_unit.search(batch_dev.features, batch_dev.history_time,
+                                                batch_dev.request_time)
         same, detail = equal_pairs(ref[:2], got[:2])
         notes.append(f"retrieval {'identical' if same else 'DIFFERS'} ({detail})")
         ok &= same
@@ -594,8 +596,7 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
     model.train()
     model_dev.train()
     logits, grads = step(model, batch, opt)
-    with kernels.disabled():
-        logits_dev, grads_dev = step(model_dev, batch_dev, opt_dev)
+    logits_dev, grads_dev = step(model_dev, batch_dev, opt_dev)
     same, diff = close(logits, logits_dev, MODEL_TOL)
     ok &= same
     worst, bad = 0.0, []
@@ -617,9 +618,8 @@ def check_model(name: str, device: str) -> Tuple[bool, str]:
     model_dev.eval()
     with torch.no_grad():
         after, _ = model(batch.features, batch.history_time, batch.request_time)
-        with kernels.disabled():
-            after_dev, _ = model_dev(batch_dev.features, batch_dev.history_time,
-                                     batch_dev.request_time)
+        after_dev, _ = model_dev(batch_dev.features, batch_dev.history_time,
+                                 batch_dev.request_time)
     same, diff = close(after, after_dev, MODEL_TOL)
     ok &= same
     notes.append(f"logits after the step max abs diff {diff:.1e}")
@@ -635,7 +635,7 @@ def check_serving(name: str, device: str) -> Tuple[bool, str]:
     torch.manual_seed(0)
     model = build_model(name, config, data.table_sizes).eval()
     model.refresh_derived_tables()
-    model_dev = copy.deepcopy(model).to(device)
+    model_dev = set_kernel(copy.deepcopy(model).to(device), "torch")
     request = synthetic_request(data, 60, 20)
     # every tensor of the request on the device: the user, history and candidate dicts, the
     # dense history times
@@ -645,8 +645,7 @@ def check_serving(name: str, device: str) -> Tuple[bool, str]:
                           request_time=request.request_time,
                           history_time=moved(request.history_time, device))
     ref = score_request(model, request)
-    with kernels.disabled():
-        got = score_request(model_dev, request_dev)
+    got = score_request(model_dev, request_dev)
     same, diff = close(ref, got, MODEL_TOL)
     length = request.history[default_schema().item.history_key].numel()
     return same, (f"{ref.numel()} candidates, L = {length}, max abs diff {diff:.1e}")
@@ -709,7 +708,7 @@ def median_seconds(fn: Callable[[], object], device: str, repeats: int, warmup: 
 
 
 def timing_ops(length: int, args: argparse.Namespace) -> Dict[str, Tuple[Callable, bool]]:
-    """``name -> (make(device) -> fn, has_cpu_kernel)`` for L = ``length``."""
+    """``name -> (make(device, kernel) -> fn, has_cpu_kernel)`` for L = ``length``."""
     g = torch.Generator().manual_seed(length)
     b, d, k = args.candidates, args.embedding_dim, args.k
     n = b * length
@@ -729,47 +728,47 @@ def timing_ops(length: int, args: argparse.Namespace) -> Dict[str, Tuple[Callabl
     attention = TargetAttention(2 * d, 2 * d, args.heads, args.head_dim)
     grad_out = torch.randn(b, args.heads * args.head_dim, generator=g)
 
-    def signatures(device):
+    def signatures(device, kernel):
         emb = item_emb[hist_items].to(device)  # [N, d]: hashing every behavior's embedding
         proj = projection.to(device)
-        return lambda: simhash.simhash_signatures(emb, proj)
+        return lambda: simhash.simhash_signatures(emb, proj, kernel=kernel)
 
-    def eta_by_id(device):
+    def eta_by_id(device, kernel):
         from torchrec_longseq.modules.eta import signature_topk
         inputs = moved(([item_sig, category_sig], [hist_items, hist_categories],
                         [target_items, target_categories], offsets), device)
-        return lambda: signature_topk(*inputs, k)
+        return lambda: signature_topk(*inputs, k, kernel)
 
-    def hamming_topk(device):
+    def hamming_topk(device, kernel):  # torch ops only
         hist = torch.cat([item_sig[hist_items], category_sig[hist_categories]], 1).to(device)
         tgt = torch.cat([item_sig[target_items], category_sig[target_categories]], 1).to(device)
         off = offsets.to(device)
         return lambda: simhash.simhash_topk(hist, off, tgt, k)
 
-    def hard(device):
+    def hard(device, kernel):
         inputs = moved((hist_categories, offsets, target_categories), device)
-        return lambda: hard_search(*inputs, k)
+        return lambda: hard_search(*inputs, k, kernel=kernel)
 
-    def topk_float(device):
+    def topk_float(device, kernel):
         inputs = moved((scores, offsets), device)
-        return lambda: jagged_topk(*inputs, k)
+        return lambda: jagged_topk(*inputs, k, kernel=kernel)
 
-    def attention_inputs(device):
-        att = copy.deepcopy(attention).to(device)
+    def attention_inputs(device, kernel):
+        att = set_kernel(copy.deepcopy(attention).to(device), kernel)
         query = torch.cat([item_emb[target_items], category_emb[target_categories]], 1)
         keys = torch.cat([item_emb[hist_items], category_emb[hist_categories]], 1)  # [N, 2 d]
         return att, query.to(device), keys.to(device), offsets.to(device)
 
-    def attention_forward(device):
-        att, query, keys, off = attention_inputs(device)
+    def attention_forward(device, kernel):
+        att, query, keys, off = attention_inputs(device, kernel)
 
         def fn():
             with torch.no_grad():
                 return att(query, keys, off)
         return fn
 
-    def attention_train(device):
-        att, query, keys, off = attention_inputs(device)
+    def attention_train(device, kernel):
+        att, query, keys, off = attention_inputs(device, kernel)
         keys.requires_grad_()
         grad = grad_out.to(device)
 
@@ -805,14 +804,13 @@ def run_timing(args: argparse.Namespace, have_torchrec: bool) -> List[Dict[str, 
                 continue
             row: Dict[str, object] = {"op": name, "L": length, "N": args.candidates * length}
             try:
-                row["cpu_ms"] = 1e3 * median_seconds(make("cpu"), "cpu", args.cpu_repeats, 1)
+                row["cpu_ms"] = 1e3 * median_seconds(make("cpu", "auto"), "cpu",
+                                                     args.cpu_repeats, 1)
                 if has_kernel:
-                    with kernels.disabled():
-                        row["cpu_torch_ops_ms"] = 1e3 * median_seconds(
-                            make("cpu"), "cpu", args.cpu_repeats, 1)
-                with kernels.disabled():
-                    row["device_ms"] = 1e3 * median_seconds(make(args.device), args.device,
-                                                            args.repeats, 3)
+                    row["cpu_torch_ops_ms"] = 1e3 * median_seconds(
+                        make("cpu", "torch"), "cpu", args.cpu_repeats, 1)
+                row["device_ms"] = 1e3 * median_seconds(make(args.device, "torch"), args.device,
+                                                        args.repeats, 3)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             rows.append(row)

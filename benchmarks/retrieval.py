@@ -5,12 +5,13 @@ Every candidate has its own history of exactly L behaviors (the synthetic genera
 get fewer than ``--batch-size`` candidates (the table says how many). Timed, per call:
 
 * ``hard``: SIM's hard search on category ids (``retrieval.hard.hard_search``, on CPU its
-  compiled kernel where it has one); ``hard torch ops``: the same with
-  ``TORCHREC_LONGSEQ_KERNELS=0`` (its torch-ops path, what runs off CPU).
+  compiled kernel where it has one); ``hard torch ops``: the same with ``kernel="torch"`` (its
+  torch-ops path, what runs off CPU).
 * ``simhash kernel``: ETA's Hamming top-k read from the per-item and per-category signature
   tables by id (``modules.eta.signature_topk``: the compiled one-pass CPU kernel).
 * ``simhash torch ops``: the same top-k in torch ops (the signatures gathered from the tables,
-  ``retrieval.simhash.simhash_topk``, ``TORCHREC_LONGSEQ_KERNELS=0``; what runs off CPU).
+  ``retrieval.simhash.simhash_topk``, what ``signature_topk`` runs with ``kernel="torch"`` and
+  off CPU).
 * ``full attention``: no retrieval, what ``din-full`` does instead: the L behaviors' item and
   category embeddings gathered from the tables (``2 d`` wide) and
   ``modules.attention.TargetAttention`` over all of them.
@@ -41,7 +42,7 @@ from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.batch import HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM
 from torchrec_longseq.modules.attention import TargetAttention
 from torchrec_longseq.modules.eta import signature_topk
-from torchrec_longseq.retrieval import kernels, simhash
+from torchrec_longseq.retrieval import simhash
 from torchrec_longseq.retrieval.hard import hard_search
 from runinfo import source_commit
 
@@ -92,15 +93,13 @@ def measure(length: int, args: argparse.Namespace) -> Dict[str, object]:
     def torch_ops() -> Tuple[torch.Tensor, torch.Tensor]:
         history = torch.cat([item_sig[items], category_sig[categories]], dim=1)
         targets = torch.cat([item_sig[target_items], category_sig[target_categories]], dim=1)
-        with kernels.disabled():
-            return simhash.simhash_topk(history, offsets, targets, k)
+        return simhash.simhash_topk(history, offsets, targets, k)
 
     def hard() -> Tuple[torch.Tensor, torch.Tensor]:
         return hard_search(categories, offsets, target_categories, k)
 
     def hard_torch_ops() -> Tuple[torch.Tensor, torch.Tensor]:
-        with kernels.disabled():
-            return hard()
+        return hard_search(categories, offsets, target_categories, k, kernel="torch")
 
     def full_attention() -> torch.Tensor:
         query = torch.cat([item_emb[target_items], category_emb[target_categories]], dim=1)

@@ -3,9 +3,10 @@
 The model below is a ranking engineer's: its features are called ``uid``, ``hour``, ``cand_*``,
 ``clk_seq_*`` (clicks) and ``buy_seq_*`` (purchases); a behavior has three ids (item, category,
 shop) and a timestamp. Adding the long-sequence part takes a schema per sequence and one line per
-module (``build_own_model``, between the ``---`` marks): ETA over the clicks (k = 50) and SIM hard
-search over the purchases (k = 20). Both read the same EmbeddingCollection in one lookup per
-step, and ETA's signature tables are kept exact by the library, whatever the training loop.
+module: ETA over the clicks (k = 50) and SIM hard search over the purchases (k = 20). Both read
+the same EmbeddingCollection in one lookup per step, and ETA's signature tables are kept exact by
+the library, whatever the training loop. (The ``--- README`` regions are the README's snippet,
+kept equal to it by a test.)
 
 Run on 2 ranks (CPU, gloo), trains and prints the test AUC::
 
@@ -29,7 +30,7 @@ from torchrec_longseq import (Attribute, SequenceArch, SequenceSchema, build_seq
 from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.metrics import CTRMetrics
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig
-from torchrec_longseq.train import dense_optimizer, init_distributed, shard
+from torchrec_longseq.train import dense_optimizer, init_distributed, quiet_known_notices, shard
 
 NUM_SHOPS = 50
 KEYS = ["uid", "hour", "cand_item", "cand_cate", "cand_shop",
@@ -39,26 +40,27 @@ KEYS = ["uid", "hour", "cand_item", "cand_cate", "cand_shop",
 
 def schemas() -> Dict[str, SequenceSchema]:
     """The two behavior sequences of this model, named by its own keys and tables."""
-    return {
-        "clicks": SequenceSchema(
-            attributes=[Attribute("clk_seq_item", "item", candidate_key="cand_item"),
-                        Attribute("clk_seq_cate", "cate", candidate_key="cand_cate"),
-                        Attribute("clk_seq_shop", "shop", candidate_key="cand_shop")],
-            time_key="clk_seq_ts"),
-        "buys": SequenceSchema(
-            attributes=[Attribute("buy_seq_item", "item", candidate_key="cand_item"),
-                        Attribute("buy_seq_cate", "cate", candidate_key="cand_cate"),
-                        Attribute("buy_seq_shop", "shop", candidate_key="cand_shop")],
-            time_key="buy_seq_ts", hard_search_key="buy_seq_cate"),
-    }
+    # --- README: the schemas
+    clicks = SequenceSchema(
+        attributes=[Attribute("clk_seq_item", "item", candidate_key="cand_item"),
+                    Attribute("clk_seq_cate", "cate", candidate_key="cand_cate"),
+                    Attribute("clk_seq_shop", "shop", candidate_key="cand_shop")],
+        time_key="clk_seq_ts")  # hard search would match the 2nd attribute, the category
+    buys = SequenceSchema(
+        attributes=[Attribute("buy_seq_item", "item", candidate_key="cand_item"),
+                    Attribute("buy_seq_cate", "cate", candidate_key="cand_cate"),
+                    Attribute("buy_seq_shop", "shop", candidate_key="cand_shop")],
+        time_key="buy_seq_ts", hard_search_key="buy_seq_cate")
+    # ---
+    return {"clicks": clicks, "buys": buys}
 
 
-def build_own_model(data: SyntheticConfig, dim: int = 16, clicks: str = "eta",
-                    buys: str = "sim-hard", clicks_k: int = 50, buys_k: int = 20,
+def build_own_model(data: SyntheticConfig, dim: int = 16, clicks_model: str = "eta",
+                    buys_model: str = "sim-hard", clicks_k: int = 50, buys_k: int = 20,
                     device: Optional[torch.device] = None) -> LongSeqCTR:
     """The user's model: pooled user and hour, three id tables shared by the candidate and both
-    sequences, and the two sequence modules (``clicks``, ``buys``: names of ``build_sequence``,
-    keeping ``clicks_k`` and ``buys_k`` behaviors)."""
+    sequences, and the two sequence modules (names of ``build_sequence``, keeping ``clicks_k``
+    and ``buys_k`` behaviors)."""
     ebc = EmbeddingBagCollection(tables=[
         EmbeddingBagConfig(name="user", embedding_dim=dim, num_embeddings=data.num_users,
                            feature_names=["uid"]),
@@ -73,11 +75,12 @@ def build_own_model(data: SyntheticConfig, dim: int = 16, clicks: str = "eta",
         EmbeddingConfig(name="shop", embedding_dim=dim, num_embeddings=NUM_SHOPS,
                         feature_names=["cand_shop", "clk_seq_shop", "buy_seq_shop"]),
     ], device=device)
-    # --- the long-sequence part: one module per sequence, one arch for all of them
-    tables, seq = table_configs(ec), schemas()
+    seq = schemas()
+    # --- README: the modules, one per sequence, and one arch for all of them
+    tables = table_configs(ec)  # your EmbeddingCollection's configs, by table name
     arch = SequenceArch(ec, {
-        "clicks": build_sequence(clicks, seq["clicks"], tables, ModelConfig(k=clicks_k)),
-        "buys": build_sequence(buys, seq["buys"], tables, ModelConfig(k=buys_k)),
+        "clicks": build_sequence(clicks_model, seq["clicks"], tables, ModelConfig(k=clicks_k)),
+        "buys": build_sequence(buys_model, seq["buys"], tables, ModelConfig(k=buys_k)),
     })
     # ---
     return LongSeqCTR(ebc, [128, 64], arch)
@@ -141,6 +144,7 @@ def main(argv: Optional[List[str]] = None) -> float:
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--max-seq-len", type=int, default=1000)
     args = p.parse_args(argv)
+    quiet_known_notices()
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

@@ -17,9 +17,9 @@ for _path in (_TESTS, _EXAMPLES):
         sys.path.insert(0, _path)
 
 
-@pytest.fixture(params=["1", "0"], ids=["kernels", "torch-ops"])
-def kernels(request, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run with the compiled CPU kernels (``TORCHREC_LONGSEQ_KERNELS=1``, the default on CPU)
-    and with the torch ops (``=0``)."""
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", request.param)
+@pytest.fixture(params=["auto", "torch"], ids=["kernels", "torch-ops"])
+def kernels(request) -> str:
+    """The ``kernel`` to run with (``retrieval.kernels.KERNELS``): ``"auto"``, the compiled CPU
+    operators (the default on CPU), and ``"torch"``, the torch ops. A test applies it itself:
+    ``set_kernel(model, kernels)`` after building, or ``kernel=kernels`` to the function."""
     return request.param

@@ -45,14 +45,16 @@ def through_the_modules(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("lookup", ["tables", "modules"])
-@pytest.mark.parametrize("kernels", ["1", "0"])
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
 @pytest.mark.parametrize("name", MODELS)
 def test_shared_history_equals_independent_samples(name: str, kernels: str, lookup: str,
                                                    monkeypatch) -> None:
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
+    """``kernels``: "auto" the compiled CPU kernels (the default on CPU), "torch" the torch ops
+    (``ModelConfig.kernel``), for the batch and the shared-history paths alike."""
     if lookup == "modules":
         through_the_modules(monkeypatch)
-    model = model_of(name)
+    model = model_of(name, dataclasses.replace(CONFIG, kernel=kernels))
+    assert {m.kernel for m in model.modules() if hasattr(m, "kernel")} <= {kernels}
     for length, candidates in [(300, 16), (5, 3), (0, 2), (300, 1), (300, 0)]:
         request = make_request(length, candidates)
         expected = independent(model, request)

@@ -124,3 +124,28 @@ def test_a_config_file_with_an_unknown_option_is_named(tmp_path: Path) -> None:
     good.write_text("model: eta\nk: 7\npipeline: true\n")
     args = parse_args(["--config", str(good), "--k", "9"])
     assert (args.model, args.k, args.pipeline) == ("eta", 9, True)
+
+
+def test_console_is_quiet_and_resume_without_checkpoint_is_one_line(tmp_path: Path) -> None:
+    """A run prints the project's own lines, no third-party warning (the known harmless ones are
+    avoided at their cause or filtered by message) and no progress bar in a log; ``--resume``
+    without a checkpoint says so in one line, not a traceback per rank."""
+    import re
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "torchrec_longseq.train", *SMALL, "--model", "eta", "--steps", "3",
+           "--eval-every", "2", "--out", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    noisy = [l for l in lines if re.search(r"warn|^\[rank\d\]:W|^W\d{4} |it/s", l, re.I)]
+    assert not noisy, noisy
+    assert any(l.startswith("step 2 validation auc=") for l in lines)
+    assert any(l.startswith("test auc=") for l in lines)
+    proc = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "none"), "--resume"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    ours = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("--resume")]
+    assert ours == [f"--resume: no checkpoint in {tmp_path / 'none' / 'checkpoint'} (save one "
+                    f"with --checkpoint-every N)"]
+    assert "FileNotFoundError" not in proc.stderr

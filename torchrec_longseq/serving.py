@@ -108,6 +108,19 @@ def _field(name: str, key: str) -> str:
     return f"{name}[{key!r}]"
 
 
+# ids and timestamps of a request: signed integers (and uint8), widened to int64 for scoring
+REQUEST_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_ids(field: str, ids) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise RequestError(f"{field}: expected a 1-D integer tensor, got {type(ids).__name__}")
+    if ids.dim() != 1 or ids.dtype not in REQUEST_DTYPES:
+        raise RequestError(f"{field}: expected a 1-D integer tensor, got {ids.dtype} of shape "
+                           f"{tuple(ids.shape)} (ids and times: int8, int16, int32, int64 or "
+                           f"uint8)")
+
+
 def check_request(request: Request, model: LongSeqCTR) -> None:
     """Raise ``RequestError`` naming the feature and the behavior or candidate if ``request`` is
     malformed for ``model``: every key the model reads present; ids 1-D integers in ``[0, rows)``
@@ -123,14 +136,14 @@ def check_request(request: Request, model: LongSeqCTR) -> None:
               "candidates": request.candidates}
     for name, values in groups.items():
         for key, ids in values.items():
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or not integer_dtype(ids):
-                raise RequestError(f"{_field(name, key)}: expected a 1-D integer tensor, got "
-                                   f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids)}"
-                                   f"{'' if not isinstance(ids, torch.Tensor) else ' of shape ' + str(tuple(ids.shape))}")
-    if request.history_time is not None and (request.history_time.dim() != 1
-                                             or not integer_dtype(request.history_time)):
-        raise RequestError(f"history_time: expected a 1-D integer tensor, got "
-                           f"{request.history_time.dtype} of shape {tuple(request.history_time.shape)}")
+            _check_ids(_field(name, key), ids)
+        for other, others in groups.items():
+            twice = sorted(set(values) & set(others)) if other > name else []
+            if twice:
+                raise RequestError(f"{_field(name, twice[0])}: also given in {other!r}; a key "
+                                   f"belongs to one group")
+    if request.history_time is not None:
+        _check_ids("history_time", request.history_time)
     counts = {key: ids.numel() for key, ids in request.candidates.items()}
     if len(set(counts.values())) > 1:
         raise RequestError(f"candidates: every candidate key needs one id per candidate, got "
@@ -309,7 +322,7 @@ def request_rows(model: LongSeqCTR, request: Request, used: Dict[str, torch.Tens
             if len(matched) == len(schema.attributes):
                 target = kernels.gather_rows([weights[a.candidate_key] for a in matched],
                                              [request.candidates[a.candidate_key] for a in matched],
-                                             None)
+                                             None, arch.kernel)
             if target is None:
                 target = torch.cat([
                     weights[a.candidate_key].index_select(0, request.candidates[a.candidate_key])
@@ -317,7 +330,7 @@ def request_rows(model: LongSeqCTR, request: Request, used: Dict[str, torch.Tens
                     for a in schema.attributes], dim=1)
             rows = kernels.gather_rows([weights[k] for k in schema.history_keys],
                                        [request.history[k] for k in schema.history_keys],
-                                       positions)
+                                       positions, arch.kernel)
             if rows is None:
                 rows = torch.cat([weights[k].index_select(0, request.history[k].index_select(
                     0, positions)) for k in schema.history_keys], dim=1)
@@ -362,13 +375,13 @@ def shared_pooled(model: LongSeqCTR, request: Request) -> torch.Tensor:
                       else pooled[key][:1].expand(c, -1) for key in model.pooled_keys], dim=1)
 
 
-def distinct_positions(indices: torch.Tensor, n: int,
-                       window: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def distinct_positions(indices: torch.Tensor, n: int, window: int,
+                       kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(used [U], inverse [M])``: the positions of the history (``n`` behaviors) that the
     search's ``indices [M]`` or the recent ``window`` read, ascending (each looked up once), and
     each index's row among them: ``used[inverse] == indices``, and the window is ``used``'s last
     ``window`` rows (compiled on CPU, ``kernels.distinct_positions``)."""
-    found = kernels.distinct_positions(indices, n, window)
+    found = kernels.distinct_positions(indices, n, window, kernel)
     if found is not None:
         return found
     seen = torch.zeros(n, dtype=torch.bool, device=indices.device).index_fill_(0, indices, True)
@@ -407,7 +420,8 @@ def score_shared(model: LongSeqCTR, request: Request) -> torch.Tensor:
                 {k: request.history[k] for k in schema.history_keys},
                 {k: request.candidates[k] for k in schema.candidate_keys}, intervals[name])
             window = selection.short[0].numel() if selection.short is not None else 0
-            used[name], inverse[name] = distinct_positions(selection.long[0], n, window)
+            used[name], inverse[name] = distinct_positions(selection.long[0], n, window,
+                                                           model.sequence_arch.kernel)
             selections[name] = selection
     with record_function(STAGES[1]):  # the candidates, and the used positions once
         rows = request_rows(model, request, used)

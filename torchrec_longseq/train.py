@@ -19,6 +19,8 @@ input is the search's output, so its lookup stays in the step. Same updates, sam
 
 import argparse
 import json
+import logging
+import warnings
 import os
 import sys
 import time
@@ -31,7 +33,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.utils.data import DataLoader
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -109,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--sharding", default="auto", choices=["auto", "table_wise", "column_wise", "row_wise"])
     p.add_argument("--num-workers", type=at_least(0), default=1, help="DataLoader workers per rank")
+    p.add_argument("--kernel", default="auto", choices=["auto", "compiled", "torch"],
+                   help="the searches' and attention's implementation: compiled on CPU when "
+                        "built (auto), the compiled operators only, or the torch ops")
     p.add_argument("--pipeline", action="store_true",
                    help="train with TorchRec's TrainPipelineSparseDist")
     return p
@@ -194,14 +201,21 @@ def dense_optimizer(model: nn.Module, lr: float) -> KeyedOptimizerWrapper:
                                  lambda params: torch.optim.Adam(params, lr=lr, fused=True))
 
 
+def sharding_planner(world_size: int, device: torch.device,
+                     constraints: Dict[str, ParameterConstraints]) -> EmbeddingShardingPlanner:
+    """TorchRec's planner, set up the way it asks: the topology from ``TopologyFactory`` and a
+    fixed 15% storage reservation (its default heuristic warns that it over-estimates)."""
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size), kernel_config=KernelConfig(compute_device=device.type))
+    return EmbeddingShardingPlanner(topology=topology, constraints=constraints,
+                                    storage_reservation=FixedPercentageStorageReservation(0.15))
+
+
 def shard(model: nn.Module, device: torch.device, sharding: str, sparse_lr: float) -> DistributedModelParallel:
     """Fused row-wise Adagrad on the tables, then DistributedModelParallel with a planned plan."""
     apply_optimizer_in_backward(RowWiseAdagrad, list(table_parameters(model).values()),
                                 {"lr": sparse_lr})
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=dist.get_world_size(), compute_device=device.type),
-        constraints=sharding_constraints(model, sharding),
-    )
+    planner = sharding_planner(dist.get_world_size(), device, sharding_constraints(model, sharding))
     plan: ShardingPlan = planner.collective_plan(model, pg=dist.GroupMember.WORLD)
     return DistributedModelParallel(module=model, device=device, plan=plan)
 
@@ -307,7 +321,9 @@ def evaluate(model: nn.Module, data: Data, split: str, args: argparse.Namespace,
         if arch is not None else []
     found = torch.zeros(2, dtype=torch.float64, device=device)  # retrieved relevant, achievable
     overlap = torch.zeros(2, dtype=torch.float64, device=device)  # in both top-k, in dense
+    schemas = [m.schema for m in arch.sequences.values()] if arch is not None else []
     for batch in data.evaluation(split):
+        check_batch(batch, ctr.table_rows, schemas)  # as every training batch
         batch = batch.to(device)
         _, (_, logits, labels) = model(batch)
         metrics.update(batch.user_ids, logits, labels)
@@ -361,8 +377,21 @@ def checkpoint_state(model: DistributedModelParallel, optimizer: CombinedOptimiz
             "step": torch.tensor(step)}
 
 
+def quiet_known_notices() -> None:
+    """Silence third-party notices that are known to be harmless here, each by its exact
+    message (anything else still shows): DDP's ``broadcast_buffers`` deprecation (TorchRec's DMP
+    passes it), torch's ``is_fx_tracing`` notice (TorchRec calls it) and cpp_extension's "No
+    CUDA runtime" (the CPU operators' build on a machine without CUDA)."""
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated",
+                            category=FutureWarning)
+    for name, text in (("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
+                       ("torch.utils.cpp_extension", "No CUDA runtime is found")):
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
+    quiet_known_notices()
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
@@ -377,7 +406,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, num_heads=args.heads,
                          short_window=args.short_window, time_buckets=args.time_buckets,
                          hash_bits=args.hash_bits, refresh_every=args.refresh_every,
-                         sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k)
+                         sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k,
+                         kernel=args.kernel)
     model = LongSeqCTRTrain(data.model(config), args.alpha, args.beta)
     model = shard(model, device, args.sharding, args.sparse_lr)
     dense = dense_optimizer(model, args.dense_lr)
@@ -386,6 +416,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     start = 0
     ckpt = out / "checkpoint"
     if args.resume:
+        if not (ckpt / ".metadata").exists():  # one line (from rank 0), not a traceback per rank
+            raise SystemExit(f"--resume: no checkpoint in {ckpt} (save one with "
+                             f"--checkpoint-every N)" if rank == 0 else 2)
         dense.init_state()  # Adam's state is lazy: create it (a zero-gradient step) to load into
         state = checkpoint_state(model, optimizer, 0)
         dcp.load(state, checkpoint_id=str(ckpt))
@@ -400,8 +433,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
 
     history: List[Dict[str, float]] = []
     train_time = 0.0
-    progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc=args.model,
-                    mininterval=2.0)
+    # a bar on a terminal; in a log (stdout not a terminal) a line per validation instead
+    progress = tqdm(total=args.steps, initial=start, desc=args.model, mininterval=2.0,
+                    disable=rank != 0 or not sys.stderr.isatty())
     checked = checked_batches(data.training(start), ctr)
     pipeline = TrainPipelineSparseDist(model, optimizer, device) if args.pipeline else None
     for step in range(start + 1, args.steps + 1):
@@ -416,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             optimizer.zero_grad()
         train_time += time.perf_counter() - t0
         progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        progress.set_postfix(loss=f"{loss.detach().item():.4f}")
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             if pipeline is not None:
                 pipeline.detach()  # the model's own forwards back, for evaluation

@@ -8,6 +8,7 @@ on small logs written here: the Taobao layout and custom mappings, CSV and Parqu
 
 import csv
 import json
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -348,6 +349,7 @@ CUSTOM = dict(user="user", item="item", timestamp="ts", attributes=["cat"], beha
     ((1, 10, 3, "click", 5), "events.csv, row 3, column 'type': unknown behavior type 'click'"),
     ((1, 10, 3.5, "pv", 5), "events.csv, row 3, column 'cat': not an integer: '3.5'"),
     ((1, 10, 3, "pv"), "events.csv, row 3: expected 5 fields, got 4"),
+    ((1, 10, 3, "pv", -100), "events.csv, row 3, column 'ts': timestamp outside [0, 2^62): -100"),
 ])
 def test_bad_rows_named(tmp_path, bad_row: tuple, message: str) -> None:
     path = bad_log(tmp_path, GOOD[:2] + [bad_row] + GOOD[2:])
@@ -409,3 +411,15 @@ def test_id_mapping_round_trip(tmp_path) -> None:
     with pytest.raises(ValueError):
         cats.raw(np.array([1]))
     assert hash_ids(np.array([2**62, -5]), 1000).tolist() == [splitmix64(2**62) % 1000, splitmix64(2**64 - 5) % 1000]
+
+
+@pytest.mark.parametrize("label, message", [
+    ("0.5", "label not 0 or 1: 0.5"), ("2", "label not 0 or 1: 2"), ("", "missing value")])
+def test_labels_must_be_zero_or_one(tmp_path, label: str, message: str) -> None:
+    """What the models' loss and check_batch accept; a 0.5 used to go into the store and fail
+    only at the first training batch."""
+    path = tmp_path / "impressions.csv"
+    path.write_text("user,item,ts,clicked\n1,10,5,1\n1,11,6," + label + "\n2,10,7,0\n")
+    mapping = dict(user="user", item="item", timestamp="ts", label="clicked")
+    with pytest.raises(ValueError, match=re.escape(f"row 2, column 'clicked': {message}")):
+        prepare(str(path), tmp_path / "s", mapping=mapping, verbose=False)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import ShardedTensor
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -28,7 +28,7 @@ from torchrec_longseq import serving
 from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig, build_model
 from torchrec_longseq.modules.derived import ItemDerivedTable
-from torchrec_longseq.train import table_parameters
+from torchrec_longseq.train import sharding_planner, table_parameters
 
 WORLD = 2
 DATA = SyntheticConfig(max_seq_len=120, min_seq_len=0, num_users=500, num_items=1000,
@@ -105,8 +105,7 @@ def shard(model: torch.nn.Module, sharding: str) -> DistributedModelParallel:
         kind = "table_wise" if (table in POOLED_TABLES or "embedding_bags." in name) and \
             sharding == "row_wise" else sharding
         constraints[table] = ParameterConstraints(sharding_types=[kind])
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"),
-                                       constraints=constraints)
+    planner = sharding_planner(WORLD, torch.device("cpu"), constraints)
     plan = planner.collective_plan(model, pg=dist.GroupMember.WORLD)
     return DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan)
 
@@ -263,7 +262,7 @@ OWN_DATA = SyntheticConfig(max_seq_len=200, num_users=1000, num_items=1000, num_
 def _own_model(seed: int):
     import own_model  # examples/, on sys.path through conftest (spawned ranks import it too)
     torch.manual_seed(seed)
-    return own_model.build_own_model(OWN_DATA, dim=8, clicks="eta", buys="sim-hard",
+    return own_model.build_own_model(OWN_DATA, dim=8, clicks_model="eta", buys_model="sim-hard",
                                      clicks_k=6, buys_k=3)
 
 

@@ -1,7 +1,10 @@
 """A user's own model (``examples/own_model.py``): their keys and tables, three ids per behavior,
 two sequences (ETA over clicks, SIM hard over purchases) sharing one EmbeddingCollection; and a
-fourth attribute without a candidate key, through every sequence model."""
+fourth attribute without a candidate key, through every sequence model; and the kernel choice
+(``set_kernel``): with "torch" a model calls no compiled operator, in training or serving."""
 
+import re
+from collections import Counter
 from typing import Dict, List
 
 import pytest
@@ -12,12 +15,13 @@ from torchrec.fx import symbolic_trace
 import own_model
 from helpers import capture, nonzero_rows, per_sample
 from torchrec_longseq import (Attribute, SequenceArch, SequenceSchema, StaleDerivedTableError,
-                              build_sequence, serving, table_configs)
+                              build_sequence, serving, set_kernel, table_configs)
 from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.validation import check_batch
 from torchrec_longseq.models.longseq_ctr import (SEQUENCE_MODELS, LongSeqCTR, LongSeqCTRTrain,
                                                  ModelConfig)
 from torchrec_longseq.modules import derived
+from torchrec_longseq.retrieval import extension, kernels as compiled
 
 DATA = SyntheticConfig(max_seq_len=64, num_users=1000, num_items=1000, num_categories=10,
                        subclusters=10)
@@ -28,8 +32,8 @@ K_CLICKS, K_BUYS, WINDOW = 6, 3, ModelConfig().short_window
 def make_model(data: SyntheticConfig = DATA, clicks: str = "eta", buys: str = "sim-hard",
                seed: int = 0) -> LongSeqCTR:
     torch.manual_seed(seed)
-    return own_model.build_own_model(data, dim=8, clicks=clicks, buys=buys, clicks_k=K_CLICKS,
-                                     buys_k=K_BUYS)
+    return own_model.build_own_model(data, dim=8, clicks_model=clicks, buys_model=buys,
+                                     clicks_k=K_CLICKS, buys_k=K_BUYS)
 
 
 def make_batch(index: int = 0, data: SyntheticConfig = DATA, batch_size: int = B) -> Batch:
@@ -202,7 +206,7 @@ def request_of(batch: Batch, sample: int, candidates: int) -> serving.Request:
 
 @pytest.mark.parametrize("clicks", SEQUENCE_MODELS)
 def test_serving_equals_independent_samples(clicks: str, kernels: str) -> None:
-    model = make_model(clicks=clicks).eval()
+    model = set_kernel(make_model(clicks=clicks), kernels).eval()
     batch = make_batch(1)
     logits_of(model, batch)  # the model learns its input's key order
     for sample, candidates in ((0, 16), (3, 1)):
@@ -259,7 +263,7 @@ def typed_batch(index: int) -> Batch:
 def test_an_attribute_without_candidate_key(name: str, kernels: str) -> None:
     """Four attributes, one of them only on behaviors: every model trains (finite logits and
     gradients), the compiled path equals the torch ops, and serving equals the batch."""
-    model = typed_model(name)
+    model = set_kernel(typed_model(name), kernels)
     batch = typed_batch(0)
     check_batch(batch, model.table_rows, schemas(model))
     logits = logits_of(model, batch)
@@ -267,9 +271,9 @@ def test_an_attribute_without_candidate_key(name: str, kernels: str) -> None:
     logits.sum().backward()
     model.eval()
     reference = logits_of(model, batch)
-    from torchrec_longseq.retrieval import kernels as compiled
-    with compiled.disabled():
-        torch.testing.assert_close(logits_of(model, batch), reference, rtol=1e-5, atol=1e-6)
+    set_kernel(model, "torch" if kernels == "auto" else "auto")  # the other implementation
+    torch.testing.assert_close(logits_of(model, batch), reference, rtol=1e-5, atol=1e-6)
+    set_kernel(model, kernels)
     f = batch.features.to_dict()
     request = request_of(batch, 2, 8)
     start, n = int(f["clk_seq_type"].offsets()[2]), int(f["clk_seq_type"].lengths()[2])
@@ -278,3 +282,76 @@ def test_an_attribute_without_candidate_key(name: str, kernels: str) -> None:
     torch.testing.assert_close(serving.score_request(model, request),
                                logits_of(model, serving.request_batch(request, model)),
                                rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- the kernel choice
+
+# every compiled operator, as registered (``torch.ops.longseq.<name>``)
+OPERATORS = re.findall(r'm\.def\("(\w+)\(', extension.sources()["registration.cpp"].decode())
+# what each sequence model calls besides the attention (and SIM hard's search over "buys")
+SEARCH_OPERATORS = {"sim-hard": {"hard_topk"}, "sim-soft": {"float_topk"},
+                    "eta": {"hamming_topk_by_id", "pack_signs"}, "twin": {"twin_topk_by_id"},
+                    "sdim": {"pack_signs"}}
+
+
+def count_operator_calls(monkeypatch) -> Counter:
+    """From now on (until the test ends), each call of a compiled operator is counted by name:
+    every wrapper in ``retrieval.kernels`` (and the attention's backward) calls them as
+    ``torch.ops.longseq.<name>``."""
+    if not compiled.build():
+        pytest.skip("the longseq operators did not build: nothing compiled to count")
+    assert len(OPERATORS) >= 12 and "attention_backward" in OPERATORS
+    calls: Counter = Counter()
+    for name in OPERATORS:
+        real = getattr(torch.ops.longseq, name)
+        monkeypatch.setattr(torch.ops.longseq, name,
+                            lambda *a, _real=real, _name=name, **kw: (calls.update([_name]),
+                                                                      _real(*a, **kw))[1])
+    return calls
+
+
+@pytest.mark.parametrize("clicks", SEQUENCE_MODELS)
+def test_torch_kernel_trains_without_compiled_operators(clicks: str, monkeypatch) -> None:
+    """``set_kernel(model, "torch")``: a training step (the derived tables' refresh, the
+    searches, the attention forward and backward) and an evaluation call no compiled operator;
+    with "auto" the same steps on CPU call the attention's and the model's search operators."""
+    calls = count_operator_calls(monkeypatch)
+    batch = make_batch()
+    results = {}
+    for kernel in ("auto", "torch"):
+        model = set_kernel(make_model(clicks=clicks), kernel)
+        calls.clear()
+        logits = logits_of(model, batch)
+        logits.sum().backward()
+        with torch.no_grad():
+            results[kernel] = (logits.detach(), logits_of(model.eval(), batch))
+        if kernel == "torch":
+            assert not calls, dict(calls)
+        else:
+            expected = {"attention_forward", "attention_backward", "hard_topk",
+                        *SEARCH_OPERATORS.get(clicks, ())}
+            assert expected <= set(calls), dict(calls)
+    for got, expected in zip(results["torch"], results["auto"]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_torch_kernel_serves_without_compiled_operators(name: str, monkeypatch) -> None:
+    """``score_request`` with ``set_kernel(model, "torch")`` calls no compiled operator (the
+    searches over the shared history, the distinct positions, the row gathers); with "auto" it
+    calls serving's own operators. Both sequences run the same model."""
+    calls = count_operator_calls(monkeypatch)
+    batch = make_batch(1)
+    request = request_of(batch, 0, 8)
+    scores = {}
+    for kernel in ("auto", "torch"):
+        model = set_kernel(make_model(clicks=name, buys=name), kernel).eval()
+        with torch.no_grad():
+            logits_of(model, batch)  # the model learns its input's key order
+        calls.clear()
+        scores[kernel] = serving.score_request(model, request)
+        if kernel == "torch":
+            assert not calls, dict(calls)
+        else:
+            assert {"distinct_positions", "gather_rows"} <= set(calls), dict(calls)
+    torch.testing.assert_close(scores["torch"], scores["auto"], rtol=1e-5, atol=1e-6)

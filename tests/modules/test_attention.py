@@ -6,7 +6,6 @@ TargetAttention is checked on both of its paths: the compiled kernel (projection
 the torch ops.
 """
 
-import os
 from typing import List, Tuple
 from unittest import mock
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from torchrec_longseq import set_kernel
 from torchrec_longseq.modules import attention
 from torchrec_longseq.modules.attention import DINAttention, TargetAttention, mlp
 
@@ -172,7 +172,7 @@ def test_din_attention_all_empty() -> None:
 # -------------------------------------------------------------------------- target attention
 
 
-PATHS = pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernel", "torch-ops"])
+PATHS = pytest.mark.parametrize("kernels", ["auto", "torch"], ids=["kernel", "torch-ops"])
 
 
 @PATHS
@@ -184,14 +184,13 @@ def test_target_attention_matches_dense_reference(kernels: str, lengths: List[in
                                                   dk: int, heads: int, head_dim: int, scale: float,
                                                   seed: int) -> None:
     """``scale = 30`` makes scores large: the segment softmax must subtract its max."""
-    with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": kernels}):
-        check_target_attention(lengths, dq, dk, heads, head_dim, scale, seed)
+    check_target_attention(lengths, dq, dk, heads, head_dim, scale, seed, kernels)
 
 
 def check_target_attention(lengths: List[int], dq: int, dk: int, heads: int, head_dim: int,
-                           scale: float, seed: int) -> None:
+                           scale: float, seed: int, kernel: str = "auto") -> None:
     torch.manual_seed(seed)
-    att = TargetAttention(dq, dk, heads, head_dim)
+    att = set_kernel(TargetAttention(dq, dk, heads, head_dim), kernel)
     assert att.output_dim == heads * head_dim
     query, keys = random_inputs(lengths, dq, dk, seed, scale)
     out = att(query, keys, offsets_of(lengths))
@@ -233,10 +232,9 @@ def test_target_attention_matches_sdpa_per_sample() -> None:
 
 
 @PATHS
-def test_target_attention_hand_computed(kernels: str, monkeypatch) -> None:
+def test_target_attention_hand_computed(kernels: str) -> None:
     """One head, identity projections: softmax(q . k / sqrt(2)) weights the keys themselves."""
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
-    att = TargetAttention(query_dim=2, key_dim=2, num_heads=1, head_dim=2)
+    att = set_kernel(TargetAttention(query_dim=2, key_dim=2, num_heads=1, head_dim=2), kernels)
     with torch.no_grad():
         for proj in (att.q_proj, att.k_proj, att.v_proj):
             proj.weight.copy_(torch.eye(2))
@@ -251,9 +249,8 @@ def test_target_attention_hand_computed(kernels: str, monkeypatch) -> None:
 
 
 @PATHS
-def test_target_attention_all_empty_has_zero_output_and_gradients(kernels: str, monkeypatch) -> None:
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
-    att = TargetAttention(query_dim=4, key_dim=3, num_heads=2, head_dim=2)
+def test_target_attention_all_empty_has_zero_output_and_gradients(kernels: str) -> None:
+    att = set_kernel(TargetAttention(query_dim=4, key_dim=3, num_heads=2, head_dim=2), kernels)
     query = torch.randn(3, 4, requires_grad=True)
     keys = torch.zeros(0, 3, requires_grad=True)
     out = att(query, keys, torch.zeros(4, dtype=torch.long))
@@ -298,10 +295,10 @@ def test_target_attention_shared_keys_equal_copies(kernels: str, projected: bool
     giving each query its own copy of the keys and biases, forward and backward, with the
     projections absorbed into the queries or the shared keys projected once
     (``projects_shared_keys``); no key gives zeros."""
-    with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": kernels}), \
-            mock.patch.object(attention, "projects_shared_keys", lambda *shape: projected):
+    with mock.patch.object(attention, "projects_shared_keys", lambda *shape: projected):
         torch.manual_seed(seed)
-        att = TargetAttention(query_dim=5, key_dim=4, num_heads=heads, head_dim=3)
+        att = set_kernel(TargetAttention(query_dim=5, key_dim=4, num_heads=heads, head_dim=3),
+                         kernels)
         query = torch.randn(batch, 5, requires_grad=True)
         keys = torch.randn(window, 4, requires_grad=True)
         bias = torch.randn(window, heads) if with_bias else None

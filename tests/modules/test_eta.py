@@ -372,3 +372,23 @@ def test_signature_widths_work_end_to_end(num_bits: int) -> None:
 def test_invalid_signature_width_raises() -> None:
     with pytest.raises(ValueError, match="96"):
         make_model(refresh=False, hash_bits=96)
+
+
+@pytest.mark.parametrize("bad", [2**31, 2**40, -1, -(2**40)])
+def test_unchecked_ids_outside_the_tables_raise(bad: int, kernels: str) -> None:
+    """A batch that skipped ``check_batch`` with a history id outside the item table raises an
+    IndexError (it used to read out of bounds in the compiled scan, and segfault at 2^31)."""
+    from torchrec import KeyedJaggedTensor
+    from torchrec_longseq import set_kernel
+    model = set_kernel(build_small_model("eta"), kernels)
+    batch = make_batch()
+    keys = batch.features.keys()
+    values = batch.features.values().clone()
+    lengths = batch.features.lengths().view(len(keys), -1)
+    start = int(lengths[:keys.index(HIST_ITEM)].sum())
+    values[start + 3] = bad
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=batch.features.lengths())
+    match = f"item ids at position 3 is {bad}, outside the table" if kernels == "auto" else \
+        "out of (range|bounds)"
+    with pytest.raises(IndexError, match=match):
+        model(kjt, batch.history_time, batch.request_time)

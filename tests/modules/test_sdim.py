@@ -5,17 +5,15 @@ every signature's bits from the code words with Python integers, sum the collidi
 by one (no merging of repeated behaviors), l2-normalise and average. The model test hashes every
 behavior from the embedding tables themselves (no code table) with the model's SimHash blocks.
 The model's entry point ``collisions_by_id`` (and the model) run both with the compiled CPU
-pass (``TORCHREC_LONGSEQ_KERNELS=1``, the default) and with the torch ops (``=0``).
+pass (``kernel="auto"``, the default) and with the torch ops (``kernel="torch"``).
 
 More than 64 signatures (``m / tau > 64``) are rejected: the compiled pass keeps a pair's
 matching signatures in one 64-bit mask.
 """
 
-import os
 import random
 import sys
 from typing import Dict, List, Tuple
-from unittest import mock
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from torchrec import EmbeddingConfig
 
 from helpers import (B, D, DATA, WINDOW, build_small_model, capture, make_batch, make_features,
                      nonzero_rows, per_sample, sequence_of)
+from torchrec_longseq import set_kernel
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
 from torchrec_longseq.data.synthetic import SyntheticConfig
@@ -224,7 +223,7 @@ def test_collision_weights_and_bucket_mean_match_brute_force(
     torch.testing.assert_close(got, expected_grad, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "torch-ops"])
+@pytest.mark.parametrize("kernels", ["auto", "torch"], ids=["kernels", "torch-ops"])
 @SETTINGS
 @given(
     lengths=st.lists(st.one_of(st.just(0), st.integers(0, 8)), min_size=0, max_size=5),
@@ -241,13 +240,14 @@ def test_collisions_by_id_match_brute_force(
 ) -> None:
     """The model's entry point: codes read from an item and a category code table (one word
     each), so the signatures are the item word's groups then the category word's. ``kernels``:
-    "1" the compiled CPU pass (the default on CPU), "0" the torch ops."""
-    with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": kernels}):
-        check_collisions_by_id(lengths, tau, groups, num_items, num_categories, garbage, seed)
+    "auto" the compiled CPU pass (the default on CPU), "torch" the torch ops."""
+    check_collisions_by_id(lengths, tau, groups, num_items, num_categories, garbage, seed,
+                           kernels)
 
 
 def check_collisions_by_id(lengths: List[int], tau: int, groups: int, num_items: int,
-                           num_categories: int, garbage: bool, seed: int) -> None:
+                           num_categories: int, garbage: bool, seed: int,
+                           kernel: str = "auto") -> None:
     groups_per_word = min(groups, 64 // tau)
     rng = random.Random(seed)
     item_words = [random_words(rng, 1, tau, groups_per_word, garbage) for _ in range(num_items)]
@@ -264,7 +264,7 @@ def check_collisions_by_id(lengths: List[int], tau: int, groups: int, num_items:
         [torch.tensor(item_words), torch.tensor(cat_words)], [items, cats],
         [torch.tensor([t[0] for t in targets], dtype=torch.long),
          torch.tensor([t[1] for t in targets], dtype=torch.long)], [items, cats],
-        offsets_of(lengths), tau, groups_per_word)
+        offsets_of(lengths), tau, groups_per_word, kernel)
     assert counts.tolist() == [len(expected_collisions(
         [p[0] for p in h], [p[1] for p in h], [item_words[i] + cat_words[c] for i, c in h],
         item_words[t[0]] + cat_words[t[1]], tau, groups_per_word)) for h, t in zip(hist, targets)]
@@ -283,11 +283,9 @@ def check_collisions_by_id(lengths: List[int], tau: int, groups: int, num_items:
                        for pair, (count, match) in expected.items()}
 
 
-def test_compiled_collisions_reject_more_than_64_signatures(monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
+def test_compiled_collisions_reject_more_than_64_signatures() -> None:
     """A pair's matching signatures are one 64-bit mask in the compiled pass: 80 signatures
     (num_bits=80, tau=1) would overflow it, so the kernel refuses (and so does SDIM)."""
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", "1")
     tau, groups_per_word = 1, 40
     item_codes = torch.tensor([[0], [1 << 39]])
     cat_codes = torch.tensor([[0], [-1]])
@@ -295,7 +293,7 @@ def test_compiled_collisions_reject_more_than_64_signatures(monkeypatch: pytest.
         collisions_by_id([item_codes, cat_codes], [torch.tensor([1]), torch.tensor([1])],
                          [torch.tensor([0]), torch.tensor([0])],
                          [torch.tensor([1]), torch.tensor([1])], torch.tensor([0, 1]), tau,
-                         groups_per_word)
+                         groups_per_word, "auto")
 
 
 def test_nothing_collides() -> None:
@@ -449,12 +447,11 @@ def reference_model_interest(model: LongSeqCTR, batch: Batch
 
 
 @pytest.mark.parametrize("kernels,bits,tau", [
-    ("1", 48, 3), ("0", 48, 3), ("1", 32, 4), ("0", 32, 4), ("1", 128, 2), ("0", 128, 2)])
-def test_sdim_matches_dense_reference(monkeypatch: pytest.MonkeyPatch, kernels: str, bits: int,
-                                      tau: int) -> None:
-    """``kernels``: "1" the compiled CPU collisions (the default), "0" the torch ops."""
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", kernels)
-    model = make_model(sdim_bits=bits, sdim_tau=tau)
+    ("auto", 48, 3), ("torch", 48, 3), ("auto", 32, 4), ("torch", 32, 4), ("auto", 128, 2),
+    ("torch", 128, 2)])
+def test_sdim_matches_dense_reference(kernels: str, bits: int, tau: int) -> None:
+    """``kernels``: "auto" the compiled CPU collisions (the default), "torch" the torch ops."""
+    model = set_kernel(make_model(sdim_bits=bits, sdim_tau=tau), kernels)
     arch = sequence_of(model)
     assert arch.groups_per_word == bits // 2 // tau
     model.eval()
@@ -493,7 +490,7 @@ def test_lookup_is_distinct_colliding_behaviors_and_gradients_reach_exactly_them
 ) -> None:
     data = SyntheticConfig(min_seq_len=200, max_seq_len=200, num_users=1000, num_items=1000,
                            num_categories=10, subclusters=10)
-    model = make_model(data=data, sdim_bits=bits, sdim_tau=tau)
+    model = set_kernel(make_model(data=data, sdim_bits=bits, sdim_tau=tau), kernels)
     model.train()
     batch = make_batch(data=data, batch_size=8)
     f = batch.features
@@ -543,7 +540,7 @@ def test_lookup_is_distinct_colliding_behaviors_and_gradients_reach_exactly_them
 
 def test_repeated_behaviors_are_merged_with_their_count(kernels: str) -> None:
     """The same item 5 times weighs 5 times in its buckets but is looked up once."""
-    model = make_model()
+    model = set_kernel(make_model(), kernels)
     model.eval()
     hist_items = [[7, 7, 7, 7, 7, 300], [], [7]]
     hist_cats = [[0, 0, 0, 0, 0, 3], [], [0]]

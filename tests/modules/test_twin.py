@@ -15,6 +15,7 @@ import torch
 
 from helpers import (B, D, TABLES, build_small_model, make_batch, make_features, per_sample, run,
                      sequence_of, with_histories)
+from torchrec_longseq import set_kernel
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
@@ -136,8 +137,8 @@ def reference_topk(scores: torch.Tensor, mask: torch.Tensor, k: int
 # ----------------------------------------------------------------------------- GSU = top-k of the ESU logits
 
 def test_search_is_the_top_k_of_the_full_attention_logits(kernels: str) -> None:
-    """``kernels``: "1" the compiled CPU search (the default on CPU), "0" the torch ops."""
-    model = make_model()
+    """``kernels``: "auto" the compiled CPU search (the default on CPU), "torch" the torch ops."""
+    model = set_kernel(make_model(), kernels)
     model.eval()
     full = make_batch()
     lengths = full.features[HIST_ITEM].lengths().tolist()
@@ -177,7 +178,7 @@ def test_search_is_the_top_k_of_the_full_attention_logits(kernels: str) -> None:
 def test_exact_ties_go_to_the_more_recent_behavior(kernels: str) -> None:
     """Repeats of one (item, category) in one time bucket have equal logits: the most recent
     ones are kept, most recent first."""
-    model = make_model(twin_k=2)
+    model = set_kernel(make_model(twin_k=2), kernels)
     model.eval()
     hist_items = [[7, 300, 7, 7, 300, 300], [300, 300, 300], []]
     hist_cats = [[0, 3, 0, 0, 3, 3], [3, 3, 3], []]
@@ -356,7 +357,7 @@ def test_twin_search_needs_a_bias_esu_and_times() -> None:
 
 @pytest.mark.parametrize("pattern", ["all", "some"])
 def test_empty_histories_give_finite_logits_and_gradients(kernels: str, pattern: str) -> None:
-    model = make_model()
+    model = set_kernel(make_model(), kernels)
     model.train()
     keep = [0] * B if pattern == "all" else [0 if b % 3 == 0 else 2 + b % 5 for b in range(B)]
     batch = with_histories(make_batch(), keep)

@@ -1,9 +1,12 @@
 """Building the ``longseq`` operators: the cache name (a hash of the sources, the flags, torch's
 and Python's versions), the portable flags, and the fallback when no C++ compiler is found: one
-warning, wrappers that return ``None``, and a model whose logits equal those with the kernels."""
+warning, wrappers that return ``None``, and a model whose logits equal those with the kernels;
+and the kernel choice's errors: ``kernel="compiled"`` off CPU or without the operators, and an
+unknown kernel."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +18,10 @@ import helpers  # tests/ is on sys.path (conftest.py)
 import pytest
 import torch
 
-from torchrec_longseq.retrieval import extension, kernels
+from torchrec_longseq import ModelConfig, serving, set_kernel
+from torchrec_longseq.models.longseq_ctr import build_model
+from torchrec_longseq.modules import attention, eta, sdim, twin
+from torchrec_longseq.retrieval import extension, hard, kernels, simhash, topk
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -56,12 +62,18 @@ def test_flags_are_portable() -> None:
         assert {"-O3", "-fopenmp", "-fno-trapping-math"} <= set(flags)
 
 
+def hide_the_compiler(monkeypatch) -> None:
+    """In this process (where the operators may already be loaded): the next build finds no
+    compiler (``CXX=/nonexistent/c++``, the build state cleared; restored after the test)."""
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(extension, "_state", None)
+    monkeypatch.setattr(extension, "_error", None)
+
+
 def test_no_compiler_warns_once_and_wrappers_return_none(monkeypatch) -> None:
     """In this process (where the operators may already be loaded): a build that finds no
     compiler warns once, is not retried, and every wrapper returns None."""
-    monkeypatch.setenv("CXX", "/nonexistent/c++")
-    monkeypatch.setattr(extension, "_state", None)  # restored after the test
-    monkeypatch.setattr(extension, "_error", None)
+    hide_the_compiler(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert kernels.build() is False
@@ -113,7 +125,6 @@ def test_model_without_compiler_equals_kernels(tmp_path) -> None:
         pytest.skip("the longseq operators did not build here: nothing to compare with")
     env = dict(os.environ, CXX="/nonexistent", TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"),
                OMP_NUM_THREADS="1")
-    env.pop("TORCHREC_LONGSEQ_KERNELS", None)
     result = subprocess.run([sys.executable, "-c", NO_COMPILER, str(TESTS)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -152,10 +163,98 @@ def test_failing_build_warns_once_with_the_compiler_output(tmp_path) -> None:
                    'echo "csrc: error: the compiler says no" >&2\nexit 1\n')
     cxx.chmod(0o755)
     env = dict(os.environ, CXX=str(cxx), TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"))
-    env.pop("TORCHREC_LONGSEQ_KERNELS", None)
     result = subprocess.run([sys.executable, "-c", FAILING_BUILD], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["found"] == "[None, False, None]"
     assert len(out["warnings"]) == 1 and "the compiler says no" in out["warnings"][0], out
+
+
+# ------------------------------------------------------------------------ the kernel choice
+
+def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _ids(n: int) -> torch.Tensor:
+    return _meta(n, dtype=torch.long)
+
+
+def _codes(rows: int) -> torch.Tensor:
+    return _meta(rows, 1, dtype=torch.long)
+
+
+# every function that takes ``kernel``, on tensors of device "meta" (not CPU)
+OFF_CPU = {
+    "hard_search": lambda kernel: hard.hard_search(_ids(3), _ids(2), _ids(1), 1, kernel=kernel),
+    "jagged_topk": lambda kernel: topk.jagged_topk(_meta(3), _ids(2), 1, kernel=kernel),
+    "simhash_signatures": lambda kernel: simhash.simhash_signatures(_meta(2, 4), _meta(4, 64),
+                                                                    kernel=kernel),
+    "signature_topk": lambda kernel: eta.signature_topk(
+        [_codes(5), _codes(3)], [_ids(3), _ids(3)], [_ids(1), _ids(1)], _ids(2), 1, kernel),
+    "twin_topk": lambda kernel: twin.twin_topk([_meta(5, 8), _meta(3, 8)], [_ids(3), _ids(3)],
+                                               _meta(1, 4), _ids(2), _meta(3, 1), 1, 1, kernel),
+    "collisions_by_id": lambda kernel: sdim.collisions_by_id(
+        [_codes(5), _codes(3)], [_ids(3), _ids(3)], [_ids(1), _ids(1)], [_ids(3), _ids(3)],
+        _ids(2), 3, 8, kernel),
+    "attend": lambda kernel: attention.attend(_meta(1, 4), _meta(3, 5), _ids(2), _meta(4, 5),
+                                              _meta(4, 5), 2, None, None, kernel),
+    "distinct_positions": lambda kernel: serving.distinct_positions(_ids(3), 5, 1, kernel),
+    "gather_rows": lambda kernel: kernels.gather_rows([_meta(5, 2)], [_ids(3)], None, kernel),
+}
+
+
+@pytest.mark.parametrize("name", list(OFF_CPU))
+def test_compiled_kernel_off_cpu_is_an_error(name: str) -> None:
+    """``kernel="compiled"`` on tensors of another device (here "meta") raises, naming the
+    device, instead of running the torch ops."""
+    with pytest.raises(ValueError, match="kernel='compiled' runs on CPU tensors, got meta"):
+        OFF_CPU[name]("compiled")
+
+
+def test_compiled_kernel_without_the_operators_is_an_error(monkeypatch) -> None:
+    """Where the operators could not be built (no compiler here), ``kernel="compiled"`` raises
+    with the build's error, "auto" takes the torch ops and "torch" needs no build."""
+    hide_the_compiler(monkeypatch)
+    categories, offsets, targets = torch.tensor([1, 0, 1]), torch.tensor([0, 3]), torch.tensor([1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the build's one warning (tested above)
+        assert hard.hard_search(categories, offsets, targets, 1, kernel="torch")[0].tolist() == [2]
+        assert extension._state is None  # "torch" does not build
+        assert hard.hard_search(categories, offsets, targets, 1)[0].tolist() == [2]  # "auto"
+        assert extension._state is False
+        calls = [
+            lambda: hard.hard_search(categories, offsets, targets, 1, kernel="compiled"),
+            lambda: kernels.hard_topk(categories, offsets, targets, 1, "compiled"),
+            lambda: topk.jagged_topk(torch.randn(3), offsets, 1, kernel="compiled"),
+            lambda: simhash.simhash_signatures(torch.randn(2, 4), torch.randn(4, 64),
+                                               kernel="compiled"),
+            lambda: serving.distinct_positions(categories, 3, 1, "compiled"),
+            lambda: kernels.target_attention(torch.randn(1, 2, 3), torch.randn(3, 3), offsets,
+                                             None, None, "compiled"),
+        ]
+        for call in calls:
+            with pytest.raises(RuntimeError, match=r"kernel='compiled', but the compiled "
+                               r"operators could not be built: .*/nonexistent/c\+\+"):
+                call()
+
+
+def test_unknown_kernel_is_an_error() -> None:
+    """A kernel outside ``KERNELS`` raises ValueError naming the allowed values: from a wrapper,
+    a search, ``set_kernel`` and ``ModelConfig``."""
+    assert kernels.KERNELS == ("auto", "compiled", "torch")
+    allowed = re.escape("kernel must be one of ('auto', 'compiled', 'torch'), got 'cuda'")
+    categories, offsets, targets = torch.tensor([1, 0, 1]), torch.tensor([0, 3]), torch.tensor([1])
+    for call in [lambda: kernels.check_kernel("cuda"),
+                 lambda: kernels.hard_topk(categories, offsets, targets, 1, "cuda"),
+                 lambda: hard.hard_search(categories, offsets, targets, 1, kernel="cuda"),
+                 lambda: topk.jagged_topk(torch.randn(3), offsets, 1, kernel="cuda")]:
+        with pytest.raises(ValueError, match=allowed):
+            call()
+    model = helpers.build_small_model("sim-hard", refresh=False)
+    with pytest.raises(ValueError, match=allowed):
+        set_kernel(model, "cuda")
+    assert {m.kernel for m in model.modules() if hasattr(m, "kernel")} == {"auto"}  # unchanged
+    with pytest.raises(ValueError, match=allowed):
+        build_model("sim-hard", ModelConfig(kernel="cuda"), helpers.DATA.table_sizes)

@@ -1,15 +1,14 @@
 """The compiled CPU kernels equal their torch-ops twins (which the other tests check against
 brute force): ETA's Hamming top-k, SIM's hard search, float top-k, TWIN's search, SDIM's
 collisions, and the target attention (whose gradients are also checked numerically); and
-serving's distinct positions and side-by-side row gather against brute force."""
-
-import os
+serving's distinct positions and side-by-side row gather against brute force. The torch-ops
+side of each comparison is the same call with ``kernel="torch"``."""
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from torchrec_longseq import jagged
+from torchrec_longseq import jagged, set_kernel
 from torchrec_longseq.modules import eta, sdim, twin
 from torchrec_longseq.retrieval import hard, kernels, simhash, topk
 
@@ -17,28 +16,28 @@ from torchrec_longseq.retrieval import hard, kernels, simhash, topk
 # the searches of the two-attribute (item, category) layout, in the kernels' argument order
 
 def signature_topk(item_table, items, target_items, category_table, categories,
-                   target_categories, offsets, k):
+                   target_categories, offsets, k, kernel="auto"):
     """``eta.signature_topk`` over an item and a category signature table."""
     return eta.signature_topk([item_table, category_table], [items, categories],
-                              [target_items, target_categories], offsets, k)
+                              [target_items, target_categories], offsets, k, kernel)
 
 
 def twin_topk(item_rows, category_rows, items, categories, target_items, target_categories,
-              offsets, bias, num_heads, k):
+              offsets, bias, num_heads, k, kernel="auto"):
     """``twin.twin_topk`` over an item and a category table of projected rows, the candidates'
     queries summed from their rows' query halves."""
     width = item_rows.size(1) // 2
     queries = item_rows[target_items, :width] + category_rows[target_categories, :width]
     return twin.twin_topk([item_rows, category_rows], [items, categories], queries, offsets,
-                          bias, num_heads, k)
+                          bias, num_heads, k, kernel)
 
 
 def collisions_by_id(item_codes, items, category_codes, categories, target_items,
-                     target_categories, offsets, tau, groups_per_word):
+                     target_categories, offsets, tau, groups_per_word, kernel="auto"):
     """``sdim.collisions_by_id`` over an item and a category code table."""
     return sdim.collisions_by_id([item_codes, category_codes], [items, categories],
                                  [target_items, target_categories], [items, categories],
-                                 offsets, tau, groups_per_word)
+                                 offsets, tau, groups_per_word, kernel)
 
 
 @settings(max_examples=60, deadline=None)
@@ -75,9 +74,9 @@ def test_kernel_equals_torch_ops(lengths, words: int, num_items: int, k: int, ti
                                        offsets, k)
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
-    with kernels.disabled():  # ETA's own torch-ops path (GPU tensors, kernels off)
-        fallback = signature_topk(table, items, target_ids, categories, cat_ids,
-                                      cat_target_ids, offsets, k)
+    # ETA's own torch-ops path (GPU tensors, kernel="torch")
+    fallback = signature_topk(table, items, target_ids, categories, cat_ids, cat_target_ids,
+                              offsets, k, kernel="torch")
     assert torch.equal(fallback[0], expected[0]) and torch.equal(fallback[1], expected[1])
 
 
@@ -112,9 +111,9 @@ def test_shared_history_kernel_equals_torch_ops(length: int, candidates: int, wo
                                        None, k)
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
-    with kernels.disabled():  # ETA's own torch-ops path for one shared history
-        fallback = signature_topk(table, items, target_ids, categories, cat_ids,
-                                      cat_target_ids, None, k)
+    # ETA's own torch-ops path for one shared history
+    fallback = signature_topk(table, items, target_ids, categories, cat_ids, cat_target_ids,
+                              None, k, kernel="torch")
     assert torch.equal(fallback[0], expected[0]) and torch.equal(fallback[1], expected[1])
 
 
@@ -127,25 +126,46 @@ def test_kernel_uses_the_sign_bit() -> None:
     assert indices.tolist() == [2, 1, 0] and lengths.tolist() == [3]  # d = 1, 1, 0 -> 0, then 1s latest first
 
 
-def test_disabled_kernel_returns_none(monkeypatch) -> None:
-    monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", "0")
+def test_torch_kernel_returns_none() -> None:
+    """``kernel="torch"``: every wrapper declines, and its caller takes the torch ops; with
+    "auto" and "compiled" the same calls run the compiled operators."""
     table = torch.zeros(2, 1, dtype=torch.long)
-    ids = torch.tensor([0])
-    assert kernels.hamming_topk_by_id(table, ids, table[:1], table, ids, table[:1],
-                                      torch.tensor([0, 1]), 1) is None
+    ids, offsets = torch.tensor([0]), torch.tensor([0, 1])
+    rows = torch.zeros(2, 8)
+    calls = [
+        lambda kernel: kernels.hamming_topk_by_id(table, ids, table[:1], table, ids, table[:1],
+                                                  offsets, 1, kernel),
+        lambda kernel: kernels.hamming_topk_by_id(table, ids, table[:1], table, ids, table[:1],
+                                                  None, 1, kernel),
+        lambda kernel: kernels.pack_signs(torch.randn(2, 3), kernel),
+        lambda kernel: kernels.hard_topk(ids, offsets, ids, 1, kernel),
+        lambda kernel: kernels.hard_topk(ids, None, ids, 1, kernel),
+        lambda kernel: kernels.float_topk(torch.randn(1), offsets, 1, kernel),
+        lambda kernel: kernels.twin_topk_by_id(rows, ids, rows, ids, torch.zeros(1, 4),
+                                               torch.zeros(1), offsets, 1, 0.5, kernel),
+        lambda kernel: kernels.sdim_collisions(table, ids, table, ids, ids, ids, offsets, 3, 8,
+                                               kernel),
+        lambda kernel: kernels.distinct_positions(ids, 1, 1, kernel),
+        lambda kernel: kernels.gather_rows([rows], [ids], None, kernel),
+        lambda kernel: kernels.target_attention(torch.randn(1, 2, 3), torch.randn(1, 3), offsets,
+                                                None, None, kernel),
+    ]
+    for i, call in enumerate(calls):
+        assert call("torch") is None, i
+    if kernels.build():
+        for i, call in enumerate(calls):
+            assert call("auto") is not None, i
+            assert call("compiled") is not None, i
 
 
-@pytest.mark.parametrize("before", [None, "1"])
-def test_disabled_block_restores_the_setting(before, monkeypatch) -> None:
-    if before is None:
-        monkeypatch.delenv("TORCHREC_LONGSEQ_KERNELS", raising=False)
-    else:
-        monkeypatch.setenv("TORCHREC_LONGSEQ_KERNELS", before)
+def test_kernel_choice_is_per_call() -> None:
+    """No setting outlives a call: the torch ops in one call, the compiled kernel in the next."""
     categories, offsets, targets = torch.tensor([1, 0, 1]), torch.tensor([0, 3]), torch.tensor([1])
-    with kernels.disabled():
-        assert kernels.hard_topk(categories, offsets, targets, 1) is None
-    assert os.environ.get("TORCHREC_LONGSEQ_KERNELS") == before
-    assert kernels.hard_topk(categories, offsets, targets, 1) is not None
+    assert kernels.hard_topk(categories, offsets, targets, 1, "torch") is None
+    found = kernels.hard_topk(categories, offsets, targets, 1)
+    assert found is not None
+    assert torch.equal(hard.hard_search(categories, offsets, targets, 1, kernel="torch")[0],
+                       found[0])
 
 
 JAGGED = st.lists(st.integers(0, 40), min_size=0, max_size=6)
@@ -153,15 +173,6 @@ JAGGED = st.lists(st.integers(0, 40), min_size=0, max_size=6)
 
 def offsets_of(lengths) -> torch.Tensor:
     return torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist())
-
-
-def torch_ops(monkeypatch_env, fn, *args):
-    """``fn(*args)`` with the kernels switched off (the torch-ops path)."""
-    monkeypatch_env.setenv("TORCHREC_LONGSEQ_KERNELS", "0")
-    try:
-        return fn(*args)
-    finally:
-        monkeypatch_env.delenv("TORCHREC_LONGSEQ_KERNELS")
 
 
 @settings(max_examples=60, deadline=None)
@@ -173,8 +184,7 @@ def test_hard_kernel_equals_torch_ops(lengths, num_categories: int, k: int, seed
     categories = torch.randint(0, num_categories, (int(offsets[-1]),), generator=g)
     targets = torch.randint(0, num_categories + 1, (len(lengths),), generator=g)  # may match none
     found = kernels.hard_topk(categories, offsets, targets, k)
-    with pytest.MonkeyPatch.context() as mp:
-        expected = torch_ops(mp, hard.hard_search, categories, offsets, targets, k)
+    expected = hard.hard_search(categories, offsets, targets, k, kernel="torch")
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
@@ -193,8 +203,7 @@ def test_shared_hard_kernel_equals_torch_ops(length: int, candidates: int, num_c
     categories = torch.randint(0, num_categories, (length,), generator=g)
     targets = torch.randint(0, num_categories + 1, (candidates,), generator=g)  # may match none
     found = kernels.hard_topk(categories, None, targets, k)
-    with pytest.MonkeyPatch.context() as mp:
-        expected = torch_ops(mp, hard.hard_search, categories, None, targets, k)
+    expected = hard.hard_search(categories, None, targets, k, kernel="torch")
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
@@ -208,8 +217,7 @@ def test_pack_signs_equals_torch_ops(n: int, num_bits: int, seed: int) -> None:
     embeddings = torch.randint(-1, 2, (n, 3), generator=g).float()
     projection = torch.randint(-1, 2, (3, num_bits), generator=g).float()
     packed = kernels.pack_signs(embeddings @ projection)
-    with pytest.MonkeyPatch.context() as mp:
-        expected = torch_ops(mp, simhash.simhash_signatures, embeddings, projection)
+    expected = simhash.simhash_signatures(embeddings, projection, kernel="torch")
     assert packed is not None and packed.dtype == torch.int64
     assert torch.equal(packed, expected)
 
@@ -233,8 +241,7 @@ def test_float_topk_kernel_equals_torch_ops(lengths, levels: int, k: int, stride
     if strided:  # the values the kernel samples (every 16th) are the largest: its guess is too
         scores[::16] += levels  # high for k > ~L / 400 and it must fall back to the full pass
     found = kernels.float_topk(scores, offsets, k)
-    with pytest.MonkeyPatch.context() as mp:
-        expected = torch_ops(mp, topk.jagged_topk, scores, offsets, k)
+    expected = topk.jagged_topk(scores, offsets, k, kernel="torch")
     assert found is not None
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
@@ -273,8 +280,11 @@ def test_twin_kernel_equals_torch_ops(lengths, heads: int, k: int, shared: bool,
         mp.setattr(kernels, "twin_topk_by_id", lambda *a: ran.append(real(*a)) or ran[-1])
         found = twin_topk(*args)
     assert len(ran) == 1 and ran[0] is not None
+    ran.clear()
     with pytest.MonkeyPatch.context() as mp:
-        expected = torch_ops(mp, twin_topk, *args)
+        mp.setattr(kernels, "twin_topk_by_id", lambda *a: ran.append(real(*a)) or ran[-1])
+        expected = twin_topk(*args, kernel="torch")
+    assert ran and all(r is None for r in ran)  # the torch ops
     assert torch.equal(found[1], expected[1])
     assert torch.equal(found[0], expected[0])
 
@@ -317,8 +327,7 @@ def test_sdim_kernel_equals_torch_ops(lengths, tau: int, seed: int) -> None:
     args = (item_codes, items, category_codes, categories, target_items, target_categories,
             offsets, tau, groups)
     found = kernels.sdim_collisions(*args)
-    with pytest.MonkeyPatch.context() as mp:
-        expected = torch_ops(mp, collisions_by_id, *args)
+    expected = collisions_by_id(*args, kernel="torch")
     assert found is not None
     assert torch.equal(found[1], expected[1])
     # the same (position, weights) per sample; the kernel lists pairs by first occurrence, the
@@ -331,12 +340,14 @@ def test_sdim_kernel_equals_torch_ops(lengths, tau: int, seed: int) -> None:
 def attention_paths(module, *inputs):
     """Output and input/parameter gradients of ``module(*inputs)`` with the kernel, then with the
     torch ops (same weights, same upstream gradient)."""
-    import os
-    from unittest import mock
-
     results = []
-    for on in ("1", "0"):
-        with mock.patch.dict(os.environ, {"TORCHREC_LONGSEQ_KERNELS": on}):
+    real = kernels.target_attention
+    for kernel in ("auto", "torch"):
+        set_kernel(module, kernel)
+        ran = []  # what the attention's kernel call returned
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "target_attention",
+                       lambda *a: ran.append(real(*a)) or ran[-1])
             tensors = [t for t in (*inputs, *module.parameters())
                        if isinstance(t, torch.Tensor) and t.requires_grad]
             for t in tensors:
@@ -345,6 +356,8 @@ def attention_paths(module, *inputs):
             upstream = torch.linspace(-1, 1, out.numel()).view_as(out)
             (out * upstream).sum().backward()
             results.append([out.detach()] + [t.grad.clone() for t in tensors])
+        assert len(ran) == 1 and (ran[0] is None) == (kernel == "torch"), kernel
+    set_kernel(module, "auto")
     return results
 
 
@@ -473,8 +486,7 @@ def test_distinct_positions_kernel_equals_brute_force(n: int, reads: int, window
     g = torch.Generator().manual_seed(seed)
     indices = torch.randint(0, max(n, 1), (reads if n else 0,), generator=g)
     expected = sorted(set(indices.tolist()) | set(range(n - window, n)))
-    with kernels.disabled():
-        torch_ops = serving.distinct_positions(indices, n, window)
+    torch_ops = serving.distinct_positions(indices, n, window, "torch")
     for used, inverse in (serving.distinct_positions(indices, n, window), torch_ops):
         assert used.tolist() == expected
         assert [expected[i] for i in inverse.tolist()] == indices.tolist()

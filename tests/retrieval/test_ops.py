@@ -3,8 +3,6 @@ every schema, fake kernel and autograd registration (with empty segments and len
 histories), ``torch.compile(fullgraph=True)`` and ``torch.export`` of the searches and the
 attention against eager, and the attention's gradients against the torch-ops path."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -203,9 +201,9 @@ def test_export_and_fx() -> None:
 
 def _attend_paths(lengths, heads: int, head_dim: int, key_dim: int, with_bias: bool,
                   dtype: torch.dtype):
-    """``modules.attention.attend`` (the absorbed projections around the operator) with the
-    kernels on and off (the torch-ops path): output and the gradients of the query, keys, bias
-    and both projections."""
+    """``modules.attention.attend`` (the absorbed projections around the operator) with
+    ``kernel="compiled"`` and ``kernel="torch"`` (the torch-ops path): output and the gradients
+    of the query, keys, bias and both projections."""
     from torchrec_longseq.modules.attention import attend
 
     g = _g(11)
@@ -219,12 +217,16 @@ def _attend_paths(lengths, heads: int, head_dim: int, key_dim: int, with_bias: b
         leaves.append(torch.randn(n, heads, generator=g, dtype=dtype))
     upstream = torch.randn(b, heads * head_dim, generator=g, dtype=dtype)
     results = []
-    for on in (True, False):
+    real = kernels.target_attention
+    for kernel in ("compiled", "torch"):
         inputs = [t.clone().requires_grad_() for t in leaves]
         query, keys, k_weight, v_weight = inputs[:4]
         bias = inputs[4] if with_bias else None
-        with contextlib.nullcontext() if on else kernels.disabled():
-            out = attend(query, keys, offsets, k_weight, v_weight, heads, bias)
+        ran = []  # what attend's kernel call returned: the operator's output, or None
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "target_attention", lambda *a: ran.append(real(*a)) or ran[-1])
+            out = attend(query, keys, offsets, k_weight, v_weight, heads, bias, None, kernel)
+        assert len(ran) == 1 and (ran[0] is None) == (kernel == "torch"), kernel
         results.append([out.detach()] + list(torch.autograd.grad((out * upstream).sum(), inputs)))
     return results
 

@@ -1,13 +1,12 @@
 """jagged_topk and hard_search against brute-force per-sample Python references, on both paths:
-the compiled kernels (CPU default) and the torch ops (GPU tensors, ``kernels.disabled()``)."""
+the compiled kernels (``kernel="auto"``, the CPU default) and the torch ops (GPU tensors,
+``kernel="torch"``)."""
 
-from contextlib import nullcontext
 from typing import List, Tuple
 
 import torch
 from hypothesis import given, settings, strategies as st
 
-from torchrec_longseq.retrieval import kernels
 from torchrec_longseq.retrieval.hard import hard_search
 from torchrec_longseq.retrieval.topk import jagged_topk, jagged_topk_smallest_int
 
@@ -15,6 +14,7 @@ SETTINGS = settings(max_examples=80, deadline=None)
 
 LENGTHS = st.lists(st.one_of(st.just(0), st.integers(0, 9)), min_size=0, max_size=6)
 K = st.integers(0, 11)  # 0, smaller than, equal to and larger than the segment lengths
+KERNEL = st.sampled_from(["auto", "torch"])  # the compiled kernels on CPU, the torch ops
 
 
 def offsets_of(lengths: List[int]) -> List[int]:
@@ -63,12 +63,11 @@ def scored_batch(draw):
 
 
 @SETTINGS
-@given(batch=scored_batch(), k=K, largest=st.booleans(), compiled=st.booleans())
-def test_jagged_topk_matches_reference(batch, k: int, largest: bool, compiled: bool) -> None:
+@given(batch=scored_batch(), k=K, largest=st.booleans(), kernel=KERNEL)
+def test_jagged_topk_matches_reference(batch, k: int, largest: bool, kernel: str) -> None:
     lengths, scores, tensor = batch
     offsets = torch.tensor(offsets_of(lengths), dtype=torch.long)
-    with nullcontext() if compiled else kernels.disabled():
-        indices, kept = jagged_topk(tensor, offsets, k, largest=largest)
+    indices, kept = jagged_topk(tensor, offsets, k, largest=largest, kernel=kernel)
     expected_indices, expected_kept = reference_topk(scores, lengths, k, largest)
     assert indices.dtype == torch.long and kept.dtype == torch.long
     assert indices.tolist() == expected_indices
@@ -124,13 +123,12 @@ def category_batch(draw):
 
 
 @SETTINGS
-@given(batch=category_batch(), k=K, compiled=st.booleans())
-def test_hard_search_matches_reference(batch, k: int, compiled: bool) -> None:
+@given(batch=category_batch(), k=K, kernel=KERNEL)
+def test_hard_search_matches_reference(batch, k: int, kernel: str) -> None:
     lengths, history, target = batch
     offsets = torch.tensor(offsets_of(lengths), dtype=torch.long)
-    with nullcontext() if compiled else kernels.disabled():
-        indices, kept = hard_search(torch.tensor(history, dtype=torch.long), offsets,
-                                    torch.tensor(target, dtype=torch.long), k)
+    indices, kept = hard_search(torch.tensor(history, dtype=torch.long), offsets,
+                                torch.tensor(target, dtype=torch.long), k, kernel=kernel)
     expected_indices, expected_kept = reference_hard(history, lengths, target, k)
     assert indices.tolist() == expected_indices
     assert kept.tolist() == expected_kept

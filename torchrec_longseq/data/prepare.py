@@ -76,12 +76,12 @@ Store layout
     sequences/<name>/offsets.npy     [U + 1] int64: user row u's events are [offsets[u], offsets[u+1])
     sequences/<name>/time.npy        [N] int64, sorted by (user, time)
     sequences/<name>/item.npy        [N] id rows (and <attribute>.npy; behavior.npy [N] int8)
-    shards/<k>/user.npy              [S_k] user feature (dense row or hash)
-    shards/<k>/time.npy              [S_k] int64 request (target) time
-    shards/<k>/label.npy             [S_k] float32
-    shards/<k>/event.npy             [S_k] the target's data row
-    shards/<k>/target/<column>.npy   [S_k] item and attributes of the target
-    shards/<k>/history/<seq>/start.npy, end.npy   [S_k] slice [start, end) of sequences/<seq>
+    shards/<kkkkk>/user.npy              [S_k] user feature (dense row or hash)
+    shards/<kkkkk>/time.npy              [S_k] int64 request (target) time
+    shards/<kkkkk>/label.npy             [S_k] float32
+    shards/<kkkkk>/event.npy             [S_k] the target's data row
+    shards/<kkkkk>/target/<column>.npy   [S_k] item and attributes of the target
+    shards/<kkkkk>/history/<seq>/start.npy, end.npy   [S_k] slice [start, end) of sequences/<seq>
 
 Id rows, ``event``, ``start`` and ``end`` are stored as int32 when their range fits (int64
 otherwise); ``SampleStore`` hands out int64. ``U`` is the number of dense user rows (row 0 included, empty). Shards are contiguous ranges of
@@ -443,8 +443,25 @@ def _check_int(arr: pa.ChunkedArray, what: str) -> _Checked:
     raise TypeError(f"type {t}, expected integers")
 
 
+def _check_time(arr: pa.ChunkedArray) -> _Checked:
+    """A timestamp column -> int64 in ``[0, 2^62)`` (the models' range: request time minus
+    behavior time cannot overflow), with its bad rows."""
+    checked = _check_int(arr, "not an integer")
+    outside = (checked.values < 0) | (checked.values >= 2**62)
+    if not outside.any():
+        return checked
+    bad = outside if checked.bad is None else (checked.bad | outside)
+
+    def reason(i: int) -> str:
+        if checked.bad is not None and checked.bad[i]:
+            return checked.reason(i)
+        return f"timestamp outside [0, 2^62): {int(checked.values[i])}"
+
+    return _Checked(checked.values, bad, reason)
+
+
 def _check_label(arr: pa.ChunkedArray) -> _Checked:
-    """A label column -> float32 in [0, 1], with its bad rows."""
+    """A label column -> float32 0.0 / 1.0, with its bad rows."""
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
         s = _to_strings(arr)
@@ -456,13 +473,13 @@ def _check_label(arr: pa.ChunkedArray) -> _Checked:
         src = arr
     else:
         raise TypeError(f"type {t}, expected 0/1 labels")
-    ok = (f >= 0) & (f <= 1)
+    ok = (f == 0) | (f == 1)  # what a CTR loss and check_batch accept
 
     def reason(i: int) -> str:
         v = src[i].as_py()
         if v is None or (isinstance(v, str) and not v.strip()):
             return "missing value"
-        return f"label not a number in [0, 1]: {v!r}"
+        return f"label not 0 or 1: {v!r}"
 
     return _Checked(np.where(ok, f, 0).astype(np.float32), None if ok.all() else ~ok, reason)
 
@@ -615,6 +632,8 @@ def _read_log(
                 checked[logical] = _check_behavior(arr, vocab)
             elif logical == "label":
                 checked[logical] = _check_label(arr)
+            elif logical == "time":
+                checked[logical] = _check_time(arr)
             else:
                 checked[logical] = _check_int(arr, "not an integer")
         except TypeError as e:

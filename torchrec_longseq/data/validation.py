@@ -69,6 +69,9 @@ def check_batch(batch: Batch, table_sizes: Dict[str, int],
     schemas = [default_schema()] if schemas is None else list(schemas)
     kjt = batch.features
     keys = list(kjt.keys())
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise BatchError(f"KeyedJaggedTensor keys: {repeated} given more than once")
     needed = list(dict.fromkeys(list(table_sizes) + [k for s in schemas for k in s.keys()]))
     missing = [k for k in needed if k not in keys]
     if missing:
@@ -78,6 +81,10 @@ def check_batch(batch: Batch, table_sizes: Dict[str, int],
     _dtype("history_time", batch.history_time, TIME_DTYPES)
     _dtype("request_time", batch.request_time, TIME_DTYPES)
     _dtype("labels", batch.labels, LABEL_DTYPES)
+    for name, t in (("labels", batch.labels), ("request_time", batch.request_time),
+                    ("history_time", batch.history_time)):
+        if t.dim() != 1:
+            raise BatchError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
     b = batch.labels.numel()
     if kjt.lengths().numel() % max(len(keys), 1):
         raise BatchError(f"{kjt.lengths().numel()} lengths for {len(keys)} keys: not the same "
@@ -143,7 +150,7 @@ def check_batch(batch: Batch, table_sizes: Dict[str, int],
 
 def _check_range(name: str, times: torch.Tensor, sample: torch.Tensor) -> None:
     """Timestamps ``times`` (of samples ``sample``) in ``[0, MAX_TIME)``."""
-    bad = (times < 0) | (times >= MAX_TIME)
+    bad = (times < 0) | (times.long() >= MAX_TIME)  # (an int32 tensor cannot hold 2^62)
     if bad.any():
         at = _first(bad)
         raise BatchError(f"feature {name!r}, sample {int(sample[at])}: timestamp {int(times[at])} "

@@ -38,6 +38,7 @@ from torchrec_longseq.modules.sequence import SequenceArch, SequenceModule, beha
 from torchrec_longseq.modules.sim import HardSearch, SoftSearch, soft_search_tables
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.modules.twin import TwinSearch
+from torchrec_longseq.retrieval.kernels import set_kernel
 from torchrec_longseq.schema import SequenceSchema, default_schema
 
 
@@ -162,6 +163,8 @@ class ModelConfig:
     SDIM's code tables and TWIN's key tables); SDIM hashes to ``sdim_bits`` bits in signatures of
     ``sdim_tau`` bits; TWIN keeps ``twin_k`` behaviors. The short-term branch (and DIN) sees
     the last ``short_window`` behaviors; 0 builds SIM, ETA, TWIN and din-full without one.
+    ``kernel`` picks the implementation of the searches and the attention
+    (``retrieval.kernels.KERNELS``: compiled on CPU when built, compiled only, or the torch ops).
     """
 
     embedding_dim: int = 16
@@ -179,6 +182,7 @@ class ModelConfig:
     sdim_bits: int = 48
     sdim_tau: int = 3
     twin_k: int = 100
+    kernel: str = "auto"
 
 
 MODELS = ["avgpool", "din", "din-full", "sim-hard", "sim-soft", "eta", "sdim", "twin"]
@@ -190,6 +194,11 @@ def build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddin
     """The sequence module called ``name`` (one of ``SEQUENCE_MODELS``) over ``schema``, whose
     tables are ``tables`` (the EmbeddingCollection's configs by name, see
     ``sequence.table_configs``). ``device`` places SIM soft search's own search tables."""
+    return set_kernel(_build_sequence(name, schema, tables, config, device), config.kernel)
+
+
+def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, EmbeddingConfig],
+                    config: ModelConfig, device: Optional[torch.device]) -> SequenceModule:
     d = behavior_dim(schema, tables)
     time = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
     if name == "din":
@@ -268,7 +277,8 @@ def build_model(
     )
     tables = {c.name: c for c in ec.embedding_configs()}
     sequence = build_sequence(name, schema, tables, config, device)
-    return LongSeqCTR(ebc, config.over_arch_layers, SequenceArch(ec, {"history": sequence}))
+    return set_kernel(LongSeqCTR(ebc, config.over_arch_layers,
+                                 SequenceArch(ec, {"history": sequence})), config.kernel)
 
 
 def _short_term(config: ModelConfig, behavior_width: int, context_dim: int) -> Optional[DINAttention]:
@@ -317,5 +327,5 @@ def build_store_model(models: Dict[str, str], config: ModelConfig, store: "Sampl
     configs = {c.name: c for c in ec.embedding_configs()}
     arch = SequenceArch(ec, {name: build_sequence(models[name], schema, configs, config, device)
                              for name, schema in schemas.items()})
-    return LongSeqCTR(EmbeddingBagCollection(tables=pooled, device=device),
-                      config.over_arch_layers, arch)
+    return set_kernel(LongSeqCTR(EmbeddingBagCollection(tables=pooled, device=device),
+                                 config.over_arch_layers, arch), config.kernel)

@@ -134,6 +134,7 @@ class TargetAttention(nn.Module):
                              f"{num_heads} and {head_dim}")
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.kernel = "auto"  # retrieval.kernels.set_kernel
         self.q_proj = nn.Linear(query_dim, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(key_dim, num_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(key_dim, num_heads * head_dim, bias=False)
@@ -150,7 +151,7 @@ class TargetAttention(nn.Module):
         shared by its candidates, serving). ``index [M]``: attend over ``keys[index]`` (and
         ``bias[index]``), jagged by ``offsets`` (serving's distinct behaviors, see ``attend``)."""
         return attend(self.q_proj(query), keys, offsets, self.k_proj.weight, self.v_proj.weight,
-                      self.num_heads, bias, index)
+                      self.num_heads, bias, index, self.kernel)
 
 
 def projects_shared_keys(num_queries: int, head_dim: int, key_dim: int) -> bool:
@@ -165,7 +166,8 @@ def projects_shared_keys(num_queries: int, head_dim: int, key_dim: int) -> bool:
 @torch.fx.wrap
 def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tensor],
            k_weight: torch.Tensor, v_weight: torch.Tensor, num_heads: int,
-           bias: Optional[torch.Tensor], index: Optional[torch.Tensor] = None) -> torch.Tensor:
+           bias: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
+           kernel: str = "auto") -> torch.Tensor:
     """``TargetAttention`` after the query projection: projected ``query [B, H * Dh]``, raw
     ``keys [N, Dk]``, ``k_weight`` and ``v_weight [H * Dh, Dk]``, ``bias [N, H]``, ``index [M]``
     (optional: the behaviors are ``keys[index]``) -> ``[B, H * Dh]``.
@@ -174,7 +176,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tens
     (W_k,h^T q_h) . z_j`` and ``sum_j w_hj W_v,h z_j = W_v,h sum_j w_hj z_j``, so nothing is
     projected per behavior (``H Dk`` multiply-adds per behavior and head pass instead of
     ``H Dh Dk``), and it reads ``keys[index[n]]`` in place (serving's distinct behaviors, each
-    keyed once). Elsewhere (GPU, ``TORCHREC_LONGSEQ_KERNELS=0``) the torch ops gather the indexed
+    keyed once). Elsewhere (GPU, ``kernel="torch"``) the torch ops gather the indexed
     rows and project the keys and values. The two agree to float rounding (tested).
     ``offsets=None`` (every query attends to all N keys: one user's history in serving) is two
     matrix products, absorbed the same way, unless projecting the shared keys and values once
@@ -188,7 +190,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tens
         qa = torch.bmm(per_head, h_k).transpose(0, 1) / head_dim**0.5  # [B, H, Dk]
     pooled: Optional[torch.Tensor] = None
     if offsets is not None:
-        pooled = kernels.target_attention(qa, keys, offsets, bias, index)  # [B, H, Dk]
+        pooled = kernels.target_attention(qa, keys, offsets, bias, index, kernel)  # [B, H, Dk]
     if pooled is None and index is not None:  # the torch ops read the gathered rows
         keys = keys.index_select(0, index)
         bias = bias.index_select(0, index) if bias is not None else None

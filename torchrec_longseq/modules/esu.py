@@ -189,4 +189,4 @@ class SearchBasedInterest(SequenceModule):
         k = int(lengths.max()) if lengths.numel() else 0
         return topk.jagged_topk(self.esu.logits(looked.candidates, looked.long,
                                                 looked.long_offsets, looked.long_intervals),
-                                looked.long_offsets, k)
+                                looked.long_offsets, k, kernel=self.esu.attention.kernel)

@@ -41,9 +41,8 @@ class SimHashSearch(nn.Module):
         k (int): behaviors kept per sample; ties go to the more recent behavior.
         refresh_every (int): 1 = exact signature tables (default), N = re-hash all every N steps.
 
-    The history ids must index the tables (``data.validation.check_batch``, which ``train.py``
-    runs on every batch): on CPU the per-sample kernel reads the signatures by id without a
-    bounds check, which would cost 30-65% of its scan.
+    Ids outside their tables raise ``IndexError`` naming the position (on CPU one vectorised
+    min / max per id tensor before the kernel, which reads the signatures by id).
 
     Example::
 
@@ -56,6 +55,7 @@ class SimHashSearch(nn.Module):
         super().__init__()
         self.schema = schema
         self.k = topk.check_k(k)
+        self.kernel = "auto"  # retrieval.kernels.set_kernel
         words = simhash.check_num_bits(num_bits)
         self.signatures = nn.ModuleList(
             ItemDerivedTable(tables[a.table].num_embeddings, words, torch.int64,
@@ -71,7 +71,7 @@ class SimHashSearch(nn.Module):
             [t.table for t in self.signatures],
             [features[a.history_key].values() for a in matched],
             [features[a.candidate_key].values() for a in matched],
-            features[matched[0].history_key].offsets(), self.k)
+            features[matched[0].history_key].offsets(), self.k, self.kernel)
         return indices, lengths, None
 
     def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
@@ -79,7 +79,8 @@ class SimHashSearch(nn.Module):
         matched = self.schema.matched
         return signature_topk([t.table for t in self.signatures],
                               [history[a.history_key] for a in matched],
-                              [candidates[a.candidate_key] for a in matched], None, self.k)
+                              [candidates[a.candidate_key] for a in matched], None, self.k,
+                              self.kernel)
 
 
 def two_blocks(tables: List[torch.Tensor], ids: List[torch.Tensor],
@@ -104,20 +105,22 @@ def two_blocks(tables: List[torch.Tensor], ids: List[torch.Tensor],
 @torch.fx.wrap
 def signature_topk(tables: List[torch.Tensor], ids: List[torch.Tensor],
                    targets: List[torch.Tensor], offsets: Optional[torch.Tensor],
-                   k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                   k: int, kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Hamming top-k of the history against the candidate, signatures read from the tables.
 
     ``tables[a] [rows_a, W]`` int64 signatures of attribute ``a``, ``ids[a] [N]`` its history
     ids, ``targets[a] [B]`` the candidates' ids; the distance sums over the attributes.
-    On CPU the compiled one-pass kernel (``retrieval.kernels``); on GPU, or with the kernels
-    off, ``simhash_topk`` on the concatenated signatures. Both give identical results (tested).
+    On CPU the compiled one-pass kernel (``retrieval.kernels``); on GPU, or with
+    ``kernel="torch"``, ``simhash_topk`` on the concatenated signatures. Both give identical
+    results (tested).
     ``offsets=None``: one history shared by all candidates (serving).
     """
     target_rows = [t[i] for t, i in zip(tables, targets)]
-    if kernels.kernels_enabled() and tables[0].device.type == "cpu":
+    kernels.check_kernel(kernel)
+    if kernel == "compiled" or (kernel == "auto" and tables[0].device.type == "cpu"):
         (t0, t1), (i0, i1), (c0, c1) = two_blocks(tables, ids, targets)
         found = kernels.hamming_topk_by_id(t0, i0, t0[c0] if c0.dim() == 1 else c0, t1, i1,
-                                           t1[c1] if c1.dim() == 1 else c1, offsets, k)
+                                           t1[c1] if c1.dim() == 1 else c1, offsets, k, kernel)
         if found is not None:
             return found
     history = torch.cat([t[i] for t, i in zip(tables, ids)], dim=1)

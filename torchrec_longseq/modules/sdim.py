@@ -114,7 +114,7 @@ def collision_weights(
 def collisions_by_id(code_tables: List[torch.Tensor], ids: List[torch.Tensor],
                      target_ids: List[torch.Tensor], all_ids: List[torch.Tensor],
                      offsets: torch.Tensor, tau: int,
-                     groups_per_word: Union[int, Sequence[int]],
+                     groups_per_word: Union[int, Sequence[int]], kernel: str = "auto",
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``collision_weights`` with the codes read from the per-attribute code tables
     (``code_tables[a] [rows, 1]`` int64, ``ids[a] [N]`` and ``target_ids[a] [B]``); behaviors
@@ -126,7 +126,7 @@ def collisions_by_id(code_tables: List[torch.Tensor], ids: List[torch.Tensor],
     if isinstance(groups_per_word, int) and len(code_tables) == 2 and len(all_ids) == 2:
         found = kernels.sdim_collisions(code_tables[0], ids[0], code_tables[1], ids[1],
                                         target_ids[0], target_ids[1], offsets, tau,
-                                        groups_per_word)
+                                        groups_per_word, kernel)
         if found is not None:
             return found
     codes = torch.cat([t[i] for t, i in zip(code_tables, ids)], dim=1)  # [N, A]
@@ -192,6 +192,7 @@ class SDIM(SequenceModule):
                              f"num_bits={num_bits}, tau={tau}")
         self.schema = schema
         self.tau = tau
+        self.kernel = "auto"  # retrieval.kernels.set_kernel
         # one count if every attribute has as many signatures (what the compiled pass reads)
         self.groups_per_word: Union[int, List[int]] = (
             groups[0] if len(set(groups)) == 1 else groups)
@@ -215,7 +216,7 @@ class SDIM(SequenceModule):
             [c.table for c in self.codes], [features[a.history_key].values() for a in matched],
             [features[a.candidate_key].values() for a in matched],
             [features[key].values() for key in self.schema.history_keys], offsets, self.tau,
-            self.groups_per_word)
+            self.groups_per_word, self.kernel)
         return Selection((positions, lengths), jagged.last_n(offsets, self.short_window),
                          extra=(weights,))
 

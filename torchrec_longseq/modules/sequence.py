@@ -180,6 +180,7 @@ class SequenceArch(nn.Module):
             raise ValueError("a SequenceArch needs at least one sequence module")
         self.embedding_collection = embedding_collection
         self.sequences = nn.ModuleDict(sequences)
+        self.kernel = "auto"  # serving's gathers; retrieval.kernels.set_kernel
         configs = embedding_collection.embedding_configs()
         # the EC's keys in one fixed order (a sharded EC reads every later KJT in the order of
         # its first one), and what each table serves (kept: a sharded EC has no configs)

@@ -44,6 +44,7 @@ class HardSearch(nn.Module):
         super().__init__()
         self.schema = schema
         self.k = topk.check_k(k)
+        self.kernel = "auto"  # retrieval.kernels.set_kernel
 
     def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
                request_time: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
@@ -51,14 +52,15 @@ class HardSearch(nn.Module):
         attribute = self.schema.hard_search
         hist = features[attribute.history_key]
         indices, lengths = hard.hard_search(
-            hist.values(), hist.offsets(), features[attribute.candidate_key].values(), self.k)
+            hist.values(), hist.offsets(), features[attribute.candidate_key].values(), self.k,
+            self.kernel)
         return indices, lengths, None
 
     def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
                        intervals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         attribute = self.schema.hard_search
         return hard.hard_search(history[attribute.history_key], None,
-                                candidates[attribute.candidate_key], self.k)
+                                candidates[attribute.candidate_key], self.k, self.kernel)
 
 
 def soft_search_tables(schema: SequenceSchema, tables: Dict[str, EmbeddingConfig],
@@ -140,6 +142,7 @@ class SoftSearch(nn.Module):
         self.search_keys = [f for c in configs for f in c.feature_names]  # the EC's order
         search_dim = sum(c.embedding_dim for c in configs)
         self.k = topk.check_k(k)
+        self.kernel = "auto"  # retrieval.kernels.set_kernel
         self.w_a = nn.Linear(search_dim, projection_dim, bias=False)
         self.w_b = nn.Linear(search_dim, projection_dim, bias=False)
         if projection_dim == search_dim:
@@ -159,7 +162,8 @@ class SoftSearch(nn.Module):
         offsets = jagged.lengths_to_offsets(embeddings[self.history_keys[0]].lengths())
         seg = jagged.segment_ids(offsets, behaviors.size(0))
         scores = (self.w_b(behaviors) * self.w_a(target)[seg]).sum(1)  # [N]
-        indices, lengths = topk.jagged_topk(scores.detach(), offsets, self.k)
+        indices, lengths = topk.jagged_topk(scores.detach(), offsets, self.k,
+                                            kernel=self.kernel)
         weights = jagged.segment_softmax(scores.unsqueeze(1), seg, target.size(0))  # [N, 1]
         pooled = jagged.segment_sum(weights * behaviors, seg, target.size(0))  # [B, S]
         aux = self.aux(torch.cat([pooled, target], dim=1)).squeeze(1)
@@ -175,7 +179,8 @@ class SoftSearch(nn.Module):
         targets = self.w_a(search_vectors(embeddings, self.candidate_keys))  # [C, P]
         scores = (targets @ behaviors.t()).flatten()  # [C L]: row c scores the history for c
         return jagged.positions_in_copy(
-            topk.jagged_topk(scores, jagged.copies_offsets(n, c, scores.device), self.k), n)
+            topk.jagged_topk(scores, jagged.copies_offsets(n, c, scores.device), self.k,
+                             kernel=self.kernel), n)
 
 
 def request_kjt(keys: List[str], history: Dict[str, torch.Tensor],

@@ -105,6 +105,7 @@ class TwinSearch(nn.Module):
             raise ValueError("TWIN's search needs an ESU with time_as_bias=True")
         self.schema = schema
         self.k = topk.check_k(k)
+        self.kernel = "auto"  # retrieval.kernels.set_kernel
         self.num_heads = esu.attention.num_heads
         self.time_bias = esu.time_embedding
         width = 2 * esu.attention.output_dim
@@ -130,7 +131,7 @@ class TwinSearch(nn.Module):
                 [r.table for r in self.rows],
                 [features[key].values() for key in self.schema.history_keys],
                 self._queries([features[a.candidate_key].values() for a in self.schema.matched]),
-                offsets, self.time_bias(intervals), self.num_heads, self.k)
+                offsets, self.time_bias(intervals), self.num_heads, self.k, self.kernel)
         return indices, lengths, None
 
     def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
@@ -139,7 +140,7 @@ class TwinSearch(nn.Module):
         return twin_topk([r.table for r in self.rows],
                          [history[key] for key in self.schema.history_keys],
                          self._queries([candidates[a.candidate_key] for a in self.schema.matched]),
-                         None, self.time_bias(intervals), self.num_heads, self.k)
+                         None, self.time_bias(intervals), self.num_heads, self.k, self.kernel)
 
     def _queries(self, candidate_ids: List[torch.Tensor]) -> torch.Tensor:
         """``[B, H Dh]``: the candidates' projected queries, summed over their attributes."""
@@ -151,7 +152,7 @@ class TwinSearch(nn.Module):
 @torch.fx.wrap
 def twin_topk(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.Tensor,
               offsets: Optional[torch.Tensor], bias: torch.Tensor, num_heads: int,
-              k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+              k: int, kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` of ``twin_scores`` per sample (ties to the more recent behavior): on CPU one
     compiled pass per sample (``kernels.twin_topk_by_id``, the mean over heads folded into one dot
     product and the mean bias), elsewhere ``twin_scores`` and ``jagged_topk``.
@@ -171,13 +172,14 @@ def twin_topk(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.
         second_ids = torch.arange(n, device=ids[0].device)
     found = kernels.twin_topk_by_id(rows[0], ids[0], second, second_ids, queries,
                                     bias.mean(dim=1), offsets, k,
-                                    1.0 / (num_heads * head_dim**0.5))
+                                    1.0 / (num_heads * head_dim**0.5), kernel)
     if found is not None:
         return found
     if offsets is None:  # the torch ops run the shared history as B copies
         b = queries.size(0)
         copies = jagged.copies_offsets(n, b, ids[0].device)
         return jagged.positions_in_copy(twin_topk(
-            rows, [i.repeat(b) for i in ids], queries, copies, bias.repeat(b, 1), num_heads, k), n)
+            rows, [i.repeat(b) for i in ids], queries, copies, bias.repeat(b, 1), num_heads, k,
+            kernel), n)
     scores = twin_scores(rows, ids, queries, offsets, bias, num_heads)
-    return topk.jagged_topk(scores, offsets, k)
+    return topk.jagged_topk(scores, offsets, k, kernel=kernel)

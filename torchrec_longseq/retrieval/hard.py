@@ -15,6 +15,7 @@ def hard_search(
     offsets: Optional[torch.Tensor],
     target_category: torch.Tensor,
     k: int,
+    kernel: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most recent behaviors whose category equals the target's (SIM's hard GSU).
 
@@ -24,6 +25,7 @@ def hard_search(
             by all B candidates (serving).
         target_category (Tensor): ``[B]`` the candidate's category.
         k (int): at most this many per sample.
+        kernel (str): which implementation runs (``retrieval.kernels.KERNELS``).
 
     Returns:
         ``(indices [M], lengths [B])``: positions into the history, chronological within a sample
@@ -32,21 +34,21 @@ def hard_search(
 
     On CPU a compiled kernel scans each sample from its most recent behavior backwards and stops
     at the ``k``-th match (``retrieval.kernels.hard_topk``); elsewhere (and with
-    ``TORCHREC_LONGSEQ_KERNELS=0``) one compare and one cumulative sum over the N behaviors:
+    ``kernel="torch"``) one compare and one cumulative sum over the N behaviors:
     O(N), no sort, no padding. Both give identical results (tested).
     """
     topk.check_k(k)
     for name, t in (("history_category", history_category), ("target_category", target_category)):
         if t.is_floating_point() or t.dtype == torch.bool:  # 1.7 would match category 1
             raise ValueError(f"{name}: expected integer category ids, got {t.dtype}")
-    found = kernels.hard_topk(history_category, offsets, target_category, k)
+    found = kernels.hard_topk(history_category, offsets, target_category, k, kernel)
     if found is not None:
         return found
     if offsets is None:  # the torch ops run the shared history as B copies
         n, b = history_category.numel(), target_category.numel()
         copies = jagged.copies_offsets(n, b, history_category.device)
         return jagged.positions_in_copy(
-            hard_search(history_category.repeat(b), copies, target_category, k), n)
+            hard_search(history_category.repeat(b), copies, target_category, k, kernel), n)
     n = history_category.numel()
     batch = target_category.numel()
     seg = segment_ids(offsets, n)

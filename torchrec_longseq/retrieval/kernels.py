@@ -40,35 +40,47 @@ processes load it in a second or two. Without a C++ compiler, or if the build fa
 (with the build error) and the wrappers below return ``None`` for the rest of the process (no
 retry): every caller then takes its torch-ops path, which gives identical results. The torch-ops
 ``simhash_topk`` stays the reference the tests compare it with, and the path for GPU tensors.
-``TORCHREC_LONGSEQ_KERNELS=0`` turns the kernels off (then every device uses the torch ops).
+
+Which implementation runs is an argument, ``kernel`` (``KERNELS``), of every wrapper here and an
+attribute of every module that calls one (``set_kernel(model, kernel)`` sets them all):
+
+* ``"auto"`` (the default): the compiled operator for CPU tensors when it is built, the torch
+  ops otherwise (GPU tensors, no compiler);
+* ``"compiled"``: the compiled operator wherever one covers the input (an error for other
+  devices or where the operators could not be built); inputs no operator covers take the torch
+  ops (float64 or integer scores of the top-k, SDIM with other than two hashed attributes of
+  as many signatures);
+* ``"torch"``: the torch ops, on any device (the reference the tests compare with).
+
+A wrapper returns ``None`` where the compiled operator does not run, and its caller takes its
+torch-ops path; a few inputs always take it (float64 scores of the float top-k).
 """
 
-import os
-from contextlib import contextmanager
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from torchrec_longseq.retrieval import extension
 
-
-def kernels_enabled() -> bool:
-    return os.environ.get("TORCHREC_LONGSEQ_KERNELS", "1") != "0"
+KERNELS = ("auto", "compiled", "torch")
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
-    """Inside the block every device runs the torch ops, as with ``TORCHREC_LONGSEQ_KERNELS=0``
-    (the variable is read at every call), e.g. to compare the two paths."""
-    old = os.environ.get("TORCHREC_LONGSEQ_KERNELS")
-    os.environ["TORCHREC_LONGSEQ_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TORCHREC_LONGSEQ_KERNELS"]
-        else:
-            os.environ["TORCHREC_LONGSEQ_KERNELS"] = old
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def set_kernel(module: nn.Module, kernel: str) -> nn.Module:
+    """Run every search, attention and derivation in ``module`` (a model, or any part of one)
+    with ``kernel`` (``KERNELS``): sets the ``kernel`` attribute of each submodule that has one.
+    Returns ``module``."""
+    check_kernel(kernel)
+    for m in module.modules():
+        if hasattr(m, "kernel"):
+            m.kernel = kernel
+    return module
 
 
 def build(verbose: bool = False) -> bool:
@@ -110,9 +122,9 @@ def _module():
 def hamming_topk_by_id(
     item_table: torch.Tensor, item_ids: torch.Tensor, item_targets: torch.Tensor,
     category_table: torch.Tensor, category_ids: torch.Tensor, category_targets: torch.Tensor,
-    offsets: Optional[torch.Tensor], k: int,
+    offsets: Optional[torch.Tensor], k: int, kernel: str = "auto",
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """The compiled Hamming top-k, or ``None`` where it does not apply (GPU tensors, disabled).
+    """The compiled Hamming top-k, or ``None`` where it does not apply (``kernel``, GPU tensors).
 
     The signature of behavior ``j`` is the concatenation ``[item_table[item_ids[j]],
     category_table[category_ids[j]]]``, the candidate's ``[item_targets[b],
@@ -133,13 +145,17 @@ def hamming_topk_by_id(
         ``(indices [M], lengths [B])`` exactly as ``simhash_topk`` on the concatenated
         signatures (smallest distance first, ties to the later position).
     """
-    if not _applies(item_table):
+    if not _applies(item_table, kernel):
         return None
     if offsets is None:  # one history: each distinct (item, category) behavior hashed once
         indices, lengths = torch.ops.longseq.hamming_topk_shared(
             item_table, item_ids, item_targets, category_table, category_ids, category_targets,
             int(k))
         return indices, lengths
+    # the kernel reads the tables by id: one vectorised min / max per id tensor first (a few
+    # percent of the scan; the shared path above checks inside the kernel)
+    check_rows(item_ids, item_table.size(0), "item ids")
+    check_rows(category_ids, category_table.size(0), "category ids")
     starts, ends = segments(offsets, item_ids.numel(), item_targets.size(0))
     indices, lengths = torch.ops.longseq.hamming_topk_by_id(
         item_table, item_ids, item_targets, category_table, category_ids, category_targets,
@@ -147,11 +163,23 @@ def hamming_topk_by_id(
     return indices, lengths
 
 
-def pack_signs(projections: torch.Tensor) -> Optional[torch.Tensor]:
+def check_rows(ids: torch.Tensor, rows: int, what: str) -> None:
+    """Raise ``IndexError`` naming the first of ``ids [N]`` outside ``[0, rows)`` (one
+    vectorised ``aminmax``, then a search only when one is outside)."""
+    if ids.numel() == 0:
+        return
+    low, high = torch.aminmax(ids)
+    if int(low) < 0 or int(high) >= rows:
+        at = int(((ids < 0) | (ids >= rows)).nonzero()[0, 0])
+        raise IndexError(f"{what} at position {at} is {int(ids[at])}, outside the table of "
+                         f"{rows} rows")
+
+
+def pack_signs(projections: torch.Tensor, kernel: str = "auto") -> Optional[torch.Tensor]:
     """``retrieval.simhash.simhash_signatures``'s packing compiled (or ``None``): ``[N, m]``
     float32 projections -> ``[N, ceil(m / 64)]`` int64, bit ``i`` set where
     ``projections[:, i] > 0``."""
-    if not _applies(projections) or projections.dtype != torch.float32:
+    if not _applies(projections, kernel) or projections.dtype != torch.float32:
         return None
     return torch.ops.longseq.pack_signs(projections)
 
@@ -167,17 +195,29 @@ def segments(offsets: Optional[torch.Tensor], num_values: int,
     return offsets[:-1], offsets[1:]
 
 
-def _applies(t: torch.Tensor) -> bool:
-    return kernels_enabled() and t.device.type == "cpu" and _available()
+def _applies(t: torch.Tensor, kernel: str) -> bool:
+    """Whether ``kernel`` runs the compiled operator on ``t`` (see the module docstring)."""
+    if kernel == "torch":
+        return False
+    if kernel == "compiled":
+        if t.device.type != "cpu":
+            raise ValueError(f"kernel='compiled' runs on CPU tensors, got {t.device}")
+        if not _available():
+            raise RuntimeError(f"kernel='compiled', but the compiled operators could not be "
+                               f"built: {extension.error()}")
+        return True
+    check_kernel(kernel)
+    return t.device.type == "cpu" and _available()
 
 
 def hard_topk(history_category: torch.Tensor, offsets: Optional[torch.Tensor],
-              target_category: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+              target_category: torch.Tensor, k: int,
+              kernel: str = "auto") -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``retrieval.hard.hard_search`` compiled (or ``None``): each segment is scanned from its
     most recent behavior backwards and the scan stops at the ``k``-th match, so the cost is the
     distance back to the ``k``-th match, not L. ``offsets=None`` (one history, serving): one
     backward scan serves every candidate, stopping when each asked-for category has ``k``."""
-    if not _applies(history_category):
+    if not _applies(history_category, kernel):
         return None
     if offsets is None:  # one history: one scan collects every asked-for category's k
         indices, lengths = torch.ops.longseq.hard_topk_shared(history_category, target_category,
@@ -190,11 +230,11 @@ def hard_topk(history_category: torch.Tensor, offsets: Optional[torch.Tensor],
 
 
 def float_topk(scores: torch.Tensor, offsets: torch.Tensor,
-               k: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+               k: int, kernel: str = "auto") -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``retrieval.topk.jagged_topk(scores, offsets, k)`` (largest first, ties to the later
     position) compiled: a partial sort per segment, O(L log k). ``None`` where it does not apply;
     scores must not be NaN."""
-    if not _applies(scores) or scores.dtype != torch.float32:  # float64: the torch ops
+    if not _applies(scores, kernel) or scores.dtype != torch.float32:  # float64: the torch ops
         return None
     indices, lengths = torch.ops.longseq.float_topk(scores.detach(), offsets[:-1], offsets[1:],
                                                     int(k))
@@ -204,12 +244,13 @@ def float_topk(scores: torch.Tensor, offsets: torch.Tensor,
 def twin_topk_by_id(item_rows: torch.Tensor, items: torch.Tensor, category_rows: torch.Tensor,
                     categories: torch.Tensor, queries: torch.Tensor, bias: torch.Tensor,
                     offsets: Optional[torch.Tensor], k: int,
-                    scale: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+                    scale: float,
+                    kernel: str = "auto") -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """TWIN's search in one pass per sample: score ``scale * q_b . (item_rows[i, w:] +
     category_rows[c, w:]) + bias`` for every behavior, read by id (``queries [B, w]``, rows
     ``[*, 2 w]``, ``bias [N]``), then the top ``k`` as ``float_topk``. ``None`` where it does not
     apply."""
-    if not _applies(item_rows):
+    if not _applies(item_rows, kernel):
         return None
     starts, ends = segments(offsets, items.numel(), queries.size(0))
     # offsets None: one history, whose keys the kernel reads and transposes once
@@ -222,13 +263,14 @@ def twin_topk_by_id(item_rows: torch.Tensor, items: torch.Tensor, category_rows:
 def sdim_collisions(item_codes: torch.Tensor, items: torch.Tensor, category_codes: torch.Tensor,
                     categories: torch.Tensor, target_items: torch.Tensor,
                     target_categories: torch.Tensor, offsets: Optional[torch.Tensor], tau: int,
-                    groups_per_word: int
+                    groups_per_word: int,
+                    kernel: str = "auto"
                     ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """SDIM's ``collision_weights`` read from the code tables (``[rows, 1]`` int64) by id, with a
     hash map per sample instead of a sort: ``(positions [U], lengths [B], weights [U, G])``, the
     distinct pairs in order of first occurrence. Ids must be below 2^31. ``None`` where it does
     not apply."""
-    if not _applies(item_codes):
+    if not _applies(item_codes, kernel):
         return None
     positions, lengths, weights = torch.ops.longseq.sdim_collisions(
         item_codes, items, category_codes, categories, target_items, target_categories,
@@ -237,24 +279,25 @@ def sdim_collisions(item_codes: torch.Tensor, items: torch.Tensor, category_code
 
 
 def distinct_positions(indices: torch.Tensor, n: int,
-                       window: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+                       window: int,
+                       kernel: str = "auto") -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(used [U], inverse [M])``: the positions of a history of ``n`` behaviors that
     ``indices [M]`` or its last ``window`` behaviors read, ascending, and each index's row among
     them (``used[inverse] == indices``; the window is ``used``'s last ``window`` rows); ``None``
     where the kernel does not apply (``serving.distinct_positions`` has the torch ops)."""
-    if not _applies(indices):
+    if not _applies(indices, kernel):
         return None
     used, inverse = torch.ops.longseq.distinct_positions(indices, int(n), int(window))
     return used, inverse
 
 
 def gather_rows(tables: List[torch.Tensor], ids: List[torch.Tensor],
-                positions: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                positions: Optional[torch.Tensor], kernel: str = "auto") -> Optional[torch.Tensor]:
     """``[U, sum of widths]``: row ``u`` is ``[tables[0][ids[0][p]], tables[1][ids[1][p]], ...]``
     with ``p = positions[u]`` (``u`` for ``positions=None``), one copy instead of a gather per
     table and per id list and a concatenation; ``None`` where it does not apply (GPU, kernels
     off, or autograd recording: the copy has no gradient). Ids out of range raise an error."""
-    if not all(_applies(t) for t in tables) or (
+    if not all(_applies(t, kernel) for t in tables) or (
             torch.is_grad_enabled() and any(t.requires_grad for t in tables)):
         return None
     return torch.ops.longseq.gather_rows(tables, ids, positions)
@@ -262,7 +305,8 @@ def gather_rows(tables: List[torch.Tensor], ids: List[torch.Tensor],
 
 def target_attention(qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
                      bias: Optional[torch.Tensor],
-                     index: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                     index: Optional[torch.Tensor] = None,
+                     kernel: str = "auto") -> Optional[torch.Tensor]:
     """Softmax attention per jagged segment with the key projection absorbed into the query, or
     ``None`` where it does not apply (GPU, kernels off, not float32 / float64).
 
@@ -280,7 +324,7 @@ def target_attention(qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor
             every candidate that retrieved it (as attending over ``keys[index]``, without the
             gather).
     """
-    if (not _applies(qa) or qa.dtype not in (torch.float32, torch.float64)
+    if (not _applies(qa, kernel) or qa.dtype not in (torch.float32, torch.float64)
             or keys.dtype != qa.dtype or (bias is not None and bias.dtype != qa.dtype)):
         return None
     agg, _ = torch.ops.longseq.attention_forward(qa, keys, offsets, bias, index)

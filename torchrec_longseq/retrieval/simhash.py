@@ -147,13 +147,15 @@ def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.fx.wrap
-def simhash_signatures(embeddings: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+def simhash_signatures(embeddings: torch.Tensor, projection: torch.Tensor,
+                       kernel: str = "auto") -> torch.Tensor:
     """Packed SimHash signatures of ``[N, d]`` embeddings under a ``[d, m]`` projection.
 
     Args:
         embeddings (Tensor): ``[N, d]`` float embeddings (detached here: no gradient).
         projection (Tensor): ``[d, m]`` the fixed random hyperplanes ``H``; ``m`` is 1 to 64 or
             a multiple of 64.
+        kernel (str): which implementation packs the bits (``retrieval.kernels.KERNELS``).
 
     Returns:
         ``[N, W]`` int64, ``W = ceil(m / 64)``: bit ``i`` (``e . H[:, i] > 0``) is bit ``i % 64``
@@ -180,7 +182,7 @@ def simhash_signatures(embeddings: torch.Tensor, projection: torch.Tensor) -> to
     n = embeddings.shape[0]
     with torch.no_grad():
         proj = embeddings.detach().to(projection.dtype) @ projection.detach()  # [N, m]
-        packed = kernels.pack_signs(proj)  # the compiled packing on CPU, else the torch ops
+        packed = kernels.pack_signs(proj, kernel)  # compiled on CPU, else the torch ops
         if packed is not None:
             return packed
         bits = (proj > 0).to(torch.uint8)
@@ -286,6 +288,7 @@ class SimHash(nn.Module):
         self.embedding_dim = embedding_dim
         self.num_bits = num_bits
         self.seed = seed
+        self.kernel = "auto"  # retrieval.kernels.set_kernel
         self.register_buffer(
             "projection", torch.empty(embedding_dim, num_bits, device=device), persistent=True
         )
@@ -301,7 +304,7 @@ class SimHash(nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``[N, d]`` embeddings -> ``[N, W]`` packed int64 signatures (no gradient)."""
-        return simhash_signatures(embeddings, self.projection)
+        return simhash_signatures(embeddings, self.projection, self.kernel)
 
     def extra_repr(self) -> str:
         return f"embedding_dim={self.embedding_dim}, num_bits={self.num_bits}, seed={self.seed}"

@@ -18,7 +18,8 @@ def check_k(k: int) -> int:
 
 @torch.fx.wrap
 def jagged_topk(
-    scores: torch.Tensor, offsets: torch.Tensor, k: int, largest: bool = True
+    scores: torch.Tensor, offsets: torch.Tensor, k: int, largest: bool = True,
+    kernel: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best-scored positions of every segment of a jagged score vector.
 
@@ -27,6 +28,7 @@ def jagged_topk(
         offsets (Tensor): ``[B + 1]`` segment offsets into ``scores``.
         k (int): how many to keep per segment; segments shorter than ``k`` keep all.
         largest (bool): keep the largest scores (``False``: the smallest, e.g. Hamming distances).
+        kernel (str): which implementation runs (``retrieval.kernels.KERNELS``).
 
     Returns:
         ``(indices [M], lengths [B])``: positions into ``scores``, best first within a segment;
@@ -39,7 +41,7 @@ def jagged_topk(
     """
     check_k(k)
     if largest and scores.is_floating_point():
-        found = kernels.float_topk(scores, offsets, k)
+        found = kernels.float_topk(scores, offsets, k, kernel)
         if found is not None:
             return found
     n = scores.numel()
