@@ -138,10 +138,32 @@ def sequence_of(model: LongSeqCTR):
 # ----------------------------------------------------------------------------- lookups, gradients
 
 def capture(module: torch.nn.Module) -> List[KeyedJaggedTensor]:
-    """The KJTs ``module`` (an EmbeddingCollection) is called with, appended call by call."""
+    """The KJTs ``module`` (an EmbeddingCollection) is called with, appended call by call, each
+    ``fold``-ed to one sample per batch sample."""
     seen: List[KeyedJaggedTensor] = []
-    module.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    module.register_forward_pre_hook(lambda mod, args: seen.append(fold(args[0])))
     return seen
+
+
+def fold(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """``SequenceArch``'s lookup KJT has ``P x B`` samples (block ``p`` of B holds part ``p`` of
+    every sample: a module's long selection, then its short window); this gives it B samples,
+    sample b's values its blocks' values in block order. B is read from a candidate key (one id
+    per sample in block 0): the first key named ``target_*`` or ``cand_*``."""
+    keys = kjt.keys()
+    candidate = next(k for k in keys if k.startswith(("target_", "cand_")))
+    b = int(kjt[candidate].lengths().sum())
+    stride = kjt.lengths().numel() // len(keys)
+    if b == 0 or stride == b:
+        return kjt
+    values, lengths = [], []
+    for key in keys:
+        per = per_sample(kjt[key].values(), kjt[key].lengths())
+        samples = [sum((per[p * b + i] for p in range(stride // b)), []) for i in range(b)]
+        values += [v for sample in samples for v in sample]
+        lengths += [len(sample) for sample in samples]
+    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.long),
+                             lengths=torch.tensor(lengths, dtype=torch.int32))
 
 
 def nonzero_rows(grad: Optional[torch.Tensor]) -> Set[int]:

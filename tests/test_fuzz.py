@@ -647,7 +647,10 @@ def r_times(w: World, r: Request, draw) -> Reject:
     if how == "negative":
         times[p] = draw(st.sampled_from([-1, INT64_MIN]) | st.integers(INT64_MIN, -1))
         _set_times(r, schema, times)
-        return Reject([f"history time of {name!r}, behavior {p}:", "outside"])
+        if p == 0:
+            return Reject([f"history time of {name!r}, behavior 0:", "outside"])
+        # later behaviors are checked for order first: a negative one is out of order
+        return Reject([f"history time of {name!r}, behavior {p}:", "earlier than behavior"])
     # at or past 2^62: out of order or not before the request (which is below 2^62)
     times[p] = draw(st.sampled_from([MAX_TIME, INT64_MAX]) | st.integers(MAX_TIME, INT64_MAX))
     _set_times(r, schema, times)

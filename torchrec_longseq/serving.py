@@ -166,15 +166,14 @@ def check_request(request: Request, model: LongSeqCTR) -> None:
         if len(set(lengths.values())) > 1:
             raise RequestError(f"sequence {name!r}: its history keys and times need one value per "
                                f"behavior, got lengths {lengths}")
-        if times.numel() and int(times.min()) < 0:
-            at = int((times < 0).nonzero()[0, 0])
-            raise RequestError(f"history time of {name!r}, behavior {at}: {int(times[at])} "
-                               f"outside [0, 2^62)")
         back = times[1:] < times[:-1]
         if back.any():
             at = int(back.nonzero()[0, 0]) + 1
             raise RequestError(f"history time of {name!r}, behavior {at}: earlier than behavior "
                                f"{at - 1} (the history must be oldest first)")
+        if times.numel() and int(times[0]) < 0:  # in order: the first is the earliest
+            raise RequestError(f"history time of {name!r}, behavior 0: {int(times[0])} "
+                               f"outside [0, 2^62)")
         if times.numel() > 0 and int(times[-1]) >= request.request_time:
             at = int((times >= request.request_time).nonzero()[0, 0])
             raise RequestError(f"history time of {name!r}, behavior {at}: time {int(times[at])} "

@@ -122,6 +122,10 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   const int64_t max_d = 64 * (WA + WC);
   const int64_t *A = a_table.data_ptr<int64_t>(), *C = c_table.data_ptr<int64_t>();
   const int64_t *ai = a_ids.data_ptr<int64_t>(), *ci = c_ids.data_ptr<int64_t>();
+  // the scan reads the tables by id: one vectorised pass over the ids first (a few percent of
+  // a training step; an id of 2^31 used to segfault the scan)
+  check_table_ids(ai, a_ids.numel(), a_table.size(0), "item ids");
+  check_table_ids(ci, c_ids.numel(), c_table.size(0), "category ids");
   const int64_t *at = a_targets.data_ptr<int64_t>(), *ct = c_targets.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   auto lengths = torch::empty({B}, torch::kInt64);

@@ -41,8 +41,8 @@ class SimHashSearch(nn.Module):
         k (int): behaviors kept per sample; ties go to the more recent behavior.
         refresh_every (int): 1 = exact signature tables (default), N = re-hash all every N steps.
 
-    Ids outside their tables raise ``IndexError`` naming the position (on CPU one vectorised
-    min / max per id tensor before the kernel, which reads the signatures by id).
+    Ids outside their tables raise an error naming the position (the compiled kernel, which
+    reads the signatures by id, checks them in one vectorised pass first; the torch ops index).
 
     Example::
 

@@ -129,32 +129,6 @@ def history_times(schema: SequenceSchema, features: KeyedJaggedTensor,
     return history_time
 
 
-@torch.fx.wrap
-def _interleave(parts: List[Part], batch: int) -> Tuple[torch.Tensor, torch.Tensor,
-                                                       List[torch.Tensor]]:
-    """Several selections of one history as one jagged list: per sample, part 0's positions,
-    then part 1's, ... Returns ``(indices [T], lengths [B], where)`` with ``where[p] [M_p]`` the
-    place of part ``p``'s entries in ``indices``."""
-    if len(parts) == 1:
-        indices, lengths = parts[0]
-        assert lengths is not None
-        return indices, lengths, [torch.arange(indices.numel(), device=indices.device)]
-    lengths = torch.stack([p[1] for p in parts])  # [P, B]
-    total = lengths.sum(0)
-    offsets = jagged.lengths_to_offsets(total)
-    before = torch.cumsum(lengths, 0) - lengths  # [P, B]
-    out = torch.empty(int(offsets[-1]), dtype=torch.long, device=total.device)
-    where = []
-    for p, (indices, part_lengths) in enumerate(parts):
-        part_offsets = jagged.lengths_to_offsets(part_lengths)
-        seg = jagged.segment_ids(part_offsets, indices.numel())
-        dest = offsets[:-1][seg] + before[p][seg] + (
-            torch.arange(indices.numel(), device=indices.device) - part_offsets[:-1][seg])
-        out[dest] = indices
-        where.append(dest)
-    return out, total, where
-
-
 class SequenceArch(nn.Module):
     """The user's EmbeddingCollection and one sequence module per behavior sequence.
 
@@ -226,10 +200,20 @@ class SequenceArch(nn.Module):
     def look_up(self, features: KeyedJaggedTensor, history_time: Optional[torch.Tensor],
                 request_time: torch.Tensor,
                 selections: Dict[str, Selection]) -> Dict[str, Looked]:
-        """The rows of every module's selection, in one EmbeddingCollection call."""
+        """The rows of every module's selection, in one EmbeddingCollection call.
+
+        The lookup KJT has ``P x B`` "samples", P the most parts (selections) any history key
+        carries: under a history key, block ``p`` of B samples holds part ``p`` (module order,
+        each module's long part then its short one), so every part's rows come back as one
+        contiguous slice of the key's values, no gather; a candidate key fills block 0; missing
+        blocks are empty. (The sharded collection sees a batch of ``P x B`` samples.)::
+
+            hist_item  lengths [long_0 .. long_B-1 | short_0 .. short_B-1]   P = 2
+            target_item        [1 .. 1             | 0 .. 0              ]
+        """
         batch = request_time.numel()
-        # per history key, the parts (selections) read from it, in module order; slots[name]
-        # [kind][key]: which part of ``key`` is module ``name``'s long (0) or short (1) one
+        # per history key, the parts read from it, in module order; slots[name][kind][key]:
+        # which part of ``key`` is module ``name``'s long (0) or short (1) one
         parts: Dict[str, List[Part]] = {}
         slots: Dict[str, List[Dict[str, int]]] = {}
         for name, selection in selections.items():
@@ -240,23 +224,28 @@ class SequenceArch(nn.Module):
                 for key in self.sequences[name].schema.history_keys:
                     slots[name][kind][key] = len(parts.setdefault(key, []))
                     parts[key].append(part)
+        blocks = max([len(p) for p in parts.values()] + [1])
         candidate_keys = {k for m in self.sequences.values() for k in m.schema.candidate_keys}
-        values, lengths, where = [], [], {}
+        values, lengths = [], []
         for key in self.lookup_keys:
             if key in parts:
-                positions, key_lengths, where[key] = _interleave(parts[key], batch)
-                values.append(features[key].values()[positions])
-                lengths.append(key_lengths)
+                ids = features[key].values()
+                values.append(torch.cat([ids.index_select(0, p[0]) for p in parts[key]]))
+                lengths += [p[1] for p in parts[key]]
+                empty = blocks - len(parts[key])
             elif key in candidate_keys:
-                jt = features[key]
-                values.append(jt.values())
-                lengths.append(jt.lengths())
+                values.append(features[key].values())
+                lengths.append(features[key].lengths())
+                empty = blocks - 1
             else:  # a feature of the collection that no sequence reads
                 values.append(request_time.new_zeros(0, dtype=torch.long))
-                lengths.append(request_time.new_zeros(batch, dtype=torch.long))
+                empty = blocks
+            lengths += [request_time.new_zeros(batch, dtype=torch.long)] * empty
         kjt = _lookup_kjt(self.lookup_keys, values, lengths)
         _remember(self.derived, self.lookup_keys, values, self.table_of_key)
         embeddings = self.embedding_collection(kjt)  # one all-to-all for every sequence
+        # each part's rows: one split per key (its backward is one concatenation)
+        pieces = {key: _split(embeddings[key].values(), parts[key]) for key in parts}
         looked = {}
         for name, selection in selections.items():
             schema = self.sequences[name].schema
@@ -273,14 +262,20 @@ class SequenceArch(nn.Module):
                         request_time.new_zeros(batch, dtype=torch.long)),
                         request_time.new_zeros(0)]
                     continue
-                rows = torch.cat([  # [M, D]
-                    embeddings[key].values()[where[key][slots[name][kind][key]]]
-                    for key in schema.history_keys], dim=1)
+                rows = torch.cat([pieces[key][slots[name][kind][key]]  # [M, D]
+                                  for key in schema.history_keys], dim=1)
                 assert part[1] is not None
                 found += [rows, jagged.lengths_to_offsets(part[1]),
                           intervals_of(times, request_time, offsets, part[0])]
             looked[name] = Looked(candidates, *found)
         return looked
+
+
+@torch.fx.wrap
+def _split(values: torch.Tensor, parts: List[Part]) -> List[torch.Tensor]:
+    """A key's looked-up ``values`` cut into its parts' rows: the parts lie one after the other,
+    each as many rows as it has positions (known without a sync)."""
+    return list(values.split([part[0].numel() for part in parts], dim=0))
 
 
 @torch.fx.wrap

@@ -152,27 +152,11 @@ def hamming_topk_by_id(
             item_table, item_ids, item_targets, category_table, category_ids, category_targets,
             int(k))
         return indices, lengths
-    # the kernel reads the tables by id: one vectorised min / max per id tensor first (a few
-    # percent of the scan; the shared path above checks inside the kernel)
-    check_rows(item_ids, item_table.size(0), "item ids")
-    check_rows(category_ids, category_table.size(0), "category ids")
     starts, ends = segments(offsets, item_ids.numel(), item_targets.size(0))
     indices, lengths = torch.ops.longseq.hamming_topk_by_id(
         item_table, item_ids, item_targets, category_table, category_ids, category_targets,
         starts, ends, int(k))
     return indices, lengths
-
-
-def check_rows(ids: torch.Tensor, rows: int, what: str) -> None:
-    """Raise ``IndexError`` naming the first of ``ids [N]`` outside ``[0, rows)`` (one
-    vectorised ``aminmax``, then a search only when one is outside)."""
-    if ids.numel() == 0:
-        return
-    low, high = torch.aminmax(ids)
-    if int(low) < 0 or int(high) >= rows:
-        at = int(((ids < 0) | (ids >= rows)).nonzero()[0, 0])
-        raise IndexError(f"{what} at position {at} is {int(ids[at])}, outside the table of "
-                         f"{rows} rows")
 
 
 def pack_signs(projections: torch.Tensor, kernel: str = "auto") -> Optional[torch.Tensor]:
