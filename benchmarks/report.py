@@ -225,6 +225,11 @@ def main() -> None:
                            + " | ".join(f"{ms:.2f}" for ms in r["stages_ms"].values()) + " |")
             out.append("")
     out += serving_against_length(servings)
+    # measurements taken outside this suite (A/B comparisons, data preparation, ...), kept by
+    # hand with their commits in benchmarks/results_more.md and carried into every rendering
+    more = Path(__file__).with_name("results_more.md")
+    if more.exists():
+        out += ["", more.read_text().rstrip(), ""]
     Path(args.out).write_text("\n".join(out))
     print(f"wrote {args.out}")
 

@@ -122,10 +122,7 @@ std::vector<torch::Tensor> hamming_topk_by_id(
   const int64_t max_d = 64 * (WA + WC);
   const int64_t *A = a_table.data_ptr<int64_t>(), *C = c_table.data_ptr<int64_t>();
   const int64_t *ai = a_ids.data_ptr<int64_t>(), *ci = c_ids.data_ptr<int64_t>();
-  // the scan reads the tables by id: one vectorised pass over the ids first (a few percent of
-  // a training step; an id of 2^31 used to segfault the scan)
-  check_table_ids(ai, a_ids.numel(), a_table.size(0), "item ids");
-  check_table_ids(ci, c_ids.numel(), c_table.size(0), "category ids");
+  const int64_t a_rows = a_table.size(0), c_rows = c_table.size(0);
   const int64_t *at = a_targets.data_ptr<int64_t>(), *ct = c_targets.data_ptr<int64_t>();
   const int64_t *st = starts.data_ptr<int64_t>(), *en = ends.data_ptr<int64_t>();
   auto lengths = torch::empty({B}, torch::kInt64);
@@ -145,6 +142,14 @@ std::vector<torch::Tensor> hamming_topk_by_id(
       for (int64_t b = begin; b < end; ++b) {
         const int64_t lo = st[b], n = en[b] - lo;
         if (len[b] == 0) continue;
+        // the scan reads the tables by id: each sample's ids are checked just before, in the
+        // parallel loop and while they are in cache (an id of 2^31 used to segfault the scan)
+        if (!ids_inside(ai + lo, n, a_rows) || !ids_inside(ci + lo, n, c_rows)) {
+          check_ids(ai + lo, n, a_rows, c10::str("sample ", b, ": item ids at position"),
+                    c10::str("table of ", a_rows, " rows (positions within the sample)"));
+          check_ids(ci + lo, n, c_rows, c10::str("sample ", b, ": category ids at position"),
+                    c10::str("table of ", c_rows, " rows (positions within the sample)"));
+        }
         dist.resize(n);
         hamming_distances(A, ai + lo, WA, C, ci + lo, WC, n, at + b * WA, ct + b * WC,
                           dist.data());

@@ -17,10 +17,10 @@ training, evaluation and serving all call exactly these::
 
 ``SequenceArch`` holds the user's EmbeddingCollection and the modules (one per sequence). Per
 step it asks every module for its selection, builds one KJT with the EmbeddingCollection's own
-feature names (a history key carries, per sample, the positions every module selected from that
-history, one after the other; a candidate key its candidate id), looks it up once (one input and
-one output all-to-all under DMP, however many sequences), splits the rows back and calls each
-module's ``attend``. Only selected positions are looked up: ``<= k + window + 1`` rows per
+feature names (a history key carries the positions every module selected from that history,
+each selection as its own block of B samples; a candidate key its candidate id; see
+``look_up``), looks it up once (one input and one output all-to-all under DMP, however many
+sequences), splits the rows back and calls each module's ``attend``. Only selected positions are looked up: ``<= k + window + 1`` rows per
 attribute, sequence and sample, whatever L is.
 
 It also keeps the per-item derived tables (ETA's signatures, SDIM's codes, TWIN's projected
