@@ -297,13 +297,15 @@ def table_weights(collection: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
     return {feature: tables[c.name].weight for c in configs for feature in c.feature_names}
 
 
-def request_rows(model: LongSeqCTR, request: Request, used: Dict[str, torch.Tensor]
+def request_rows(model: LongSeqCTR, request: Request, used: Dict[str, torch.Tensor],
+                 modules: Optional[Dict[str, SequenceModule]] = None,
                  ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence ``(candidates [C, D], rows [U, D])``: the candidates' rows (zeros for
     attributes without a candidate key) and the rows of its history positions ``used[name]
     [U]``, every attribute side by side; read from the tables (``table_weights``) or in one call
     of the EmbeddingCollection on ``request_features``."""
     arch = model.sequence_arch
+    modules = sequences(model) if modules is None else modules
     c = request.num_candidates
     weights = table_weights(arch.embedding_collection)
     device = next(iter(request.candidates.values())).device
@@ -313,7 +315,7 @@ def request_rows(model: LongSeqCTR, request: Request, used: Dict[str, torch.Tens
 
     out = {}
     if weights is not None:
-        for name, module in sequences(model).items():
+        for name, module in modules.items():
             schema = module.schema
             positions = used[name]
             matched = schema.matched
@@ -339,13 +341,13 @@ def request_rows(model: LongSeqCTR, request: Request, used: Dict[str, torch.Tens
     # used positions of each sequence that reads it, one sequence after the other
     ids: Dict[str, List[torch.Tensor]] = {}
     starts: Dict[Tuple[str, str], int] = {}
-    for name, module in sequences(model).items():
+    for name, module in modules.items():
         for key in module.schema.history_keys:
             starts[(name, key)] = sum(t.numel() for t in ids.get(key, []))
             ids.setdefault(key, []).append(request.history[key].index_select(0, used[name]))
     history = {key: torch.cat(parts) for key, parts in ids.items()}
     embeddings = arch.embedding_collection(request_features(request, arch.lookup_keys, history))
-    for name, module in sequences(model).items():
+    for name, module in modules.items():
         schema, n = module.schema, used[name].numel()
         target = torch.cat([embeddings[a.candidate_key].values() if a.candidate_key is not None
                             else zeros(a.table, c) for a in schema.attributes], dim=1)
@@ -407,7 +409,8 @@ def score_shared(model: LongSeqCTR, request: Request) -> torch.Tensor:
     if model.sequence_arch is None:  # avg-pool: the history is a pooled feature, averaged once
         with record_function(STAGES[3]):
             return model.head(shared_pooled(model, request), None)
-    model.sequence_arch.refresh_pending()
+    arch = model.sequence_arch
+    arch.refresh_pending()
     modules = sequences(model)
     with record_function(STAGES[0]):
         selections, used, inverse, intervals = {}, {}, {}, {}
@@ -420,10 +423,10 @@ def score_shared(model: LongSeqCTR, request: Request) -> torch.Tensor:
                 {k: request.candidates[k] for k in schema.candidate_keys}, intervals[name])
             window = selection.short[0].numel() if selection.short is not None else 0
             used[name], inverse[name] = distinct_positions(selection.long[0], n, window,
-                                                           model.sequence_arch.kernel)
+                                                           arch.kernel)
             selections[name] = selection
     with record_function(STAGES[1]):  # the candidates, and the used positions once
-        rows = request_rows(model, request, used)
+        rows = request_rows(model, request, used, modules)
     with record_function(STAGES[2]):
         outputs = []
         for name, module in modules.items():

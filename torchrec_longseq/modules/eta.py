@@ -115,7 +115,6 @@ def signature_topk(tables: List[torch.Tensor], ids: List[torch.Tensor],
     results (tested).
     ``offsets=None``: one history shared by all candidates (serving).
     """
-    target_rows = [t[i] for t, i in zip(tables, targets)]
     kernels.check_kernel(kernel)
     if kernel == "compiled" or (kernel == "auto" and tables[0].device.type == "cpu"):
         (t0, t1), (i0, i1), (c0, c1) = two_blocks(tables, ids, targets)
@@ -124,7 +123,7 @@ def signature_topk(tables: List[torch.Tensor], ids: List[torch.Tensor],
         if found is not None:
             return found
     history = torch.cat([t[i] for t, i in zip(tables, ids)], dim=1)
-    candidates = torch.cat(target_rows, dim=1)
+    candidates = torch.cat([t[i] for t, i in zip(tables, targets)], dim=1)
     if offsets is None:  # the torch ops run the shared history as B copies
         n, b = ids[0].numel(), candidates.size(0)
         return jagged.positions_in_copy(simhash.simhash_topk(

@@ -311,7 +311,13 @@ def target_attention(qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor
     if (not _applies(qa, kernel) or qa.dtype not in (torch.float32, torch.float64)
             or keys.dtype != qa.dtype or (bias is not None and bias.dtype != qa.dtype)):
         return None
-    agg, _ = torch.ops.longseq.attention_forward(qa, keys, offsets, bias, index)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        agg, _ = torch.ops.longseq.attention_forward(qa, keys, offsets, bias, index)
+        return agg
+    # no gradient (serving, evaluation): straight to the CPU kernel, past the Python layer of
+    # the registered autograd formula
+    with torch._C._AutoDispatchBelowAutograd():
+        agg, _ = torch.ops.longseq.attention_forward(qa, keys, offsets, bias, index)
     return agg
 
 
