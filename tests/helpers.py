@@ -135,6 +135,15 @@ def sequence_of(model: LongSeqCTR):
     return module
 
 
+def gsu_search(model: LongSeqCTR, batch: Batch):
+    """``(indices, lengths)`` of the model's GSU (``search_unit``) on ids only, no lookup; the
+    search has no auxiliary logit."""
+    indices, lengths, aux = sequence_of(model).search_unit.search(
+        batch.features, batch.history_time, batch.request_time)
+    assert aux is None
+    return indices, lengths
+
+
 # ----------------------------------------------------------------------------- lookups, gradients
 
 def capture(module: torch.nn.Module) -> List[KeyedJaggedTensor]:

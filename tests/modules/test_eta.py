@@ -13,7 +13,8 @@ import pytest
 import torch
 from torchrec.fx import symbolic_trace
 
-from helpers import B, DATA, WINDOW, build_small_model, make_batch, per_sample, run, sequence_of
+from helpers import (B, DATA, WINDOW, build_small_model, gsu_search, make_batch, per_sample, run,
+                     sequence_of)
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
@@ -62,11 +63,8 @@ def refresh_pending(model: LongSeqCTR) -> None:
 
 
 def search(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The GSU's retrieval, on ids only (no lookup)."""
-    indices, lengths, aux = search_of(model).search(batch.features, batch.history_time,
-                                                    batch.request_time)
-    assert aux is None
-    return indices, lengths
+    search_of(model)  # (checks the GSU's type)
+    return gsu_search(model, batch)
 
 
 def projection_of(model: LongSeqCTR) -> torch.Tensor:

@@ -13,8 +13,8 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from helpers import (B, D, TABLES, build_small_model, make_batch, make_features, per_sample, run,
-                     sequence_of, with_histories)
+from helpers import (B, D, TABLES, build_small_model, gsu_search, make_batch, make_features,
+                     per_sample, run, sequence_of, with_histories)
 from torchrec_longseq import set_kernel
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
@@ -62,10 +62,8 @@ def refresh_pending(model: LongSeqCTR) -> None:
 
 
 def search(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-    indices, lengths, aux = search_of(model).search(batch.features, batch.history_time,
-                                                    batch.request_time)
-    assert aux is None
-    return indices, lengths
+    search_of(model)  # (checks the GSU's type)
+    return gsu_search(model, batch)
 
 
 # ----------------------------------------------------------------------------- dense reference
