@@ -60,6 +60,12 @@ def last_n(offsets: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return indices, kept
 
 
+def last_positions(num_values: int, window: int, device: torch.device) -> torch.Tensor:
+    """``[min(num_values, window)]`` the positions of the last ``window`` values of one
+    ``num_values``-long history (serving's recent window, shared by every candidate)."""
+    return torch.arange(max(num_values - window, 0), num_values, device=device)
+
+
 def copies_offsets(num_values: int, copies: int, device: torch.device) -> torch.Tensor:
     """``[copies + 1]`` offsets of ``copies`` back-to-back copies of one ``num_values``-long
     segment (how the torch-ops paths run one history shared by many candidates)."""

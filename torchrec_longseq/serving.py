@@ -38,7 +38,7 @@ A request names features by the model's own keys (``Request``): per-user feature
 sequence's history keys (and time key), the candidates' keys.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -50,9 +50,9 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec_longseq import jagged
 from torchrec_longseq.data.batch import Batch
 from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
-from torchrec_longseq.data.validation import MAX_TIME, integer_dtype
+from torchrec_longseq.data.validation import MAX_TIME
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
-from torchrec_longseq.modules.sequence import Looked, SequenceModule
+from torchrec_longseq.modules.sequence import Looked, SequenceModule, request_kjt
 from torchrec_longseq.retrieval import kernels
 from torchrec_longseq.schema import SequenceSchema, default_schema
 
@@ -250,32 +250,11 @@ def request_batch(request: Request, model: LongSeqCTR) -> Batch:
 
 def request_features(request: Request, keys: List[str],
                      history: Dict[str, torch.Tensor]) -> KeyedJaggedTensor:
-    """The request as C samples in which every id appears once: what one lookup of the
-    candidates, the user and the given history ids reads. Candidate keys hold each candidate's
-    id; per-user keys and ``history[key]`` (the ids to look up of a history key) are carried by
-    the first candidate only; other keys are empty."""
-    c = request.num_candidates
-    device = next(iter(request.candidates.values())).device
-    lengths = torch.zeros(len(keys), c, dtype=torch.int32, device=device)
-    values = []
-    for i, key in enumerate(keys):
-        if key in request.candidates:
-            ids = request.candidates[key]
-            lengths[i] = 1
-        else:
-            ids = request.user.get(key, history.get(key))
-            if ids is None:
-                ids = torch.zeros(0, dtype=torch.long, device=device)
-            if c > 0:
-                lengths[i, 0] = ids.numel()
-        values.append(ids.long())
-    counts = [v.numel() if key in request.candidates or c > 0 else 0
-              for key, v in zip(keys, values)]
-    if c == 0:
-        values = [v[:0] for v in values]
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths.flatten(),
-                             stride=c, length_per_key=counts,
-                             offset_per_key=[sum(counts[:i]) for i in range(len(keys) + 1)])
+    """The request as C samples in which every id appears once (``sequence.request_kjt``): what
+    one lookup of the candidates, the user and the given history ids reads. Candidate keys hold
+    each candidate's id; per-user keys and ``history[key]`` (the ids to look up of a history
+    key) are carried by the first candidate only; other keys are empty."""
+    return request_kjt(keys, request.candidates, {**history, **request.user})
 
 
 def table_weights(collection: nn.Module) -> Optional[Dict[str, torch.Tensor]]:

@@ -5,7 +5,7 @@ fourth attribute without a candidate key, through every sequence model; and the 
 
 import re
 from collections import Counter
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch

@@ -32,13 +32,17 @@ stream and may span two shards; the last batch of a reader may be short (``drop_
 
 import json
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from torchrec_longseq.data.prepare import SPLITS, IdMapping
+
+if TYPE_CHECKING:
+    from torchrec_longseq.data.batch import Batch
+    from torchrec_longseq.schema import SequenceSchema
 
 Part = Tuple[int, np.ndarray]  # (shard, local sample indices in that shard)
 

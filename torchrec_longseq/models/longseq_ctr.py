@@ -14,7 +14,7 @@ schema; ``build_sequence`` builds one sequence module for any schema (a user's o
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.modules.twin import TwinSearch
 from torchrec_longseq.retrieval.kernels import set_kernel
 from torchrec_longseq.schema import SequenceSchema, default_schema
+
+if TYPE_CHECKING:  # (data.store imports this module's package at run time)
+    from torchrec_longseq.data.store import SampleStore
 
 
 class LongSeqCTR(nn.Module):

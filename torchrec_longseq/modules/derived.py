@@ -62,14 +62,16 @@ class ItemDerivedTable(nn.Module):
 
     Example::
 
-        table = ItemDerivedTable(10_000, 1, torch.int64, SimHash(16, 64), table="item")
-        table.refresh(embedding_collection)          # from the whole item table
-        signatures = table(item_ids)                 # [N, 1]
+        c = table_configs(embedding_collection)[name]   # the EmbeddingConfig of table ``name``
+        table = ItemDerivedTable(c.num_embeddings, 1, torch.int64,
+                                 SimHash(c.embedding_dim, 64), table=c.name)
+        table.refresh(embedding_collection)          # from the whole embedding table
+        signatures = table(ids)                      # [N, 1]
     """
 
     def __init__(self, num_items: int, width: int, dtype: torch.dtype,
-                 derive: Callable[[torch.Tensor], torch.Tensor], refresh_every: int = 1,
-                 table: str = "item", trained_derive: bool = False) -> None:
+                 derive: Callable[[torch.Tensor], torch.Tensor], refresh_every: int = 1, *,
+                 table: str, trained_derive: bool = False) -> None:
         super().__init__()
         self.source = table
         if refresh_every < 1:
@@ -182,7 +184,6 @@ class DerivedTables(nn.Module):
     def __init__(self, tables: List[ItemDerivedTable]) -> None:
         super().__init__()
         self.tables = list(tables)  # a plain list: not registered a second time
-        self.sources = list(dict.fromkeys(t.source for t in tables))
         self.exact_sources = list(dict.fromkeys(t.source for t in tables if t.exact))
         self._touched: Dict[str, List[torch.Tensor]] = {s: [] for s in self.exact_sources}
         self._steps = 0  # training forwards so far

@@ -55,7 +55,7 @@ class DIN(SequenceModule):
     def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
                        intervals: torch.Tensor) -> Selection:
         n = intervals.numel()
-        return Selection((torch.arange(max(n - self.last_n, 0), n, device=intervals.device), None))
+        return Selection((jagged.last_positions(n, self.last_n, intervals.device), None))
 
     def attend(self, looked: Looked, selection: Selection) -> torch.Tensor:
         """``[B, 2 D]``: the candidate next to the attention over the recent behaviors (offsets

@@ -160,7 +160,7 @@ class SearchBasedInterest(SequenceModule):
         n = intervals.numel()
         recent = None
         if self.short_term is not None:
-            recent = (torch.arange(max(n - self.short_window, 0), n, device=intervals.device), None)
+            recent = (jagged.last_positions(n, self.short_window, intervals.device), None)
         return Selection((indices, lengths), recent)
 
     def attend(self, looked: Looked, selection: Selection) -> torch.Tensor:

@@ -86,20 +86,21 @@ class SimHashSearch(nn.Module):
 def two_blocks(tables: List[torch.Tensor], ids: List[torch.Tensor],
                targets: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor],
                                                      List[torch.Tensor]]:
-    """Any number of signature blocks as the two the compiled kernel reads: the first by id, the
-    rest side by side per behavior (one ``[N, W]`` gather, ids ``0..N-1``; for one block, a zero
-    word that adds no distance). Two blocks pass unchanged."""
+    """Any number of signature blocks as the two the compiled kernel reads: ``(tables, ids,
+    candidate signatures [B, W])`` of two blocks. The first block is read by id; further blocks
+    are laid side by side per behavior (one ``[N, W]`` gather, ids ``0..N-1``); a single block
+    gets a zero word that adds no distance."""
+    first = tables[0][targets[0]]  # [B, W0]
     if len(tables) == 2:
-        return tables, ids, targets
-    n, device = ids[0].numel(), ids[0].device
+        return tables, ids, [first, tables[1][targets[1]]]
     if len(tables) == 1:
         zero = tables[0].new_zeros(1, 1)
         return ([tables[0], zero], [ids[0], torch.zeros_like(ids[0])],
-                [targets[0], torch.zeros_like(targets[0])])
+                [first, zero.expand(first.size(0), 1)])
+    n, device = ids[0].numel(), ids[0].device
     rest = torch.cat([t[i] for t, i in zip(tables[1:], ids[1:])], dim=1)  # [N, W]
     rest_targets = torch.cat([t[i] for t, i in zip(tables[1:], targets[1:])], dim=1)  # [B, W]
-    return ([tables[0], rest], [ids[0], torch.arange(n, device=device)],
-            [targets[0], rest_targets])
+    return ([tables[0], rest], [ids[0], torch.arange(n, device=device)], [first, rest_targets])
 
 
 @torch.fx.wrap
@@ -118,8 +119,7 @@ def signature_topk(tables: List[torch.Tensor], ids: List[torch.Tensor],
     kernels.check_kernel(kernel)
     if kernel == "compiled" or (kernel == "auto" and tables[0].device.type == "cpu"):
         (t0, t1), (i0, i1), (c0, c1) = two_blocks(tables, ids, targets)
-        found = kernels.hamming_topk_by_id(t0, i0, t0[c0] if c0.dim() == 1 else c0, t1, i1,
-                                           t1[c1] if c1.dim() == 1 else c1, offsets, k, kernel)
+        found = kernels.hamming_topk_by_id(t0, i0, c0, t1, i1, c1, offsets, k, kernel)
         if found is not None:
             return found
     history = torch.cat([t[i] for t, i in zip(tables, ids)], dim=1)

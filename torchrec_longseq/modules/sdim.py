@@ -28,7 +28,7 @@ The module also has a short-term DIN branch over the recent window, as SIM and T
 multi-head target attention), so the long-sequence models differ mainly in their long-term part.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -226,12 +226,11 @@ class SDIM(SequenceModule):
         signatures and the candidates'."""
         n, device = intervals.numel(), intervals.device
         matched = self.schema.matched
-        first, counts = first_occurrences(distinct_key([history[k] for k in self.schema.history_keys])
-                                          ) if n else (torch.zeros(0, dtype=torch.long,
-                                                                   device=device),) * 2
+        first, counts = first_occurrences(  # [U] positions, occurrences
+            distinct_key([history[k] for k in self.schema.history_keys]))
         behaviors = self._signatures([history[a.history_key][first] for a in matched])
         targets = self._signatures([candidates[a.candidate_key] for a in matched])
-        recent = (torch.arange(max(n - self.short_window, 0), n, device=device), None)
+        recent = (jagged.last_positions(n, self.short_window, device), None)
         return Selection((first, None), recent, extra=(counts, behaviors, targets))
 
     def _signatures(self, ids: List[torch.Tensor]) -> torch.Tensor:

@@ -30,7 +30,7 @@ derived rows of those ids are re-derived (``DerivedTables``). The user's trainin
 have to call anything.
 """
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -105,6 +105,33 @@ class SequenceModule(nn.Module):
         return [m for m in self.modules() if isinstance(m, ItemDerivedTable)]
 
 
+def request_kjt(keys: List[str], candidates: Dict[str, torch.Tensor],
+                per_user: Dict[str, torch.Tensor]) -> KeyedJaggedTensor:
+    """One request (one user, C candidates) as C samples in which every id appears once, in the
+    order ``keys``: a candidate key holds each candidate's id (``candidates[key] [C]``), a
+    per-user key (a pooled user feature, or the ids of a history to look up once) all its ids on
+    the first sample; other keys, and every key for C = 0, are empty. What serving's lookups
+    read; the per-key counts are passed along (no sum, no sync, in the KJT)."""
+    c = next(iter(candidates.values())).numel()
+    device = next(iter(candidates.values())).device
+    lengths = torch.zeros(len(keys), c, dtype=torch.int32, device=device)
+    values = []
+    for i, key in enumerate(keys):
+        if key in candidates:
+            ids = candidates[key]
+            lengths[i] = 1
+        else:
+            ids = per_user.get(key, torch.zeros(0, dtype=torch.long, device=device))
+            ids = ids if c > 0 else ids[:0]
+            if c > 0:
+                lengths[i, 0] = ids.numel()
+        values.append(ids.long())
+    counts = [v.numel() for v in values]
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths.flatten(),
+                             stride=c, length_per_key=counts,
+                             offset_per_key=[sum(counts[:i]) for i in range(len(keys) + 1)])
+
+
 def table_configs(collection: EmbeddingCollection) -> Dict[str, EmbeddingConfig]:
     """``table name -> EmbeddingConfig`` of a (not yet sharded) EmbeddingCollection."""
     return {c.name: c for c in collection.embedding_configs()}
@@ -157,11 +184,10 @@ class SequenceArch(nn.Module):
         self.kernel = "auto"  # serving's gathers; retrieval.kernels.set_kernel
         configs = embedding_collection.embedding_configs()
         # the EC's keys in one fixed order (a sharded EC reads every later KJT in the order of
-        # its first one), and what each table serves (kept: a sharded EC has no configs)
+        # its first one), and each table's keys and width (kept: a sharded EC has no configs)
         self.lookup_keys: List[str] = [f for c in configs for f in c.feature_names]
         self.table_of_key: Dict[str, str] = {f: c.name for c in configs for f in c.feature_names}
         self.dims: Dict[str, int] = {c.name: c.embedding_dim for c in configs}
-        self.table_rows: Dict[str, int] = {c.name: c.num_embeddings for c in configs}
         dense_times = [name for name, m in sequences.items() if m.schema.time_key is None]
         if len(dense_times) > 1:
             raise ValueError(f"sequences {dense_times} all read the dense history_time: give "

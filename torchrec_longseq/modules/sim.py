@@ -27,6 +27,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJa
 
 from torchrec_longseq import jagged
 from torchrec_longseq.modules.attention import mlp
+from torchrec_longseq.modules.sequence import request_kjt
 from torchrec_longseq.retrieval import hard, topk
 from torchrec_longseq.schema import Attribute, SequenceSchema
 
@@ -173,7 +174,7 @@ class SoftSearch(nn.Module):
                        intervals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The history's search vectors looked up and projected once: ``[L, P]``."""
         n, c = intervals.numel(), next(iter(candidates.values())).numel()
-        features = request_kjt(self.search_keys, history, candidates, c)
+        features = request_kjt(self.search_keys, candidates, history)
         embeddings = self.search_table(features)
         behaviors = self.w_b(search_vectors(embeddings, self.history_keys))  # [L, P]
         targets = self.w_a(search_vectors(embeddings, self.candidate_keys))  # [C, P]
@@ -181,21 +182,3 @@ class SoftSearch(nn.Module):
         return jagged.positions_in_copy(
             topk.jagged_topk(scores, jagged.copies_offsets(n, c, scores.device), self.k,
                              kernel=self.kernel), n)
-
-
-def request_kjt(keys: List[str], history: Dict[str, torch.Tensor],
-                candidates: Dict[str, torch.Tensor], c: int) -> KeyedJaggedTensor:
-    """One request as ``c`` samples in which every id appears once: a candidate key holds each
-    candidate's id, a history key the whole history on the first sample (the others empty)."""
-    device = next(iter(candidates.values())).device
-    lengths = torch.zeros(len(keys), c, dtype=torch.int32, device=device)
-    values = []
-    for i, key in enumerate(keys):
-        if key in candidates:
-            values.append(candidates[key].long())
-            lengths[i] = 1
-        else:
-            values.append(history[key].long())
-            if c > 0:
-                lengths[i, 0] = values[-1].numel()
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths.flatten())
