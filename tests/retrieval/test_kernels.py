@@ -556,7 +556,7 @@ CATEGORY_SIGNATURES = torch.arange(5).view(5, 1) * 0x0F0F  # 5 category rows
      "4 item ids but 2 category ids"),
     # ids of a float or bool type (a float id would be truncated: 1.7 read as category 1)
     (lambda: hard.hard_search(torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([1.7]), 2),
-     ValueError, "target_category: expected integer category ids, got torch.float32"),
+     ValueError, "target_ids: expected integer ids, got torch.float32"),
     (lambda: kernels._module().hard_topk(torch.tensor([1, 2]), torch.tensor([True]),
                                          torch.tensor([0]), torch.tensor([2]), 2), RuntimeError,
      "target categories must be integer ids, got Bool"),
