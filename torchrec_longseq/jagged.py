@@ -62,8 +62,11 @@ def last_n(offsets: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def last_positions(num_values: int, window: int, device: torch.device) -> torch.Tensor:
     """``[min(num_values, window)]`` the positions of the last ``window`` values of one
-    ``num_values``-long history (serving's recent window, shared by every candidate)."""
-    return torch.arange(max(num_values - window, 0), num_values, device=device)
+    ``num_values``-long history (serving's recent window, shared by every candidate). Written
+    as ``arange(w) + (n - w)`` so that a symbolic ``num_values`` (an exported serving graph)
+    gets no guard on it."""
+    kept = torch.sym_min(num_values, window)
+    return torch.arange(kept, device=device) + (num_values - kept)
 
 
 def copies_offsets(num_values: int, copies: int, device: torch.device) -> torch.Tensor:

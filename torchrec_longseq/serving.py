@@ -39,7 +39,8 @@ sequence's history keys (and time key), the candidates' keys.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -55,6 +56,9 @@ from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.modules.sequence import Looked, SequenceModule, request_kjt
 from torchrec_longseq.retrieval import kernels
 from torchrec_longseq.schema import SequenceSchema, default_schema
+
+if TYPE_CHECKING:
+    from torchrec_longseq.export import ExportedModel
 
 
 @dataclass
@@ -121,13 +125,37 @@ def _check_ids(field: str, ids) -> None:
                            f"uint8)")
 
 
-def check_request(request: Request, model: LongSeqCTR) -> None:
+@dataclass
+class ServingSpec:
+    """What a request must hold for a model: its pooled keys, each sequence's schema and the rows
+    of the table of each key; all ``check_request`` reads, kept in an exported artefact so that
+    requests are checked without the model (``export``).
+
+    Args:
+        pooled_keys (List[str]): the keys the model's EmbeddingBagCollection reads.
+        schemas (Dict[str, SequenceSchema]): each sequence module's schema, by module name.
+        table_rows (Dict[str, int]): key -> rows of its table.
+    """
+
+    pooled_keys: List[str]
+    schemas: Dict[str, SequenceSchema]
+    table_rows: Dict[str, int]
+
+    @staticmethod
+    def of(model: LongSeqCTR) -> "ServingSpec":
+        return ServingSpec(list(model.pooled_keys),
+                           {name: module.schema for name, module in sequences(model).items()},
+                           dict(model.table_rows))
+
+
+def check_request(request: Request, model: Union[LongSeqCTR, ServingSpec]) -> None:
     """Raise ``RequestError`` naming the feature and the behavior or candidate if ``request`` is
-    malformed for ``model``: every key the model reads present; ids 1-D integers in ``[0, rows)``
-    of their table (``model.table_rows``); the history keys of one sequence of one length L and
-    the candidate keys of one length C; history times non-decreasing and strictly before the
-    request time. A few reductions over L: the compiled searches read the per-item tables by id
-    without bounds checks, so ``score_request`` runs this first."""
+    malformed for ``model`` (or its ``ServingSpec``): every key the model reads present; ids 1-D
+    integers in ``[0, rows)`` of their table (``table_rows``); the history keys of one sequence
+    of one length L and the candidate keys of one length C; history times non-decreasing and
+    strictly before the request time. A few reductions over L: the compiled searches read the
+    per-item tables by id without bounds checks, so ``score_request`` runs this first."""
+    spec = model if isinstance(model, ServingSpec) else ServingSpec.of(model)
     if isinstance(request.request_time, bool) or not isinstance(request.request_time, int):
         raise RequestError(f"request_time: expected an int, got {request.request_time!r}")
     if not 0 <= request.request_time < MAX_TIME:
@@ -148,11 +176,10 @@ def check_request(request: Request, model: LongSeqCTR) -> None:
     if len(set(counts.values())) > 1:
         raise RequestError(f"candidates: every candidate key needs one id per candidate, got "
                            f"{counts}")
-    for key in model.pooled_keys:
+    for key in spec.pooled_keys:
         if not any(key in values for values in groups.values()):
             raise RequestError(f"feature {key!r} (pooled): missing from the request")
-    for name, module in sequences(model).items():
-        schema = module.schema
+    for name, schema in spec.schemas.items():
         for key in schema.candidate_keys:
             if key not in request.candidates:
                 raise RequestError(f"{_field('candidates', key)}: missing (sequence {name!r})")
@@ -180,7 +207,7 @@ def check_request(request: Request, model: LongSeqCTR) -> None:
                                f"is not before the request time {request.request_time}")
     for name, values in groups.items():
         for key, ids in values.items():
-            rows = model.table_rows.get(key)
+            rows = spec.table_rows.get(key)
             if rows is None or ids.numel() == 0:
                 continue
             low, high = torch.aminmax(ids)
@@ -365,7 +392,7 @@ def distinct_positions(indices: torch.Tensor, n: int, window: int,
     if found is not None:
         return found
     seen = torch.zeros(n, dtype=torch.bool, device=indices.device).index_fill_(0, indices, True)
-    seen[n - window:] = True
+    seen.index_fill_(0, torch.arange(window, device=indices.device) + (n - window), True)
     return seen.nonzero().squeeze(1), (torch.cumsum(seen, 0) - 1).index_select(0, indices)
 
 
@@ -415,11 +442,13 @@ def score_shared(model: LongSeqCTR, request: Request) -> torch.Tensor:
             window = selection.short[0].numel() if selection.short is not None else 0
             lengths = selection.long[1]
             # the window is shared (offsets None): the last rows, as the used positions ascend
-            u = found.size(0)
+            # its rows by index rather than a slice, so that an exported graph knows their
+            # number, min(L, w), where the number of used rows depends on the data
+            last = torch.arange(window, device=device) + (found.size(0) - window)
             looked = Looked(target, found,
                             None if lengths is None else jagged.lengths_to_offsets(lengths),
-                            found_intervals, found[u - window:], None, found_intervals[u - window:],
-                            long_index=inverse[name])
+                            found_intervals, found.index_select(0, last), None,
+                            found_intervals.index_select(0, last), long_index=inverse[name])
             outputs.append(module.attend(looked, selection))
     with record_function(STAGES[3]):  # with the pooled features
         return model.head(shared_pooled(model, request), torch.cat(outputs, dim=1))
@@ -440,3 +469,21 @@ def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
                       history_time=None if request.history_time is None
                       else request.history_time.long())
     return score_shared(model, request)
+
+
+def export(model: LongSeqCTR, path: Union[str, Path], example: Request,
+           kernel: Optional[str] = None) -> Path:
+    """Write ``model``'s serving artefact to the directory ``path``: ``score_shared`` exported
+    with ``torch.export`` (dynamic history lengths and candidate count) and compiled with
+    AOTInductor, with the tables and derived tables it reads and the request layout. ``example``:
+    a request in the layout served (which keys are per user, history, per candidate). See
+    ``torchrec_longseq.export``."""
+    from torchrec_longseq import export as artefact  # torch.export and Inductor: on demand
+    return artefact.export(model, path, example, kernel)
+
+
+def load(path: Union[str, Path]) -> "ExportedModel":
+    """A serving artefact written by ``export``: ``load(path)(request) -> [C]`` logits, in any
+    process, without the model (``torchrec_longseq.export.ExportedModel``)."""
+    from torchrec_longseq import export as artefact
+    return artefact.load(path)

@@ -40,6 +40,6 @@ TORCH_LIBRARY(longseq, m) {
   m.def("attention_backward(Tensor grad, Tensor qa, Tensor keys, Tensor offsets, "
         "Tensor weights, Tensor? index) -> (Tensor dqa, Tensor dkeys, Tensor dlogits)");
   // serving: the distinct history positions a request reads; rows of several tables side by side
-  m.def("distinct_positions(Tensor indices, int n, int window) -> (Tensor used, Tensor inverse)");
+  m.def("distinct_positions(Tensor indices, SymInt n, SymInt window) -> (Tensor used, Tensor inverse)");
   m.def("gather_rows(Tensor[] tables, Tensor[] ids, Tensor? positions) -> Tensor");
 }

@@ -159,7 +159,11 @@ def projects_shared_keys(num_queries: int, head_dim: int, key_dim: int) -> bool:
     projects each key and value once (``2 N H Dh Dk + 2 B N H Dh`` multiply-adds) rather than
     absorbing the projections into the queries (``2 B N H Dk``): the first is fewer when
     ``B (Dk - Dh) > Dh Dk``. Serving's 200 candidates over a shared window or history, Dh = 8:
-    4x fewer with Dk = 40, 10x with Dk = 136 (the per-query terms, ``B H Dh Dk`` each, aside)."""
+    4x fewer with Dk = 40, 10x with Dk = 136 (the per-query terms, ``B H Dh Dk`` each, aside).
+    A symbolic ``num_queries`` (an exported serving graph, any number of candidates) takes the
+    choice for serving's hundreds: projecting wherever ``Dk > Dh``."""
+    if isinstance(num_queries, torch.SymInt):
+        return key_dim > head_dim
     return num_queries * (key_dim - head_dim) > head_dim * key_dim
 
 

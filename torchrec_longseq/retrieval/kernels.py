@@ -271,7 +271,7 @@ def distinct_positions(indices: torch.Tensor, n: int,
     where the kernel does not apply (``serving.distinct_positions`` has the torch ops)."""
     if not _applies(indices, kernel):
         return None
-    used, inverse = torch.ops.longseq.distinct_positions(indices, int(n), int(window))
+    used, inverse = torch.ops.longseq.distinct_positions(indices, n, window)
     return used, inverse
 
 

@@ -1,0 +1,250 @@
+"""A trained model as a serving artefact: exported with ``torch.export``, compiled with AOTInductor,
+loaded in a fresh process without the model-building code (``serving.export`` / ``serving.load``).
+
+What is exported is ``serving.score_shared``, the shared-history scoring of one request (each
+history searched once for all candidates), as the module ``RequestScorer``: its inputs are the
+request's features as one dict of 1-D int64 tensors (the model's keys), the request time (a 0-d
+int64 tensor) and the dense history timestamps. Dynamic: every sequence's history length L
+(0 and up, one dimension per sequence) and the number of candidates C (1 and up; a request of 0
+candidates is answered without the graph). Per-user features keep the number of ids of the
+example request (``RequestError`` otherwise).
+
+The artefact is a directory::
+
+    model.pt2     the AOTInductor package: the compiled graph and, as its constants, the tables
+                  it reads and the derived tables (ETA's signatures, SDIM's codes, TWIN's
+                  projections), as they were at export
+    serving.json  the request layout (every key, its group, its fixed size for per-user
+                  features), the schemas and the table sizes (``serving.ServingSpec``, so
+                  requests are checked as ``score_request`` checks them), the ``longseq``
+                  operators the graph calls, and the torch version it was compiled with
+
+What cannot be exported, and why:
+
+* a sharded or quantized lookup module. The graph reads the rows straight from the tables of a
+  plain ``EmbeddingCollection`` / ``EmbeddingBagCollection`` (``serving.table_weights``); a
+  model trained under ``DistributedModelParallel`` is exported from an unsharded copy with the
+  trained state (``unsharded_copy``: the checkpoint's tables gathered into plain modules). The
+  tables then live in the package: a model whose tables do not fit one host's memory cannot be
+  served this way (the eager ``score_request`` over the sharded module serves it).
+* The graph with the compiled ``longseq`` operators (``kernel="auto"`` or ``"compiled"``, the
+  default where they are built) needs them registered where it is loaded: ``load`` builds them
+  (or takes them from the cache) and fails, naming the operators, where they cannot be built.
+  ``export(..., kernel="torch")`` writes a graph of torch operators only, which loads anywhere
+  torch does (slower: the searches run as torch ops).
+* The AOTInductor code is compiled for the CPU it was exported on (its vector instructions):
+  export on the machine type that serves.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from torchrec_longseq import serving
+from torchrec_longseq.models.longseq_ctr import LongSeqCTR
+from torchrec_longseq.retrieval import extension, kernels
+from torchrec_longseq.schema import Attribute, SequenceSchema
+
+FORMAT = 1
+PACKAGE = "model.pt2"
+METADATA = "serving.json"
+GROUPS = ("user", "history", "candidates")
+
+
+class RequestScorer(nn.Module):
+    """``serving.score_shared`` of ``model`` over flat tensors, the module ``torch.export``
+    traces.
+
+    Args:
+        model (LongSeqCTR): a plain (unsharded) model in eval mode.
+        groups (Dict[str, str]): every request key -> ``"user"``, ``"history"`` or
+            ``"candidates"`` (the ``Request`` field it belongs to).
+    """
+
+    def __init__(self, model: LongSeqCTR, groups: Dict[str, str]) -> None:
+        super().__init__()
+        self.model = model
+        self.groups = dict(groups)
+
+    def forward(self, features: Dict[str, torch.Tensor], request_time: torch.Tensor,
+                history_time: Optional[torch.Tensor]) -> torch.Tensor:
+        """``features``: key -> ``[n]`` int64 ids (``[L_s]`` for history keys, ``[C]`` for
+        candidate keys); ``request_time``: ``[]`` int64; ``history_time``: ``[L]`` int64 or None.
+        Returns ``[C]`` logits."""
+        parts: Dict[str, Dict[str, torch.Tensor]] = {group: {} for group in GROUPS}
+        for key, ids in features.items():
+            parts[self.groups[key]][key] = ids
+        request = serving.Request(parts["user"], parts["history"], parts["candidates"],
+                                  request_time, history_time)  # type: ignore[arg-type]
+        return serving.score_shared(self.model, request)
+
+
+def _schema_to_json(schema: SequenceSchema) -> Dict:
+    return {"attributes": [[a.history_key, a.table, a.candidate_key] for a in schema.attributes],
+            "time_key": schema.time_key, "hard_search_key": schema.hard_search_key}
+
+
+def _schema_from_json(data: Dict) -> SequenceSchema:
+    return SequenceSchema(attributes=tuple(Attribute(*a) for a in data["attributes"]),
+                          time_key=data["time_key"], hard_search_key=data["hard_search_key"])
+
+
+def _groups(request: serving.Request) -> Dict[str, str]:
+    return {key: group for group in GROUPS for key in getattr(request, group)}
+
+
+def _inputs(request: serving.Request, keys: List[str]) -> tuple:
+    """The graph's arguments from a checked request: the keys in the exported order, int64."""
+    found = {**request.user, **request.history, **request.candidates}
+    features = {key: found[key].long() for key in keys}
+    times = request.history_time.long() if request.history_time is not None else None
+    return features, torch.tensor(request.request_time, dtype=torch.long), times
+
+
+def _dynamic_shapes(request: serving.Request, spec: serving.ServingSpec, keys: List[str]):
+    """One dimension per sequence for its history keys and timestamps (0 and up), one for every
+    other history key (a pooled history, avg-pool), one for the candidates (1 and up); per-user
+    features static."""
+    dims: Dict[str, Dim] = {}
+    dense: Optional[Dim] = None
+    for i, schema in enumerate(spec.schemas.values()):
+        length = Dim(f"L{i}", min=0)
+        for key in schema.history_keys + ([schema.time_key] if schema.time_key else []):
+            dims.setdefault(key, length)
+        if schema.time_key is None:
+            dense = dims[schema.history_keys[0]]
+    candidates = Dim("C", min=1)
+    shapes = {}
+    for j, key in enumerate(keys):
+        if key in request.candidates:
+            shapes[key] = {0: candidates}
+        elif key in request.history:
+            shapes[key] = {0: dims.get(key) or Dim(f"H{j}", min=0)}
+        else:
+            shapes[key] = None
+    return shapes, None, None if request.history_time is None else {0: dense or Dim("T", min=0)}
+
+
+def _longseq_ops(program: torch.export.ExportedProgram) -> List[str]:
+    """The ``longseq`` operators the exported graph calls (in its subgraphs too: the no-grad
+    region is one)."""
+    return sorted({node.target.name() for graph in program.graph_module.modules()
+                   if isinstance(graph, torch.fx.GraphModule) for node in graph.graph.nodes
+                   if isinstance(node.target, torch._ops.OpOverload)
+                   and node.target.namespace == "longseq"})
+
+
+def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
+           kernel: Optional[str] = None) -> Path:
+    """Write the serving artefact of ``model`` to the directory ``path`` (see the module
+    docstring) and return it.
+
+    Args:
+        model (LongSeqCTR): a plain (unsharded) model; its derived tables are brought up to date
+            first. It is put in eval mode and left so.
+        path (str | Path): a directory, created (an existing one is replaced).
+        example (Request): a request in the layout the model is served with: which keys are
+            per user, history or per candidate, and the number of ids of each per-user feature.
+            Its lengths are free (it is traced, not stored); it is checked (``check_request``).
+        kernel (Optional[str]): the kernels the graph runs (``kernels.KERNELS``); ``None`` keeps
+            the model's. ``"torch"``: torch operators only (loads without the compiled
+            ``longseq`` operators).
+    """
+    for name, collection in (("sparse_arch", model.sparse_arch),
+                             ("sequence_arch.embedding_collection",
+                              getattr(model.sequence_arch, "embedding_collection", None))):
+        if collection is not None and serving.table_weights(collection) is None:
+            raise ValueError(
+                f"export: model.{name} is a {type(collection).__name__}, not a plain "
+                f"EmbeddingCollection / EmbeddingBagCollection with sum or mean pooling; the "
+                f"exported graph reads the rows from its tables (a sharded model: export "
+                f"an unsharded copy with its trained state)")
+    serving.check_request(example, model)
+    model.eval()
+    if kernel is not None:
+        kernels.set_kernel(model, kernel)
+    if model.sequence_arch is not None:
+        model.sequence_arch.refresh_pending()
+    spec = serving.ServingSpec.of(model)
+    groups = _groups(example)
+    keys = [key for key in groups if key in set(spec.pooled_keys).union(
+        *[schema.keys() for schema in spec.schemas.values()])]
+    args = _inputs(example, keys)
+    program = torch.export.export(RequestScorer(model, {k: groups[k] for k in keys}), args,
+                                  dynamic_shapes=_dynamic_shapes(example, spec, keys),
+                                  strict=False)
+    out = Path(path)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(out / PACKAGE))
+    metadata = {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "keys": [[key, groups[key], None if groups[key] != "user" else args[0][key].numel()]
+                 for key in keys],
+        "history_time": example.history_time is not None,
+        "pooled_keys": spec.pooled_keys,
+        "schemas": {name: _schema_to_json(schema) for name, schema in spec.schemas.items()},
+        "table_rows": spec.table_rows,
+        "longseq_ops": _longseq_ops(program),
+    }
+    (out / METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
+    return out
+
+
+class ExportedModel:
+    """A loaded serving artefact (``load``): ``scorer(request) -> [C]`` logits, the request
+    checked first as ``score_request`` checks it."""
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        path = Path(path)
+        metadata = json.loads((path / METADATA).read_text())
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path / METADATA}: format {metadata.get('format')!r}, this "
+                             f"version reads format {FORMAT}")
+        self.spec = serving.ServingSpec(
+            metadata["pooled_keys"],
+            {name: _schema_from_json(s) for name, s in metadata["schemas"].items()},
+            {key: int(rows) for key, rows in metadata["table_rows"].items()})
+        self.keys: List[str] = [key for key, _, _ in metadata["keys"]]
+        self.user_sizes = {key: size for key, group, size in metadata["keys"] if group == "user"}
+        self.history_time = bool(metadata["history_time"])
+        self.longseq_ops: List[str] = metadata["longseq_ops"]
+        if self.longseq_ops and not kernels.build():
+            raise RuntimeError(
+                f"{path}: the exported graph calls the compiled operators "
+                f"{['longseq::' + op.split('::')[-1] for op in self.longseq_ops]}, which could "
+                f"not be built in this process ({extension.error()}); export with "
+                f"kernel='torch' for a machine without a C++ compiler")
+        self.runner = torch._inductor.aoti_load_package(str(path / PACKAGE))
+
+    def __call__(self, request: serving.Request) -> torch.Tensor:
+        serving.check_request(request, self.spec)
+        found = {**request.user, **request.history, **request.candidates}
+        for key in self.keys:
+            if key not in found:
+                raise serving.RequestError(f"feature {key!r}: missing from the request")
+        for key, size in self.user_sizes.items():
+            ids = found[key]
+            if ids.numel() != size:
+                raise serving.RequestError(f"user[{key!r}]: the exported graph takes {size} "
+                                           f"ids, got {ids.numel()}")
+        if request.num_candidates == 0:
+            return torch.zeros(0)
+        if (request.history_time is not None) != self.history_time:
+            raise serving.RequestError(
+                "history_time: the exported graph " + ("reads" if self.history_time else
+                                                       "does not read") + " the dense timestamps")
+        return self.runner(*_inputs(request, self.keys))
+
+
+def load(path: Union[str, Path]) -> ExportedModel:
+    """The serving artefact written by ``export``, ready to score ``Request`` s; needs neither
+    the model nor its configuration."""
+    return ExportedModel(path)
