@@ -9,7 +9,10 @@ blocks alternate so that drift of the machine hits all ways):
   for all candidates);
 * ``batched``: the C candidates as C independent samples in one batch, each with its own copy of
   the history (``request_batch``: the training layout);
-* ``one by one``: C separate one-sample calls (only ``--one-by-one-reps`` times: it is slow).
+* ``one by one``: C separate one-sample calls (only ``--one-by-one-reps`` times: it is slow);
+* with ``--exported``, ``exported``: the model exported (``serving.export``: torch.export and
+  AOTInductor) into a temporary directory and loaded back (``serving.load``), scoring the
+  request (checked as ``score_request`` checks it) through the compiled graph.
 
 All three run under ``torch.no_grad()``, and each time includes building the model
 input from the request (for ``batched``: C copies of the history, made with ``repeat``). Prints
@@ -32,6 +35,7 @@ path, with its 100+ MB of temporaries per call, about half of its time.
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -88,6 +92,12 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
 
     torch.testing.assert_close(shared(), batched(), rtol=1e-4, atol=1e-5)  # and warm-up
     ways = {"shared": shared, "batched": batched, "one_by_one": one_by_one}
+    if args.exported:
+        with tempfile.TemporaryDirectory() as tmp:
+            example = serving.synthetic_request(data, min(args.length, 257), 37, seed=1)
+            scorer = serving.load(serving.export(model, Path(tmp) / name, example))
+        torch.testing.assert_close(scorer(request), shared(), rtol=1e-5, atol=1e-5)
+        ways["exported"] = lambda: scorer(request)
     times: Dict[str, List[float]] = {way: [] for way in ways}
     blocks = 3
     for block in range(blocks):
@@ -103,6 +113,9 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
         row[f"{way}_p99_ms"] = percentile(values, 0.99)
     row["batched_over_shared"] = row["batched_p50_ms"] / row["shared_p50_ms"]
     row["one_by_one_over_shared"] = row["one_by_one_p50_ms"] / row["shared_p50_ms"]
+    if args.exported:
+        row["shared_over_exported"] = row["shared_p50_ms"] / row["exported_p50_ms"]
+        row["batched_over_exported"] = row["batched_p50_ms"] / row["exported_p50_ms"]
     if args.breakdown:
         row["stages_ms"] = stages(shared, args.reps)
     return row
@@ -152,6 +165,8 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="also time the shared path's stages (serving.search, .lookup, "
                         ".attend, .head)")
+    p.add_argument("--exported", action="store_true",
+                   help="also time the exported artefact (serving.export, then serving.load)")
     p.add_argument("--out", default="runs/serving")
     args = p.parse_args()
     if args.retain_memory:  # read by glibc when each model's (spawned) process starts
@@ -170,6 +185,14 @@ def main() -> None:
               f"{row['batched_p50_ms']:.1f} | {row['batched_p99_ms']:.1f} | "
               f"{row['one_by_one_p50_ms']:.0f} | {row['batched_over_shared']:.1f}x | "
               f"{row['one_by_one_over_shared']:.1f}x |", flush=True)
+    if args.exported:
+        print("\nexported (torch.export + AOTInductor, loaded back), ms")
+        print("| model | exported p50 | exported p99 | shared / exported | batched / exported |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['model']} | {row['exported_p50_ms']:.1f} | "
+                  f"{row['exported_p99_ms']:.1f} | {row['shared_over_exported']:.2f}x | "
+                  f"{row['batched_over_exported']:.1f}x |")
     if args.breakdown:
         print("\nshared path by stage, wall clock, median ms per request (the whole request also "
               "checks it)")

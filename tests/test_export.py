@@ -145,3 +145,39 @@ def test_export_refuses_a_lookup_it_cannot_read(monkeypatch, tmp_path) -> None:
     with pytest.raises(ValueError, match="model.sparse_arch is a EmbeddingBagCollection, not a "
                                          "plain"):
         serving.export(model_of("eta"), tmp_path / "x", random_request(10, 2, 0))
+
+
+def test_a_training_run_exports_its_trained_model(tmp_path: Path) -> None:
+    """``python -m torchrec_longseq.export RUN OUT`` after a 2-rank sharded run: ``from_run``
+    rebuilds the model from the run's config.yaml with the checkpoint's state gathered into
+    plain tables, which gives the test AUC the sharded run reported (the same test batches of
+    both ranks); the artefact scores a request as that model does."""
+    from test_train import train  # the 2-rank torchrun of tests/test_train.py
+    from torchmetrics.classification import BinaryAUROC
+
+    from torchrec_longseq import export
+    from torchrec_longseq.data.synthetic import SyntheticLifelongSequences
+
+    run = tmp_path / "run"
+    reported = train(run, "--model", "eta", "--steps", "6", "--checkpoint-every", "6")
+    done = subprocess.run([sys.executable, "-m", "torchrec_longseq.export", str(run),
+                           str(tmp_path / "artefact")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith(f"exported to {tmp_path / 'artefact'}")
+    assert done.stderr == ""  # the known notices filtered, nothing else printed
+    model, example = export.from_run(run)
+    auc = BinaryAUROC()
+    data = SyntheticConfig(seed=0, max_seq_len=100)
+    for rank in range(2):
+        for batch in SyntheticLifelongSequences(data, "test", 32, num_batches=4, rank=rank,
+                                                world_size=2):
+            with torch.no_grad():
+                logits = model(batch.features, batch.history_time, batch.request_time)[0]
+            auc.update(logits, batch.labels.long())
+    assert float(auc.compute()) == pytest.approx(reported["auc"], abs=1e-6)
+    request = serving.request_from_batch(
+        next(iter(SyntheticLifelongSequences(data, "test", 32, num_batches=1))), model, 3, 20)
+    torch.testing.assert_close(serving.load(tmp_path / "artefact")(request),
+                               serving.score_request(model, request), rtol=0, atol=1e-5)
+    assert example.num_candidates == 8

@@ -37,9 +37,12 @@ What cannot be exported, and why:
 """
 
 import json
+import logging
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -139,6 +142,38 @@ def _longseq_ops(program: torch.export.ExportedProgram) -> List[str]:
                    and node.target.namespace == "longseq"})
 
 
+# third-party notices an export prints that are known to be harmless here, (logger, message):
+# TorchRec's on tracing a KJT's to_dict (SIM soft's search-table lookup; slow to trace only),
+# torch's is_fx_tracing notice (TorchRec calls it), Inductor's on operators it calls through its
+# proxy executor (SDIM's torch.unique)
+EXPORT_NOTICES = (("", "Trying to non-strict torch.export KJT to_dict"),
+                  ("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
+                  ("torch._inductor.ir", "is missing a c-shim implementation"))
+
+
+@contextmanager
+def _quiet_notices() -> Iterator[None]:
+    """Filter ``EXPORT_NOTICES`` (each by its exact text; anything else still shows) while in the
+    block."""
+    filters = [(logging.getLogger(name), _Without(text)) for name, text in EXPORT_NOTICES]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
+
+
+class _Without(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
            kernel: Optional[str] = None) -> Path:
     """Write the serving artefact of ``model`` to the directory ``path`` (see the module
@@ -175,14 +210,15 @@ def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
     keys = [key for key in groups if key in set(spec.pooled_keys).union(
         *[schema.keys() for schema in spec.schemas.values()])]
     args = _inputs(example, keys)
-    program = torch.export.export(RequestScorer(model, {k: groups[k] for k in keys}), args,
-                                  dynamic_shapes=_dynamic_shapes(example, spec, keys),
-                                  strict=False)
     out = Path(path)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    torch._inductor.aoti_compile_and_package(program, package_path=str(out / PACKAGE))
+    with _quiet_notices():
+        program = torch.export.export(RequestScorer(model, {k: groups[k] for k in keys}), args,
+                                      dynamic_shapes=_dynamic_shapes(example, spec, keys),
+                                      strict=False)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(out / PACKAGE))
     metadata = {
         "format": FORMAT,
         "torch": torch.__version__,
@@ -219,7 +255,7 @@ class ExportedModel:
         if self.longseq_ops and not kernels.build():
             raise RuntimeError(
                 f"{path}: the exported graph calls the compiled operators "
-                f"{['longseq::' + op.split('::')[-1] for op in self.longseq_ops]}, which could "
+                f"{self.longseq_ops}, which could "
                 f"not be built in this process ({extension.error()}); export with "
                 f"kernel='torch' for a machine without a C++ compiler")
         self.runner = torch._inductor.aoti_load_package(str(path / PACKAGE))
@@ -248,3 +284,73 @@ def load(path: Union[str, Path]) -> ExportedModel:
     """The serving artefact written by ``export``, ready to score ``Request`` s; needs neither
     the model nor its configuration."""
     return ExportedModel(path)
+
+
+def from_run(run: Union[str, Path]) -> Tuple[LongSeqCTR, serving.Request]:
+    """The trained model of a ``train.py`` run directory, unsharded, and an example request of
+    its data: the model built as the run built it (``DIR/config.yaml``) with the state of the
+    best validated model (``DIR/best``, ``--early-stop``) or else the last checkpoint
+    (``DIR/checkpoint``, ``--checkpoint-every``), loaded with ``torch.distributed.checkpoint``,
+    which gathers the ranks' shards into the plain tables; the example is a test batch's first
+    sample with 8 candidates (``serving.request_from_batch``)."""
+    run = Path(run)
+    if not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{run}: no config.yaml (not a train.py run directory)")
+    states = [run / name for name in ("best", "checkpoint") if (run / name / ".metadata").exists()]
+    if not states:
+        raise FileNotFoundError(f"{run}: no saved model (train with --early-stop or "
+                                f"--checkpoint-every N to save one)")
+    with _quiet_notices(), warnings.catch_warnings():
+        # torch.distributed.checkpoint's notice that it loads in this one process: the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled",
+                                category=UserWarning)
+        return _from_run(run, states[0])
+
+
+def _from_run(run: Path, saved: Path) -> Tuple[LongSeqCTR, serving.Request]:
+    import torch.distributed.checkpoint as dcp
+
+    from torchrec_longseq import train
+    from torchrec_longseq.data.store import SampleStore, StoreDataset, to_batch
+    from torchrec_longseq.data.synthetic import SyntheticConfig, SyntheticGenerator
+    from torchrec_longseq.models.longseq_ctr import LongSeqCTRTrain
+
+    args = train.parse_args(["--config", str(run / "config.yaml")])
+    store = SampleStore(args.data) if args.data else None
+    model = train.plain_model(args, train.model_config(args), store)
+    wrapped = LongSeqCTRTrain(model, args.alpha, args.beta)
+    state = {"model": wrapped.state_dict()}
+    dcp.load(state, checkpoint_id=str(saved))
+    wrapped.load_state_dict(state["model"])
+    model.eval()
+    if model.sequence_arch is not None:
+        model.refresh_derived_tables()
+    if store is None:
+        batch = SyntheticGenerator(SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len,
+                                                   regime=args.regime)).batch("test", 0, 8)
+    else:
+        batch = to_batch(next(iter(StoreDataset(store, "test", 8, 0, 1).batches())), store)
+    return model, serving.request_from_batch(batch, model, 0, 8)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m torchrec_longseq.export RUN_DIR OUT_DIR``: export a ``train.py`` run's model
+    (``from_run``) to a serving artefact."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Export a train.py run's model for serving "
+                                            "(torch.export + AOTInductor).")
+    p.add_argument("run", help="the run directory (train.py --out)")
+    p.add_argument("out", help="the artefact's directory (replaced if it exists)")
+    p.add_argument("--kernel", choices=list(kernels.KERNELS), default=None,
+                   help="torch: torch operators only (loads without the compiled operators)")
+    a = p.parse_args(argv)
+    model, example = from_run(a.run)
+    path = export(model, a.out, example, a.kernel)
+    ops = json.loads((path / METADATA).read_text())["longseq_ops"]
+    print(f"exported to {path} ({sum(f.stat().st_size for f in path.iterdir()) / 2**20:.1f} MB; "
+          f"compiled operators: {', '.join(ops) if ops else 'none'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -238,6 +238,42 @@ def synthetic_request(data: SyntheticConfig, length: int, candidates: int,
         request_time=int(batch.request_time[0]), history_time=batch.history_time[:n])
 
 
+def request_from_batch(batch: Batch, model: Union[LongSeqCTR, ServingSpec], sample: int = 0,
+                       candidates: int = 1) -> Request:
+    """Sample ``sample`` of a training batch as a request: its user features and histories, and
+    the candidates of samples ``sample`` to ``sample + candidates - 1`` (e.g. an example request
+    for ``export``). A key is a candidate key if a schema names it so, a history key if a schema
+    reads it as a history or time key, and per user otherwise (a per-candidate feature outside
+    the schemas needs a hand-made ``Request``)."""
+    spec = model if isinstance(model, ServingSpec) else ServingSpec.of(model)
+    if sample < 0 or candidates < 1 or sample + candidates > batch.request_time.numel():
+        raise ValueError(f"samples {sample} to {sample + candidates - 1} of a batch of "
+                         f"{batch.request_time.numel()}")
+    features = batch.features.to_dict()
+    candidate_keys = {k for s in spec.schemas.values() for k in s.candidate_keys}
+    history_keys = {k for s in spec.schemas.values() for k in s.keys()} - candidate_keys
+
+    def of(key: str, i: int) -> torch.Tensor:
+        jt = features[key]
+        start = int(jt.offsets()[i])
+        return jt.values()[start:start + int(jt.lengths()[i])]
+
+    groups: Dict[str, Dict[str, torch.Tensor]] = {"user": {}, "history": {}, "candidates": {}}
+    for key in features:
+        if key in candidate_keys:
+            groups["candidates"][key] = torch.cat([of(key, i) for i in range(
+                sample, sample + candidates)])
+        else:
+            groups["history" if key in history_keys else "user"][key] = of(key, sample)
+    dense = None
+    if any(s.time_key is None for s in spec.schemas.values()):
+        offsets = features[next(s for s in spec.schemas.values()
+                                if s.time_key is None).history_keys[0]].offsets()
+        dense = batch.history_time[int(offsets[sample]):int(offsets[sample + 1])]
+    return Request(groups["user"], groups["history"], groups["candidates"],
+                   int(batch.request_time[sample]), dense)
+
+
 def model_keys(model: LongSeqCTR) -> List[str]:
     """The keys of the model's input KJT: the order of its first training batch if it has seen
     one (a sharded module reads every later KJT in that order), else every key it reads."""
