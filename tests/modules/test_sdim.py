@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 from torchrec import EmbeddingConfig
 
 from helpers import (B, D, DATA, WINDOW, build_small_model, capture, make_batch, make_features,
-                     nonzero_rows, per_sample, sequence_of)
+                     needs_compiler, nonzero_rows, per_sample, sequence_of)
 from torchrec_longseq import set_kernel
 from torchrec_longseq.data.batch import (HIST_CATEGORY, HIST_ITEM, TARGET_CATEGORY, TARGET_ITEM,
                                          Batch)
@@ -283,6 +283,7 @@ def check_collisions_by_id(lengths: List[int], tau: int, groups: int, num_items:
                        for pair, (count, match) in expected.items()}
 
 
+@needs_compiler
 def test_compiled_collisions_reject_more_than_64_signatures() -> None:
     """A pair's matching signatures are one 64-bit mask in the compiled pass: 80 signatures
     (num_bits=80, tau=1) would overflow it, so the kernel refuses (and so does SDIM)."""

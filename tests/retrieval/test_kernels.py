@@ -11,6 +11,9 @@ from hypothesis import given, settings, strategies as st
 from torchrec_longseq import jagged, set_kernel
 from torchrec_longseq.modules import eta, sdim, twin
 from torchrec_longseq.retrieval import hard, kernels, simhash, topk
+from helpers import needs_compiler
+
+pytestmark = needs_compiler  # every test here is of the compiled operators
 
 
 # the searches of the two-attribute (item, category) layout, in the kernels' argument order
