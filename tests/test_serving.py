@@ -277,3 +277,29 @@ def test_table_weights_read_the_rows_the_modules_look_up() -> None:
     weighted = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
         name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])], is_weighted=True)
     assert serving.table_weights(weighted) is None
+
+
+@pytest.mark.parametrize("name", ["eta", "sim-hard", "own"])
+def test_request_from_batch_scores_as_the_batch(name: str) -> None:
+    """``request_from_batch(batch, model, i)`` is sample i as a request: its one candidate's
+    logit equals the model's on the batch (the synthetic schema with the dense timestamps, and
+    the two-sequence own model with time keys; 4 candidates per generated request)."""
+    from torchrec_longseq.data import SyntheticGenerator
+    if name == "own":
+        from own_model import build_own_model, own_batch
+        torch.manual_seed(0)
+        model = build_own_model(DATA, dim=8, clicks_k=8, buys_k=4).eval()
+        batch = own_batch(SyntheticGenerator(DATA), "test", 0, 8)
+    else:
+        model = model_of(name)
+        batch = SyntheticGenerator(DATA).batch("test", 0, 8)
+    with torch.no_grad():
+        expected = model(batch.features, batch.history_time, batch.request_time)[0]
+    for i in range(8):
+        request = serving.request_from_batch(batch, model, i)
+        assert request.num_candidates == 1
+        torch.testing.assert_close(serving.score_request(model, request), expected[i:i + 1],
+                                   rtol=1e-5, atol=1e-6)
+    assert serving.request_from_batch(batch, model, 2, 4).num_candidates == 4
+    with pytest.raises(ValueError, match="samples 6 to 8 of a batch of 8"):
+        serving.request_from_batch(batch, model, 6, 3)
