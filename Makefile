@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
-DEMO_ARGS ?= --model eta --steps 600 --batch-size 128 --eval-every 200 --out runs/demo
+DEMO_ARGS ?= --model eta --steps 600 --batch-size 128 --eval-every 200 --checkpoint-every 600 --out runs/demo
 
 .PHONY: demo test bench venv clean
 

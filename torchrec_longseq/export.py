@@ -14,6 +14,8 @@ The artefact is a directory::
     model.pt2     the AOTInductor package: the compiled graph and, as its constants, the tables
                   it reads and the derived tables (ETA's signatures, SDIM's codes, TWIN's
                   projections), as they were at export
+    ids/          (a model trained on a prepared store) the store's id mappings, ``meta.json``
+                  and ``vocab/``: ``IdMapping.load(path / "ids", column)`` maps raw ids to rows
     serving.json  the request layout (every key, its group, its fixed size for per-user
                   features), the schemas and the table sizes (``serving.ServingSpec``, so
                   requests are checked as ``score_request`` checks them), the ``longseq``
@@ -24,7 +26,7 @@ What cannot be exported, and why:
 * a sharded or quantized lookup module. The graph reads the rows straight from the tables of a
   plain ``EmbeddingCollection`` / ``EmbeddingBagCollection`` (``serving.table_weights``); a
   model trained under ``DistributedModelParallel`` is exported from an unsharded copy with the
-  trained state (``unsharded_copy``: the checkpoint's tables gathered into plain modules). The
+  trained state (``from_run``: the checkpoint's shards gathered into plain tables). The
   tables then live in the package: a model whose tables do not fit one host's memory cannot be
   served this way (the eager ``score_request`` over the sharded module serves it).
 * The graph with the compiled ``longseq`` operators (``kernel="auto"`` or ``"compiled"``, the
@@ -133,6 +135,17 @@ def _dynamic_shapes(request: serving.Request, spec: serving.ServingSpec, keys: L
     return shapes, None, None if request.history_time is None else {0: dense or Dim("T", min=0)}
 
 
+def _too_small(request: serving.Request, spec: serving.ServingSpec) -> Optional[str]:
+    """What of ``request`` is too small to trace with dynamic sizes (0 or 1), or None."""
+    if request.num_candidates < 2:
+        return f"{request.num_candidates} candidates"
+    for name, schema in spec.schemas.items():
+        n = request.history[schema.history_keys[0]].numel()
+        if n < 2:
+            return f"{n} behaviors in sequence {name!r}"
+    return None
+
+
 def _longseq_ops(program: torch.export.ExportedProgram) -> List[str]:
     """The ``longseq`` operators the exported graph calls (in its subgraphs too: the no-grad
     region is one)."""
@@ -175,7 +188,7 @@ class _Without(logging.Filter):
 
 
 def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
-           kernel: Optional[str] = None) -> Path:
+           kernel: Optional[str] = None, ids: Optional[Union[str, Path]] = None) -> Path:
     """Write the serving artefact of ``model`` to the directory ``path`` (see the module
     docstring) and return it.
 
@@ -189,6 +202,9 @@ def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
         kernel (Optional[str]): the kernels the graph runs (``kernels.KERNELS``); ``None`` keeps
             the model's. ``"torch"``: torch operators only (loads without the compiled
             ``longseq`` operators).
+        ids (Optional[str | Path]): a prepared store (``data.prepare``) whose id mappings are
+            copied into the artefact (``ids/``: its ``meta.json`` and ``vocab/``), for the
+            serving side to map raw ids to rows: ``IdMapping.load(path / "ids", column)``.
     """
     for name, collection in (("sparse_arch", model.sparse_arch),
                              ("sequence_arch.embedding_collection",
@@ -200,6 +216,11 @@ def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
                 f"exported graph reads the rows from its tables (a sharded model: export "
                 f"an unsharded copy with its trained state)")
     serving.check_request(example, model)
+    short = _too_small(example, serving.ServingSpec.of(model))
+    if short:
+        raise ValueError(f"export: the example request has {short}; torch.export fixes a size "
+                         f"of 0 or 1 in its example, so the example needs at least 2 behaviors "
+                         f"in every sequence and 2 candidates (any request size is served)")
     model.eval()
     if kernel is not None:
         kernels.set_kernel(model, kernel)
@@ -231,6 +252,11 @@ def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
         "longseq_ops": _longseq_ops(program),
     }
     (out / METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
+    if ids is not None:
+        (out / "ids").mkdir()
+        shutil.copy(Path(ids) / "meta.json", out / "ids" / "meta.json")
+        if (Path(ids) / "vocab").is_dir():
+            shutil.copytree(Path(ids) / "vocab", out / "ids" / "vocab")
     return out
 
 
@@ -292,7 +318,8 @@ def from_run(run: Union[str, Path]) -> Tuple[LongSeqCTR, serving.Request]:
     best validated model (``DIR/best``, ``--early-stop``) or else the last checkpoint
     (``DIR/checkpoint``, ``--checkpoint-every``), loaded with ``torch.distributed.checkpoint``,
     which gathers the ranks' shards into the plain tables; the example is a test batch's first
-    sample with 8 candidates (``serving.request_from_batch``)."""
+    sample with at least 2 behaviors in every sequence, with 8 candidates
+    (``serving.request_from_batch``)."""
     run = Path(run)
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: no config.yaml (not a train.py run directory)")
@@ -327,10 +354,17 @@ def _from_run(run: Path, saved: Path) -> Tuple[LongSeqCTR, serving.Request]:
         model.refresh_derived_tables()
     if store is None:
         batch = SyntheticGenerator(SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len,
-                                                   regime=args.regime)).batch("test", 0, 8)
+                                                   regime=args.regime)).batch("test", 0, 256)
     else:
-        batch = to_batch(next(iter(StoreDataset(store, "test", 8, 0, 1).batches())), store)
-    return model, serving.request_from_batch(batch, model, 0, 8)
+        batch = to_batch(next(iter(StoreDataset(store, "test", 256, 0, 1).batches())), store)
+    spec = serving.ServingSpec.of(model)
+    size = batch.request_time.numel()
+    for sample in range(size - 7):
+        example = serving.request_from_batch(batch, model, sample, 8)
+        if _too_small(example, spec) is None:
+            return model, example
+    raise ValueError(f"{run}: no sample among the first {size} of the test split has 2 behaviors "
+                     f"in every sequence (an example request for export needs them)")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -346,7 +380,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="torch: torch operators only (loads without the compiled operators)")
     a = p.parse_args(argv)
     model, example = from_run(a.run)
-    path = export(model, a.out, example, a.kernel)
+    from torchrec_longseq import train
+    store = train.parse_args(["--config", str(Path(a.run) / "config.yaml")]).data
+    path = export(model, a.out, example, a.kernel, ids=store)
     ops = json.loads((path / METADATA).read_text())["longseq_ops"]
     print(f"exported to {path} ({sum(f.stat().st_size for f in path.iterdir()) / 2**20:.1f} MB; "
           f"compiled operators: {', '.join(ops) if ops else 'none'})")
