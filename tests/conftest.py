@@ -10,6 +10,16 @@ import sys
 
 import pytest
 
+# Without a GPU the Triton kernels' tests (tests/retrieval/test_triton.py) run them under
+# Triton's interpreter, on CPU tensors: triton reads TRITON_INTERPRET when a kernel is decorated,
+# i.e. when retrieval.triton_kernels is imported, so it is set here, before any test imports it.
+# With CUDA the kernels are compiled and the tests run on CUDA tensors.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _EXAMPLES = os.path.join(os.path.dirname(_TESTS), "examples")  # tests run the examples' code
 for _path in (_TESTS, _EXAMPLES):

@@ -111,13 +111,13 @@ def signature_topk(tables: List[torch.Tensor], ids: List[torch.Tensor],
 
     ``tables[a] [rows_a, W]`` int64 signatures of attribute ``a``, ``ids[a] [N]`` its history
     ids, ``targets[a] [B]`` the candidates' ids; the distance sums over the attributes.
-    On CPU the compiled one-pass kernel (``retrieval.kernels``); on GPU, or with
-    ``kernel="torch"``, ``simhash_topk`` on the concatenated signatures. Both give identical
-    results (tested).
+    On CPU the compiled one-pass kernel (``retrieval.kernels``), on CUDA its Triton kernel;
+    with ``kernel="torch"`` (or on CUDA without triton) ``simhash_topk`` on the concatenated
+    signatures. All give identical results (tested).
     ``offsets=None``: one history shared by all candidates (serving).
     """
     kernels.check_kernel(kernel)
-    if kernel == "compiled" or (kernel == "auto" and tables[0].device.type == "cpu"):
+    if kernel != "torch":  # the wrapper returns None where no kernel applies
         (t0, t1), (i0, i1), (c0, c1) = two_blocks(tables, ids, targets)
         found = kernels.hamming_topk_by_id(t0, i0, c0, t1, i1, c1, offsets, k, kernel)
         if found is not None:

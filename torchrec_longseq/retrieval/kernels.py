@@ -3,8 +3,9 @@ tables, SIM's hard search, float top-k per segment (SIM soft search), TWIN's sea
 collisions; and for the ESU's per-behavior work, the jagged target attention with its key and
 value projections absorbed (``target_attention``, forward and backward); and for serving, the
 distinct history positions a request reads (``distinct_positions``) and the rows of several
-tables side by side (``gather_rows``). Each has a torch-ops twin that the tests compare it with
-and that GPU tensors use.
+tables side by side (``gather_rows``). Each has a torch-ops twin that the tests compare it with.
+On CUDA tensors the searches and the attention run Triton kernels (``retrieval.triton_kernels``,
+registered as the operators' CUDA kernels); the others take their torch ops there.
 
 ETA's kernel:
 
@@ -38,22 +39,34 @@ file / Debian), about a minute, into the torch extensions cache (``TORCH_EXTENSI
 name keyed by a hash of the sources, the flags and torch's and Python's versions, so later
 processes load it in a second or two. Without a C++ compiler, or if the build fails, one warning
 (with the build error) and the wrappers below return ``None`` for the rest of the process (no
-retry): every caller then takes its torch-ops path, which gives identical results. The torch-ops
-``simhash_topk`` stays the reference the tests compare it with, and the path for GPU tensors.
+retry): every caller then takes its torch-ops path, which gives identical results (CUDA tensors
+then call the Triton functions directly). The torch-ops ``simhash_topk`` stays the reference the
+tests compare it with, and the path for CUDA tensors without triton.
 
 Which implementation runs is an argument, ``kernel`` (``KERNELS``), of every wrapper here and an
 attribute of every module that calls one (``set_kernel(model, kernel)`` sets them all):
 
-* ``"auto"`` (the default): the compiled operator for CPU tensors when it is built, the torch
-  ops otherwise (GPU tensors, no compiler);
-* ``"compiled"``: the compiled operator wherever one covers the input (an error for other
-  devices or where the operators could not be built); inputs no operator covers take the torch
-  ops (float64 or integer scores of the top-k, SDIM with other than two hashed attributes of
-  as many signatures);
+* ``"auto"`` (the default): the compiled operator for CPU tensors when it is built; for CUDA
+  tensors the Triton kernel where the operator has one (the searches and the attention:
+  ``hamming_topk_by_id`` / ``_shared``, ``hard_topk`` / ``_shared``, ``float_topk``,
+  ``twin_topk_by_id``, ``sdim_collisions``, ``attention_forward`` / ``_backward``) and triton
+  can be imported; the torch ops otherwise (no compiler, no triton, ``pack_signs``,
+  ``distinct_positions`` and ``gather_rows`` on CUDA);
+* ``"compiled"``: the compiled operator (CPU) or Triton kernel (CUDA) wherever one covers the
+  input (an error for other devices, or where the operators could not be built or triton not
+  imported); inputs no operator covers take the torch ops (float64 or integer scores of the
+  top-k, SDIM with other than two hashed attributes of as many signatures);
 * ``"torch"``: the torch ops, on any device (the reference the tests compare with).
 
 A wrapper returns ``None`` where the compiled operator does not run, and its caller takes its
 torch-ops path; a few inputs always take it (float64 scores of the float top-k).
+
+On CUDA the wrappers call ``torch.ops.longseq.<op>`` when the C++ library is loaded (its CUDA
+kernel is the Triton function, registered by ``_ops``), so ``torch.compile`` and
+``torch.export`` see the same operators; where the library did not build they call the Triton
+functions directly (the attention through ``triton_kernels.attention``, an autograd function).
+triton is imported on the first CUDA tensor only (``_triton``): the package imports and runs
+without it.
 """
 
 from typing import List, Optional, Tuple
@@ -98,17 +111,51 @@ def _available() -> bool:
 
 
 _REGISTERED = False
+_TRITON = None  # retrieval.triton_kernels once imported
+_TRITON_ERROR: Optional[str] = None  # why it could not be
+
+
+def _triton():
+    """``retrieval.triton_kernels``, imported at the first call (so triton only where a CUDA
+    tensor meets a kernel), or None where triton cannot be imported (the error is kept)."""
+    global _TRITON, _TRITON_ERROR
+    if _TRITON is None and _TRITON_ERROR is None:
+        try:
+            from torchrec_longseq.retrieval import triton_kernels
+            _TRITON = triton_kernels
+        except ImportError as e:
+            _TRITON_ERROR = f"{type(e).__name__}: {e}"
+    return _TRITON
+
+
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    """Whether the Triton kernels can run (triton imports): a constant to ``torch.compile``."""
+    return _triton() is not None
 
 
 def _ops():
-    """``torch.ops.longseq`` with the Python registrations done, or None where the build failed."""
+    """``torch.ops.longseq`` with the Python registrations done (the fakes, the attention's
+    autograd and, with CUDA and triton, the Triton kernels as the CUDA kernels), or None where
+    the build failed."""
     global _REGISTERED
     if not extension.available():
         return None
     if not _REGISTERED:
         _register_fakes_and_autograd()
+        if torch.cuda.is_available() and _triton() is not None:
+            _triton().register()
         _REGISTERED = True
     return torch.ops.longseq
+
+
+def _op(name: str, t: torch.Tensor):
+    """What runs operator ``name`` on ``t``'s device (where ``_applies``): the registered
+    operator (its CPU kernel; on CUDA the Triton kernel registered as its CUDA kernel), or on
+    CUDA without the C++ library the Triton function itself (same signature)."""
+    if t.device.type == "cpu" or _available():
+        return getattr(torch.ops.longseq, name)
+    return getattr(_triton(), name)
 
 
 def _module():
@@ -124,7 +171,8 @@ def hamming_topk_by_id(
     category_table: torch.Tensor, category_ids: torch.Tensor, category_targets: torch.Tensor,
     offsets: Optional[torch.Tensor], k: int, kernel: str = "auto",
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """The compiled Hamming top-k, or ``None`` where it does not apply (``kernel``, GPU tensors).
+    """The compiled Hamming top-k (Triton on CUDA), or ``None`` where it does not apply
+    (``kernel``, CUDA without triton).
 
     The signature of behavior ``j`` is the concatenation ``[item_table[item_ids[j]],
     category_table[category_ids[j]]]``, the candidate's ``[item_targets[b],
@@ -145,15 +193,15 @@ def hamming_topk_by_id(
         ``(indices [M], lengths [B])`` exactly as ``simhash_topk`` on the concatenated
         signatures (smallest distance first, ties to the later position).
     """
-    if not _applies(item_table, kernel):
+    if not _applies(item_table, kernel, triton=True):
         return None
     if offsets is None:  # one history: each distinct (item, category) behavior hashed once
-        indices, lengths = torch.ops.longseq.hamming_topk_shared(
+        indices, lengths = _op("hamming_topk_shared", item_table)(
             item_table, item_ids, item_targets, category_table, category_ids, category_targets,
             int(k))
         return indices, lengths
     starts, ends = segments(offsets, item_ids.numel(), item_targets.size(0))
-    indices, lengths = torch.ops.longseq.hamming_topk_by_id(
+    indices, lengths = _op("hamming_topk_by_id", item_table)(
         item_table, item_ids, item_targets, category_table, category_ids, category_targets,
         starts, ends, int(k))
     return indices, lengths
@@ -169,20 +217,28 @@ def pack_signs(projections: torch.Tensor, kernel: str = "auto") -> Optional[torc
 
 
 def segments(offsets: Optional[torch.Tensor], num_values: int,
-             batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+             batch: int, device: Optional[torch.device] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(starts [B], ends [B])`` of the jagged segments: from ``offsets [B + 1]``, or, for
     ``offsets=None``, every one of the ``batch`` candidates reading all ``num_values`` values (one
-    user's history shared by its candidates, as in serving)."""
+    user's history shared by its candidates, as in serving), on ``device`` (default CPU)."""
     if offsets is None:
-        return (torch.zeros(batch, dtype=torch.long),
-                torch.full((batch,), num_values, dtype=torch.long))
+        return (torch.zeros(batch, dtype=torch.long, device=device),
+                torch.full((batch,), num_values, dtype=torch.long, device=device))
     return offsets[:-1], offsets[1:]
 
 
-def _applies(t: torch.Tensor, kernel: str) -> bool:
-    """Whether ``kernel`` runs the compiled operator on ``t`` (see the module docstring)."""
+def _applies(t: torch.Tensor, kernel: str, triton: bool = False) -> bool:
+    """Whether ``kernel`` runs the compiled operator on ``t`` (see the module docstring);
+    ``triton``: the operator has a Triton kernel, which CUDA tensors run."""
     if kernel == "torch":
         return False
+    if triton and t.device.type == "cuda":
+        check_kernel(kernel)
+        if kernel == "compiled" and not _triton_available():
+            raise RuntimeError(f"kernel='compiled' on CUDA tensors runs the Triton kernels, but "
+                               f"triton cannot be imported: {_TRITON_ERROR}")
+        return _triton_available()
     if kernel == "compiled":
         if t.device.type != "cpu":
             raise ValueError(f"kernel='compiled' runs on CPU tensors, got {t.device}")
@@ -201,15 +257,15 @@ def hard_topk(history_category: torch.Tensor, offsets: Optional[torch.Tensor],
     most recent behavior backwards and the scan stops at the ``k``-th match, so the cost is the
     distance back to the ``k``-th match, not L. ``offsets=None`` (one history, serving): one
     backward scan serves every candidate, stopping when each asked-for category has ``k``."""
-    if not _applies(history_category, kernel):
+    if not _applies(history_category, kernel, triton=True):
         return None
     if offsets is None:  # one history: one scan collects every asked-for category's k
-        indices, lengths = torch.ops.longseq.hard_topk_shared(history_category, target_category,
-                                                              int(k))
+        indices, lengths = _op("hard_topk_shared", history_category)(history_category,
+                                                                      target_category, int(k))
         return indices, lengths
     starts, ends = segments(offsets, history_category.numel(), target_category.numel())
-    indices, lengths = torch.ops.longseq.hard_topk(history_category, target_category, starts,
-                                                   ends, int(k))
+    indices, lengths = _op("hard_topk", history_category)(history_category, target_category,
+                                                          starts, ends, int(k))
     return indices, lengths
 
 
@@ -218,10 +274,10 @@ def float_topk(scores: torch.Tensor, offsets: torch.Tensor,
     """``retrieval.topk.jagged_topk(scores, offsets, k)`` (largest first, ties to the later
     position) compiled: a partial sort per segment, O(L log k). ``None`` where it does not apply;
     scores must not be NaN."""
-    if not _applies(scores, kernel) or scores.dtype != torch.float32:  # float64: the torch ops
-        return None
-    indices, lengths = torch.ops.longseq.float_topk(scores.detach(), offsets[:-1], offsets[1:],
-                                                    int(k))
+    if not _applies(scores, kernel, triton=True) or scores.dtype != torch.float32:
+        return None  # float64: the torch ops
+    indices, lengths = _op("float_topk", scores)(scores.detach(), offsets[:-1], offsets[1:],
+                                                 int(k))
     return indices, lengths
 
 
@@ -234,11 +290,11 @@ def twin_topk_by_id(item_rows: torch.Tensor, items: torch.Tensor, category_rows:
     category_rows[c, w:]) + bias`` for every behavior, read by id (``queries [B, w]``, rows
     ``[*, 2 w]``, ``bias [N]``), then the top ``k`` as ``float_topk``. ``None`` where it does not
     apply."""
-    if not _applies(item_rows, kernel):
+    if not _applies(item_rows, kernel, triton=True):
         return None
-    starts, ends = segments(offsets, items.numel(), queries.size(0))
+    starts, ends = segments(offsets, items.numel(), queries.size(0), items.device)
     # offsets None: one history, whose keys the kernel reads and transposes once
-    indices, lengths = torch.ops.longseq.twin_topk_by_id(
+    indices, lengths = _op("twin_topk_by_id", item_rows)(
         item_rows, items, category_rows, categories, queries.detach(), bias.detach(), starts,
         ends, int(k), float(scale), offsets is None)
     return indices, lengths
@@ -254,11 +310,12 @@ def sdim_collisions(item_codes: torch.Tensor, items: torch.Tensor, category_code
     hash map per sample instead of a sort: ``(positions [U], lengths [B], weights [U, G])``, the
     distinct pairs in order of first occurrence. Ids must be below 2^31. ``None`` where it does
     not apply."""
-    if not _applies(item_codes, kernel):
+    if not _applies(item_codes, kernel, triton=True):
         return None
-    positions, lengths, weights = torch.ops.longseq.sdim_collisions(
+    positions, lengths, weights = _op("sdim_collisions", item_codes)(
         item_codes, items, category_codes, categories, target_items, target_categories,
-        *segments(offsets, items.numel(), target_items.numel()), int(tau), int(groups_per_word))
+        *segments(offsets, items.numel(), target_items.numel(), items.device), int(tau),
+        int(groups_per_word))
     return positions, lengths, weights
 
 
@@ -292,7 +349,8 @@ def target_attention(qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor
                      index: Optional[torch.Tensor] = None,
                      kernel: str = "auto") -> Optional[torch.Tensor]:
     """Softmax attention per jagged segment with the key projection absorbed into the query, or
-    ``None`` where it does not apply (GPU, kernels off, not float32 / float64).
+    ``None`` where it does not apply (kernels off, not float32 / float64, CUDA without
+    triton).
 
     ``logits[n, h] = qa[b, h] . keys[r] + bias[r, h]`` for the positions ``n`` of sample ``b``,
     with ``r = index[n]`` (or ``n`` without an index), softmax per sample and head, ``-> [B, H,
@@ -308,14 +366,16 @@ def target_attention(qa: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor
             every candidate that retrieved it (as attending over ``keys[index]``, without the
             gather).
     """
-    if (not _applies(qa, kernel) or qa.dtype not in (torch.float32, torch.float64)
+    if (not _applies(qa, kernel, triton=True) or qa.dtype not in (torch.float32, torch.float64)
             or keys.dtype != qa.dtype or (bias is not None and bias.dtype != qa.dtype)):
         return None
+    if qa.device.type != "cpu" and not _available():  # no C++ library: Triton's own autograd
+        return _triton().attention(qa, keys, offsets, bias, index)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         agg, _ = torch.ops.longseq.attention_forward(qa, keys, offsets, bias, index)
         return agg
-    # no gradient (serving, evaluation): straight to the CPU kernel, past the Python layer of
-    # the registered autograd formula
+    # no gradient (serving, evaluation): straight to the CPU (or CUDA) kernel, past the Python
+    # layer of the registered autograd formula
     with torch._C._AutoDispatchBelowAutograd():
         agg, _ = torch.ops.longseq.attention_forward(qa, keys, offsets, bias, index)
     return agg
