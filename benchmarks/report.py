@@ -35,16 +35,17 @@ def mean_std(values: List[float]) -> str:
 
 def quality_table(runs: List[Dict]) -> List[str]:
     by: Dict = {}
-    for r in runs:
-        by.setdefault((r["max_seq_len"], r["model"]), []).append(r)
-    lines = ["| max L | model | seeds | steps x batch | test AUC | test GAUC | test log loss | recall@k | "
-             "GSU overlap | train samples/s (2 ranks) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (length, model), rs in sorted(by.items(), key=lambda kv: kv[0][0]):
+    for r in runs:  # runs before the similarity regime have no "regime": the category one
+        by.setdefault((r.get("regime", "category"), r["max_seq_len"], r["model"]), []).append(r)
+    lines = ["| regime | max L | model | seeds | steps x batch | test AUC | test GAUC | test log loss | "
+             "recall@k | GSU overlap | train samples/s (2 ranks) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (regime, length, model), rs in sorted(by.items(), key=lambda kv: kv[0][:2]):
         cells = [mean_std([r[k] for r in rs]) for k in ("auc", "gauc", "logloss")]
         recall = [r["recall"] for r in rs if "recall" in r]
         overlap = [r["gsu_overlap"] for r in rs if "gsu_overlap" in r]
         lines.append(
-            f"| {length:,} | {model} | {len(rs)} | {rs[0]['steps']} x {rs[0]['batch_size']} | "
+            f"| {regime} | {length:,} | {model} | {len(rs)} | {rs[0]['steps']} x {rs[0]['batch_size']} | "
             + " | ".join(cells)
             + (f" | {statistics.mean(recall):.3f} |" if recall else " | |")
             + (f" {statistics.mean(overlap):.3f} |" if overlap else " |")

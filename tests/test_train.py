@@ -149,3 +149,35 @@ def test_console_is_quiet_and_resume_without_checkpoint_is_one_line(tmp_path: Pa
     assert ours == [f"--resume: no checkpoint in {tmp_path / 'none' / 'checkpoint'} (save one "
                     f"with --checkpoint-every N)"]
     assert "FileNotFoundError" not in proc.stderr
+
+
+def test_early_stop_keeps_the_best_validated_model(tmp_path: Path) -> None:
+    """``--early-stop 2``: training stops at the first validation that is the second in a row
+    without a better AUC than the best before it (recomputed here from the validation history),
+    and the model it tests is the best one: validating it again gives the best AUC exactly. The
+    console stays quiet (the checkpoint's ShardedTensor notice is filtered)."""
+    every, patience = 2, 2
+    result = train(tmp_path / "run", "--model", "eta", "--steps", "40", "--eval-every",
+                   str(every), "--early-stop", str(patience))
+    history = [(h["step"], h["auc"]) for h in result["validation_history"]]
+    best_auc, best_step, stop = float("-inf"), None, None
+    for step, auc in history:
+        if auc > best_auc:
+            best_auc, best_step = auc, step
+        elif step - best_step >= patience * every:
+            stop = step
+            break
+    # the data and the model are seeded: on this setup the AUC falls after step 2
+    assert stop is not None and stop < 40, history
+    assert result["early_stopped"] is True
+    assert (result["stopped_step"], result["best_step"]) == (stop, best_step)
+    assert history[-1][0] == stop  # no validation after the stop
+    assert result["val_auc"] == pytest.approx(best_auc, rel=1e-6, abs=1e-7)
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["step"] == best_step
+
+
+def test_early_stop_needs_validation(capsys) -> None:
+    from torchrec_longseq.train import main
+
+    with pytest.raises(SystemExit, match="--early-stop needs --eval-every"):
+        main(["--early-stop", "3", "--eval-every", "0"])

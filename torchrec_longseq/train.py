@@ -8,7 +8,10 @@ The tables are sharded by DistributedModelParallel with the planner (table-wise 
 on CPU, the planner's choice on GPU) and trained by a fused row-wise Adagrad applied in backward;
 dense parameters use Adam. Validation runs every ``--eval-every`` steps, the test split once at
 the end; ``DIR/metrics.json`` gets auc, gauc, logloss (test), samples_per_sec, model and
-max_seq_len. ``--checkpoint-every`` saves with torch.distributed.checkpoint to ``DIR/checkpoint``;
+max_seq_len. ``--early-stop P`` stops when the validation AUC has not improved for ``P``
+validations in a row (``--eval-every`` steps apart) and tests the model of the best validation
+AUC (kept in ``DIR/best``, see ``EarlyStopping``). ``--regime`` picks the synthetic data's label
+rule (``data.synthetic``: ``category``, the default, or ``similarity``). ``--checkpoint-every`` saves with torch.distributed.checkpoint to ``DIR/checkpoint``;
 ``--resume`` continues from it (the data stream is a pure function of the step, so a resumed run
 sees the batches it would have seen). ``--pipeline`` trains through TorchRec's
 ``TrainPipelineSparseDist``: the next batch's input distribution for the pooled features (the
@@ -45,6 +48,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticLifelongSequences
+from torchrec_longseq.data.synthetic import REGIMES
 from torchrec_longseq.data.store import SampleStore, StoreBatches, StoreDataset
 from torchrec_longseq.data.validation import check_batch
 from torchrec_longseq.metrics import CTRMetrics
@@ -83,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                         "--model for every sequence)")
     p.add_argument("--model", default="din-full", choices=MODELS)
     p.add_argument("--max-seq-len", type=at_least(1), default=2000)
+    p.add_argument("--regime", default="category", choices=list(REGIMES),
+                   help="the synthetic data's label rule: relevance by category (default) or by "
+                        "item similarity with coarse categories (torchrec_longseq.data.synthetic)")
     p.add_argument("--steps", type=at_least(0), default=300, help="training steps (batches per rank)")
     p.add_argument("--batch-size", type=at_least(1), default=128, help="samples per rank and step")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the model")
@@ -99,6 +106,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sdim-bits", type=at_least(2), default=48, help="SDIM hash bits m")
     p.add_argument("--sdim-tau", type=at_least(1), default=3, help="SDIM bits per signature tau")
     p.add_argument("--twin-k", type=at_least(0), default=100, help="behaviors kept by TWIN's search")
+    p.add_argument("--twin-bias-init", default="zero", choices=["zero", "normal"],
+                   help="TWIN's time bias at the start: 0 (default) or N(0, 1) (before issue 24)")
     p.add_argument("--gsu-overlap", action="store_true",
                    help="also report gsu_overlap at evaluation: the share of the ESU's own top-k "
                         "over the whole history that the search returns (an O(L) lookup per "
@@ -109,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-lr", type=float, default=0.05)
     p.add_argument("--eval-every", type=at_least(0), default=100, help="validate every N steps (0: never)")
     p.add_argument("--eval-batches", type=at_least(1), default=20, help="batches per rank per evaluation")
+    p.add_argument("--early-stop", type=at_least(0), default=0, metavar="PATIENCE",
+                   help="stop when the validation AUC has not improved for PATIENCE validations "
+                        "in a row and test the best validated model (needs --eval-every; 0: off)")
     p.add_argument("--checkpoint-every", type=at_least(0), default=0, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--sharding", default="auto", choices=["auto", "table_wise", "column_wise", "row_wise"])
@@ -137,6 +149,8 @@ def config_argv(path: str) -> List[str]:
         if action is None or action.dest in ("help", "config"):
             raise SystemExit(f"{path}: unknown option {name!r}")
         flag = action.option_strings[-1]
+        if value is None:  # null: the option's default (a run's resolved config has data: null)
+            continue
         if isinstance(action, argparse._StoreTrueAction):
             argv += [flag] if value else []
         elif isinstance(value, list):
@@ -220,6 +234,35 @@ def shard(model: nn.Module, device: torch.device, sharding: str, sparse_lr: floa
     return DistributedModelParallel(module=model, device=device, plan=plan)
 
 
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The ``ModelConfig`` of the run's options."""
+    return ModelConfig(embedding_dim=args.embedding_dim, k=args.k, num_heads=args.heads,
+                       short_window=args.short_window, time_buckets=args.time_buckets,
+                       hash_bits=args.hash_bits, refresh_every=args.refresh_every,
+                       sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k,
+                       twin_bias_init=args.twin_bias_init, kernel=args.kernel)
+
+
+def plain_model(args: argparse.Namespace, config: ModelConfig,
+                store: Optional[SampleStore] = None) -> LongSeqCTR:
+    """The run's model, unsharded, on CPU: ``--model`` over the synthetic tables, or one module
+    per sequence of the store (``--sequence-model`` to pick per sequence)."""
+    if store is None:
+        if args.sequence_model:
+            raise SystemExit("--sequence-model needs --data (the synthetic data has one sequence)")
+        synthetic = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len,
+                                    regime=args.regime)
+        return build_model(args.model, config, synthetic.table_sizes, device=torch.device("cpu"))
+    models = {name: args.model for name in store.sequence_names}
+    for item in args.sequence_model:
+        name, _, model = item.partition("=")
+        if name not in models or model not in MODELS:
+            raise SystemExit(f"--sequence-model {item}: expected SEQUENCE=MODEL with a sequence "
+                             f"of the store ({store.sequence_names}) and a model of {MODELS}")
+        models[name] = model
+    return build_store_model(models, config, store, device=torch.device("cpu"))
+
+
 class Data:
     """Where the batches come from: the synthetic generator, or a prepared store (``--data``)."""
 
@@ -227,23 +270,11 @@ class Data:
         self.args = args
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.store = SampleStore(args.data) if args.data else None
-        self.synthetic = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len)
+        self.synthetic = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len,
+                                         regime=args.regime)
 
     def model(self, config: ModelConfig) -> LongSeqCTR:
-        args = self.args
-        if self.store is None:
-            if args.sequence_model:
-                raise SystemExit("--sequence-model needs --data (the synthetic data has one sequence)")
-            return build_model(args.model, config, self.synthetic.table_sizes,
-                               device=torch.device("cpu"))
-        models = {name: args.model for name in self.store.sequence_names}
-        for item in args.sequence_model:
-            name, _, model = item.partition("=")
-            if name not in models or model not in MODELS:
-                raise SystemExit(f"--sequence-model {item}: expected SEQUENCE=MODEL with a sequence "
-                                 f"of the store ({self.store.sequence_names}) and a model of {MODELS}")
-            models[name] = model
-        return build_store_model(models, config, self.store, device=torch.device("cpu"))
+        return plain_model(self.args, config, self.store)
 
     def training(self, start: int) -> Iterator[Batch]:
         """The training stream from step ``start`` on: the synthetic batches of those steps, or the
@@ -372,6 +403,49 @@ def retrieval_recall(relevant: torch.Tensor, offsets: torch.Tensor, indices: tor
     return hits.sum(), torch.minimum(lengths.double(), per_sample).sum()
 
 
+class EarlyStopping:
+    """Early stopping on the validation AUC, keeping the best model.
+
+    ``update(step, auc, model)`` after each validation: a higher AUC than every one before it
+    saves the model's state (``torch.distributed.checkpoint``, every rank its shards) to
+    ``directory`` and ``{"step", "auc"}`` to ``directory.json``; it returns True (stop) once
+    ``patience`` validations in a row have not improved on the best, i.e. ``step - best_step >=
+    patience * every``. ``restore(model)`` loads the best state back. Every rank sees the same
+    (all-reduced) AUC, so every rank decides the same. A resumed run (from step ``start``) picks
+    up the best of the steps it had already run from ``directory.json``.
+
+    Args:
+        patience (int): validations without improvement before stopping (>= 1).
+        every (int): steps between validations (``--eval-every``).
+        directory (Path): where the best state goes.
+        start (int): the step training (re)starts from.
+    """
+
+    def __init__(self, patience: int, every: int, directory: Path, start: int = 0) -> None:
+        self.patience, self.every, self.directory = patience, every, directory
+        self.best_auc, self.best_step = float("-inf"), None
+        meta = directory.with_suffix(".json")
+        if start > 0 and meta.exists():
+            best = json.loads(meta.read_text())
+            if best["step"] <= start:  # a best from after the checkpoint is found again
+                self.best_auc, self.best_step = best["auc"], best["step"]
+
+    def update(self, step: int, auc: float, model: nn.Module) -> bool:
+        if auc > self.best_auc:
+            self.best_auc, self.best_step = auc, step
+            dcp.save({"model": model.state_dict()}, checkpoint_id=str(self.directory))
+            if dist.get_rank() == 0:
+                self.directory.with_suffix(".json").write_text(
+                    json.dumps({"step": step, "auc": auc}))
+            return False
+        return step - self.best_step >= self.patience * self.every
+
+    def restore(self, model: nn.Module) -> None:
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(self.directory))
+        model.load_state_dict(state["model"])
+
+
 def checkpoint_state(model: DistributedModelParallel, optimizer: CombinedOptimizer, step: int) -> Dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "step": torch.tensor(step)}
@@ -380,10 +454,17 @@ def checkpoint_state(model: DistributedModelParallel, optimizer: CombinedOptimiz
 def quiet_known_notices() -> None:
     """Silence third-party notices that are known to be harmless here, each by its exact
     message (anything else still shows): DDP's ``broadcast_buffers`` deprecation (TorchRec's DMP
-    passes it), torch's ``is_fx_tracing`` notice (TorchRec calls it) and cpp_extension's "No
-    CUDA runtime" (the CPU operators' build on a machine without CUDA)."""
+    passes it), torch's ``is_fx_tracing`` notice (TorchRec calls it), cpp_extension's "No
+    CUDA runtime" (the CPU operators' build on a machine without CUDA) and the distributed
+    checkpoint's ShardedTensor deprecation (TorchRec's sharded tables are ShardedTensors) and
+    its notice on overwriting a checkpoint (``--checkpoint-every`` and ``--early-stop`` rewrite
+    theirs on purpose)."""
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated",
                             category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating "
+                            "ShardedTensor", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Detected an existing checkpoint in",
+                            category=UserWarning)
     for name, text in (("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
                        ("torch.utils.cpp_extension", "No CUDA runtime is found")):
         logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
@@ -391,6 +472,8 @@ def quiet_known_notices() -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
+    if args.early_stop and not args.eval_every:
+        raise SystemExit("--early-stop needs --eval-every N > 0 (it stops on validation AUC)")
     quiet_known_notices()
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -403,12 +486,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         import yaml
         (out / "config.yaml").write_text(yaml.safe_dump(
             {k: v for k, v in vars(args).items() if k != "config"}, sort_keys=False))
-    config = ModelConfig(embedding_dim=args.embedding_dim, k=args.k, num_heads=args.heads,
-                         short_window=args.short_window, time_buckets=args.time_buckets,
-                         hash_bits=args.hash_bits, refresh_every=args.refresh_every,
-                         sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k,
-                         kernel=args.kernel)
-    model = LongSeqCTRTrain(data.model(config), args.alpha, args.beta)
+    model = LongSeqCTRTrain(data.model(model_config(args)), args.alpha, args.beta)
     model = shard(model, device, args.sharding, args.sparse_lr)
     dense = dense_optimizer(model, args.dense_lr)
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
@@ -432,6 +510,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         ctr.sequence_arch.derived.reset()
 
     history: List[Dict[str, float]] = []
+    stopper = EarlyStopping(args.early_stop, args.eval_every, out / "best", start) \
+        if args.early_stop else None
+    stopped, last_step = False, start
     train_time = 0.0
     # a bar on a terminal; in a log (stdout not a terminal) a line per validation instead
     progress = tqdm(total=args.steps, initial=start, desc=args.model, mininterval=2.0,
@@ -449,6 +530,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             optimizer.step()
             optimizer.zero_grad()
         train_time += time.perf_counter() - t0
+        last_step = step
         progress.update(1)
         progress.set_postfix(loss=f"{loss.detach().item():.4f}")
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
@@ -460,19 +542,35 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             history.append({"step": step, **val})
             if rank == 0:
                 progress.write(f"step {step} validation " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            if stopper is not None and stopper.update(step, val["auc"], model):
+                stopped = True
+                if rank == 0:
+                    progress.write(f"early stop at step {step}: no better validation AUC than "
+                                   f"{stopper.best_auc:.4f} (step {stopper.best_step}) for "
+                                   f"{args.early_stop} validations")
+                break
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             dcp.save(checkpoint_state(model, optimizer, step), checkpoint_id=str(ckpt))
     progress.close()
     if pipeline is not None:
         pipeline.detach()
 
-    val = evaluate(model, data, "val", args, device)
+    val = None if stopped else evaluate(model, data, "val", args, device)
+    if stopper is not None and stopper.best_step is not None and (
+            stopped or val["auc"] <= stopper.best_auc):
+        stopper.restore(model)  # the best validated model (the last one if none is better)
+        if ctr.sequence_arch is not None:  # derived tables from the loaded embeddings
+            ctr.sequence_arch.derived.reset()
+        val = evaluate(model, data, "val", args, device)
+    elif stopper is not None:
+        stopper.best_step = last_step
     test = evaluate(model, data, "test", args, device)
-    steps_run = args.steps - start
+    steps_run = last_step - start
     result = {
         "model": args.model,
         "max_seq_len": int(data.store.meta["max_seq_len"]) if data.store else args.max_seq_len,
         "data": args.data or "synthetic",
+        **({} if args.data else {"regime": args.regime}),
         "auc": test["auc"],
         "gauc": test["gauc"],
         "logloss": test["logloss"],
@@ -487,6 +585,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         "seed": args.seed,
         "validation_history": history,
     }
+    if stopper is not None:
+        result.update(early_stopped=stopped, stopped_step=last_step, best_step=stopper.best_step)
     if rank == 0:
         print("validation " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
         print("test " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))

@@ -35,12 +35,15 @@ MODEL = dict(num_heads=HEADS, head_dim=HEAD_DIM, twin_k=K)  # on top of helpers.
 
 def make_model(seed: int = 0, **overrides) -> LongSeqCTR:
     """Embeddings ~ N(0, 1), so that q . k spreads as much as the time bias (TorchRec's default
-    init makes every q . k ~1e-3 and the ranking a matter of time buckets and near-ties)."""
+    init makes every q . k ~1e-3 and the ranking a matter of time buckets and near-ties), and the
+    time bias ~ N(0, 1) (it starts at 0 in a built model: the search would not see it)."""
     model = build_small_model("twin", seed, refresh=False, **{**MODEL, **overrides})
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for table in model.embedding_collection.embeddings.values():
             table.weight.copy_(torch.randn(table.weight.shape, generator=g))
+        bias = module_of(model).esu.time_embedding.embedding.weight
+        bias.copy_(torch.randn(bias.shape, generator=g))
     model.refresh_derived_tables()
     assert isinstance(search_of(model), TwinSearch)
     return model
@@ -330,6 +333,23 @@ def test_esu_time_bias_hand_computed() -> None:
         time.embedding.weight[7] = torch.tensor([10.0, 10.0])
         assert torch.allclose(esu(target, behaviors, torch.tensor([0, 3, 3]), intervals)[0],
                               att.v_proj.weight @ behaviors[1], atol=1e-3)
+
+
+def test_time_bias_starts_at_zero() -> None:
+    """A built TWIN's time bias is 0 for every bucket and head (issue 24: drawn N(0, 1), it
+    ranked the search by random buckets for hundreds of steps), and only it differs from the
+    N(0, 1) start (``twin_bias_init="normal"``, the model before issue 24): the other parameters
+    are drawn alike."""
+    zero = build_small_model("twin", 0, refresh=False, **MODEL)
+    normal = build_small_model("twin", 0, refresh=False, twin_bias_init="normal", **MODEL)
+    bias = module_of(zero).esu.time_embedding.embedding.weight
+    assert bias.shape == (32, HEADS) and torch.equal(bias, torch.zeros_like(bias))
+    drawn = module_of(normal).esu.time_embedding.embedding.weight
+    assert drawn.std() > 0.5  # N(0, 1)
+    differ = [a for a, b in zip(zero.parameters(), normal.parameters()) if not torch.equal(a, b)]
+    assert len(differ) == 1 and differ[0] is bias  # (the search shares the ESU's bias module)
+    with pytest.raises(ValueError, match="twin_bias_init"):
+        build_small_model("twin", 0, twin_bias_init="uniform", **MODEL)
 
 
 def test_esu_time_bias_width_must_equal_heads() -> None:

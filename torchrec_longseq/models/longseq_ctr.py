@@ -164,7 +164,11 @@ class ModelConfig:
     months; SIM soft search uses a ``search_dim``-wide table; ETA hashes to ``hash_bits`` bits
     and rebuilds its signature table every ``refresh_every`` steps (1 = exact; the same for
     SDIM's code tables and TWIN's key tables); SDIM hashes to ``sdim_bits`` bits in signatures of
-    ``sdim_tau`` bits; TWIN keeps ``twin_k`` behaviors. The short-term branch (and DIN) sees
+    ``sdim_tau`` bits; TWIN keeps ``twin_k`` behaviors and starts its time bias (one value
+    per head and interval bucket, shared by search and ESU) at ``twin_bias_init``: ``"zero"``
+    (the default since issue 24: the search starts ranking by content, and the bias learns
+    what age is worth) or ``"normal"`` (``nn.Embedding``'s N(0, 1), the model before issue 24,
+    whose random bias dominated the search; docs/fidelity.md). The short-term branch (and DIN) sees
     the last ``short_window`` behaviors; 0 builds SIM, ETA, TWIN and din-full without one.
     ``kernel`` picks the implementation of the searches and the attention
     (``retrieval.kernels.KERNELS``: compiled on CPU when built, compiled only, or the torch ops).
@@ -185,6 +189,7 @@ class ModelConfig:
     sdim_bits: int = 48
     sdim_tau: int = 3
     twin_k: int = 100
+    twin_bias_init: str = "zero"
     kernel: str = "auto"
 
 
@@ -213,6 +218,11 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
         # the interval is a cross feature: one logit bias per head, shared by GSU and ESU (and
         # the short-term branch's time feature)
         bias = TimeIntervalEmbedding(config.num_heads, config.time_buckets)
+        if config.twin_bias_init == "zero":  # drawn first, so the other parameters draw alike
+            nn.init.zeros_(bias.embedding.weight)
+        elif config.twin_bias_init != "normal":
+            raise ValueError(f"twin_bias_init must be 'zero' or 'normal', got "
+                             f"{config.twin_bias_init!r}")
         esu = ExactSearchUnit(d, bias, config.num_heads, config.head_dim, time_as_bias=True)
         search = TwinSearch(schema, tables, esu, config.twin_k, config.refresh_every)
         return SearchBasedInterest(search, esu, _short_term(config, d, config.num_heads),
