@@ -353,15 +353,15 @@ def test_default_regime_is_bit_identical_to_before() -> None:
 
 def reference_logits(config: SyntheticConfig, batch: Batch) -> List[float]:
     """The documented label logit of every sample, recomputed per behavior in a Python loop
-    (float64 latents, ages from the timestamps); NaN where a float32 cosine lies within 1e-5 of a
-    threshold (the generator's and this loop's rounding may then decide differently)."""
+    (float64 latents, ages from the timestamps); neither rule has a threshold on a cosine, so
+    the generator's float32 rounding moves a logit by less than the tolerance."""
     latents = item_latents(config).astype(np.float64)
     items, cats = per_sample(batch, HIST_ITEM), per_sample(batch, HIST_CATEGORY)
     targets, target_cats = per_sample(batch, TARGET_ITEM), per_sample(batch, TARGET_CATEGORY)
     times, requests = history_times(batch), batch.request_time.tolist()
     out = []
     for b in range(batch.batch_size):
-        evidence, short, ambiguous = 0.0, False, False
+        evidence, short, decays = 0.0, False, 0.0
         length = len(items[b])
         for j in range(length):
             recent = length - 1 - j < config.recent_window
@@ -369,18 +369,21 @@ def reference_logits(config: SyntheticConfig, batch: Batch) -> List[float]:
             age = requests[b] - times[b][j]
             decay = 0.5 + 0.5 * math.exp(-age / (180 * 86_400))
             if config.regime == "similarity":
-                ambiguous |= recent and abs(cos - 0.8) < 1e-5
-                if recent:
-                    short |= cos > 0.8
-                else:
+                if not recent:
                     evidence += max((cos - 0.6) / 0.4, 0.0) ** 2 * decay
+                    decays += decay
             elif cats[b][j] == target_cats[b][0]:
                 if recent:
                     short = True
                 else:
                     evidence += (0.3 + 0.7 * max(cos, 0.0) ** 2) * decay
-        logit = 2.5 * math.log1p(evidence) + float(short) - 3.0
-        out.append(float("nan") if ambiguous else logit)
+        if config.regime == "similarity":  # against uniform behaviors at the same ages
+            others = latents @ latents[targets[b][0]]  # the candidate against every item
+            prior = float(np.mean([max((c - 0.6) / 0.4, 0.0) ** 2 for c in others]))
+            logit = 4.0 * (math.log1p(evidence) - math.log1p(prior * decays)) - 1.0
+        else:
+            logit = 2.5 * math.log1p(evidence) + float(short) - 3.0
+        out.append(logit)
     return out
 
 
@@ -391,10 +394,9 @@ def test_oracle_is_the_documented_logit(config: SyntheticConfig) -> None:
     for index in range(3):
         batch, logits = gen.batch_with_oracle("test", index, 32)
         for got, want in zip(logits.tolist(), reference_logits(config, batch)):
-            if not math.isnan(want):
-                assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
-                checked += 1
-    assert checked > 80
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+            checked += 1
+    assert checked == 96
 
 
 def test_similarity_regime_batches_are_valid_and_relevant_is_old_and_similar() -> None:
@@ -427,7 +429,7 @@ def test_similarity_regime_labels_depend_on_old_behaviors() -> None:
     the labels follow sigmoid(oracle), and the coarse categories carry little of the signal."""
     gen = SyntheticGenerator(SIMILARITY)
     latents = item_latents(SIMILARITY).astype(np.float64)
-    oracle, recent_only, labels = [], [], []
+    oracle, recent_only, labels, targets_all = [], [], [], []
     for index in range(12):
         batch, logits = gen.batch_with_oracle("test", index, 128)
         items, targets = per_sample(batch, HIST_ITEM), per_sample(batch, TARGET_ITEM)
@@ -435,13 +437,20 @@ def test_similarity_regime_labels_depend_on_old_behaviors() -> None:
             window = items[b][-SIMILARITY.recent_window:]
             cos = latents[window] @ latents[targets[b][0]] if window else np.zeros(0)
             evidence = float((np.maximum((cos - 0.6) / 0.4, 0) ** 2).sum())
-            recent_only.append(2.5 * math.log1p(evidence) + float((cos > 0.8).any()))
+            recent_only.append(2.5 * math.log1p(evidence))
         oracle.append(logits)
         labels.append(batch.labels)
+        targets_all.append(batch.features[TARGET_ITEM].values())
     oracle_t, labels_t = torch.cat(oracle), torch.cat(labels)
     full, recent = auc_of(oracle_t, labels_t), auc_of(torch.tensor(recent_only), labels_t)
-    # measured 0.84 against 0.58 on 1,536 samples (the AUC's standard error is ~0.01)
-    assert full > 0.78 and full - recent > 0.15, (full, recent)
+    # measured 0.73 against 0.50 on 1,536 samples (the AUC's standard error is ~0.015 here)
+    assert full > 0.68 and full - recent > 0.15, (full, recent)
+    # the candidate alone says nothing: its prior (mean weight against every item) ranks at
+    # chance, so the models must read the history
+    prior = torch.from_numpy(gen.prior[torch.cat(targets_all).numpy()])
+    assert abs(auc_of(prior, labels_t) - 0.5) < 0.05
+    # every history is max_seq_len long: its length says nothing
+    assert set(batch.features[HIST_ITEM].lengths().tolist()) == {SIMILARITY.max_seq_len}
     # calibration: the labels' rate follows sigmoid(oracle) in each third of the oracle's range
     prob = torch.sigmoid(oracle_t)
     for part in torch.tensor_split(torch.argsort(prob), 3):
