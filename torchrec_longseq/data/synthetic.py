@@ -72,7 +72,7 @@ batches.
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -303,14 +303,7 @@ class SyntheticGenerator:
                             category)
         item = self._items(rng, category, sub)
 
-        # timestamps: the history spans 0.5-3 years, strictly before the request
-        span = rng.uniform(0.5, 3.0, size=r) * YEAR
-        gaps = rng.exponential(1.0, size=n)
-        total = np.bincount(seg, weights=gaps, minlength=r)
-        gaps *= (span / np.where(total > 0, total, 1.0))[seg]  # sum to span exactly
-        csum = np.concatenate([[0.0], np.cumsum(gaps)])  # csum[offsets[b + 1]]: end of sample b
-        age = csum[offsets[1:]][seg] - csum[1:] + gaps  # time from behavior to request
-        htime = request_time[seg] - np.maximum(np.ceil(age), 1).astype(np.int64)
+        age, htime = _timestamps(rng, request_time, offsets, seg)
 
         # candidates: g per request
         b = batch_size
@@ -327,18 +320,13 @@ class SyntheticGenerator:
                          t_cat)
         t_item = self._items(rng, t_cat, t_sub)
 
-        # replicate each request's history for its g candidates
-        s_lengths = lengths[req]
-        s_offsets = np.concatenate([[0], np.cumsum(s_lengths)])
-        s_seg = np.repeat(np.arange(b), s_lengths)
-        s_index = offsets[req][s_seg] + np.arange(s_offsets[-1]) - s_offsets[s_seg]
-        h_item, h_cat, h_time = item[s_index], category[s_index], htime[s_index]
-        h_recent, h_age = recent[s_index], age[s_index]
+        s_lengths, s_seg, (h_item, h_cat, h_time, h_recent, h_age) = _per_sample(
+            lengths, offsets, req, item, category, htime, recent, age)
 
         # labels from the evidence older than the recent window
         cos = np.einsum("nd,nd->n", self.latents[h_item], self.latents[t_item[s_seg]])
         match = (h_cat == t_cat[s_seg]) & ~h_recent
-        contrib = np.where(match, (0.3 + 0.7 * np.maximum(cos, 0) ** 2) * (0.5 + 0.5 * np.exp(-h_age / (180 * DAY))), 0)
+        contrib = np.where(match, (0.3 + 0.7 * np.maximum(cos, 0) ** 2) * _decay(h_age), 0)
         evidence = np.bincount(s_seg, weights=contrib, minlength=b)
         short_match = np.bincount(s_seg, weights=(h_recent & (h_cat == t_cat[s_seg])), minlength=b) > 0
         logit = 2.5 * np.log1p(evidence) + 1.0 * short_match - 3.0
@@ -377,14 +365,7 @@ class SyntheticGenerator:
                                                                      size=n)], near], item)
         category = item // cfg.items_per_category
 
-        # timestamps as in the category regime
-        span = rng.uniform(0.5, 3.0, size=r) * YEAR
-        gaps = rng.exponential(1.0, size=n)
-        total = np.bincount(seg, weights=gaps, minlength=r)
-        gaps *= (span / np.where(total > 0, total, 1.0))[seg]
-        csum = np.concatenate([[0.0], np.cumsum(gaps)])
-        age = csum[offsets[1:]][seg] - csum[1:] + gaps
-        htime = request_time[seg] - np.maximum(np.ceil(age), 1).astype(np.int64)
+        age, htime = _timestamps(rng, request_time, offsets, seg)
 
         # candidates: near a long-term anchor (50%) or random
         req = np.repeat(np.arange(r), g)
@@ -395,26 +376,51 @@ class SyntheticGenerator:
             cfg.long_term_interests, size=b)], t_near], t_item)
         t_cat = t_item // cfg.items_per_category
 
-        s_lengths = lengths[req]
-        s_offsets = np.concatenate([[0], np.cumsum(s_lengths)])
-        s_seg = np.repeat(np.arange(b), s_lengths)
-        s_index = offsets[req][s_seg] + np.arange(s_offsets[-1]) - s_offsets[s_seg]
-        h_item, h_cat, h_time = item[s_index], category[s_index], htime[s_index]
-        h_recent, h_age = recent[s_index], age[s_index]
+        s_lengths, s_seg, (h_item, h_cat, h_time, h_recent, h_age) = _per_sample(
+            lengths, offsets, req, item, category, htime, recent, age)
 
         # labels from the similarity of the candidate to the behaviors older than the window
         cos = np.einsum("nd,nd->n", self.latents[h_item], self.latents[t_item[s_seg]])
-        contrib = np.where(~h_recent, similarity_weight(cos)
-                           * (0.5 + 0.5 * np.exp(-h_age / (180 * DAY))), 0)
-        evidence = np.bincount(s_seg, weights=contrib, minlength=b)
+        decay = np.where(~h_recent, _decay(h_age), 0)  # the old behaviors' weight by age
+        evidence = np.bincount(s_seg, weights=similarity_weight(cos) * decay, minlength=b)
         # what a history of uniform items at the same ages would give this candidate: its prior
-        decay = np.where(~h_recent, 0.5 + 0.5 * np.exp(-h_age / (180 * DAY)), 0)
         expected = self.prior[t_item] * np.bincount(s_seg, weights=decay, minlength=b)
         logit = 4.0 * (np.log1p(evidence) - np.log1p(expected)) - SIM_BIAS
         labels = (rng.random(b) < 1 / (1 + np.exp(-logit))).astype(np.float32)
         relevant = ~h_recent & (cos > SIM_RELEVANT)
         return _assemble(user[req], request_time[req], t_item, t_cat, s_lengths, h_item, h_cat,
                          h_time, labels, relevant), torch.from_numpy(logit.astype(np.float64))
+
+
+def _timestamps(rng: np.random.Generator, request_time: np.ndarray, offsets: np.ndarray,
+                seg: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(age [N], time [N])`` of the behaviors of requests ``offsets [R + 1]`` (``seg [N]``
+    their request): each history spans 0.5-3 years, strictly before its request time."""
+    r, n = len(offsets) - 1, len(seg)
+    span = rng.uniform(0.5, 3.0, size=r) * YEAR
+    gaps = rng.exponential(1.0, size=n)
+    total = np.bincount(seg, weights=gaps, minlength=r)
+    gaps *= (span / np.where(total > 0, total, 1.0))[seg]  # sum to span exactly
+    csum = np.concatenate([[0.0], np.cumsum(gaps)])  # csum[offsets[b + 1]]: end of sample b
+    age = csum[offsets[1:]][seg] - csum[1:] + gaps  # time from behavior to request
+    return age, request_time[seg] - np.maximum(np.ceil(age), 1).astype(np.int64)
+
+
+def _per_sample(lengths: np.ndarray, offsets: np.ndarray, req: np.ndarray,
+                *per_behavior: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[np.ndarray]]:
+    """Each request's history replicated for its candidates: ``req [B]`` the request of each
+    sample; returns ``(lengths [B], seg [M], [values[M] of every per_behavior [N] array])``."""
+    s_lengths = lengths[req]
+    s_offsets = np.concatenate([[0], np.cumsum(s_lengths)])
+    s_seg = np.repeat(np.arange(len(req)), s_lengths)
+    s_index = offsets[req][s_seg] + np.arange(s_offsets[-1]) - s_offsets[s_seg]
+    return s_lengths, s_seg, [values[s_index] for values in per_behavior]
+
+
+def _decay(age: np.ndarray) -> np.ndarray:
+    """A behavior's weight in the label by its age in seconds: ``0.5 + 0.5 exp(-age / 180
+    days)``."""
+    return 0.5 + 0.5 * np.exp(-age / (180 * DAY))
 
 
 def _assemble(users: np.ndarray, request_time: np.ndarray, t_item: np.ndarray,
