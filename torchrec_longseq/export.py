@@ -39,18 +39,16 @@ What cannot be exported, and why:
 """
 
 import json
-import logging
 import shutil
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.export import Dim
 
-from torchrec_longseq import serving
+from torchrec_longseq import notices, serving
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR
 from torchrec_longseq.retrieval import extension, kernels
 from torchrec_longseq.schema import Attribute, SequenceSchema
@@ -164,29 +162,6 @@ EXPORT_NOTICES = (("", "Trying to non-strict torch.export KJT to_dict"),
                   ("torch._inductor.ir", "is missing a c-shim implementation"))
 
 
-@contextmanager
-def _quiet_notices() -> Iterator[None]:
-    """Filter ``EXPORT_NOTICES`` (each by its exact text; anything else still shows) while in the
-    block."""
-    filters = [(logging.getLogger(name), _Without(text)) for name, text in EXPORT_NOTICES]
-    for logger, f in filters:
-        logger.addFilter(f)
-    try:
-        yield
-    finally:
-        for logger, f in filters:
-            logger.removeFilter(f)
-
-
-class _Without(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
            kernel: Optional[str] = None, ids: Optional[Union[str, Path]] = None) -> Path:
     """Write the serving artefact of ``model`` to the directory ``path`` (see the module
@@ -216,7 +191,8 @@ def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
                 f"exported graph reads the rows from its tables (a sharded model: export "
                 f"an unsharded copy with its trained state)")
     serving.check_request(example, model)
-    short = _too_small(example, serving.ServingSpec.of(model))
+    spec = serving.ServingSpec.of(model)
+    short = _too_small(example, spec)
     if short:
         raise ValueError(f"export: the example request has {short}; torch.export fixes a size "
                          f"of 0 or 1 in its example, so the example needs at least 2 behaviors "
@@ -226,13 +202,12 @@ def export(model: LongSeqCTR, path: Union[str, Path], example: serving.Request,
         kernels.set_kernel(model, kernel)
     if model.sequence_arch is not None:
         model.sequence_arch.refresh_pending()
-    spec = serving.ServingSpec.of(model)
     groups = _groups(example)
     keys = [key for key in groups if key in set(spec.pooled_keys).union(
         *[schema.keys() for schema in spec.schemas.values()])]
     args = _inputs(example, keys)
     out = Path(path)
-    with _quiet_notices():
+    with notices.quiet(EXPORT_NOTICES):
         program = torch.export.export(RequestScorer(model, {k: groups[k] for k in keys}), args,
                                       dynamic_shapes=_dynamic_shapes(example, spec, keys),
                                       strict=False)
@@ -287,11 +262,8 @@ class ExportedModel:
         self.runner = torch._inductor.aoti_load_package(str(path / PACKAGE))
 
     def __call__(self, request: serving.Request) -> torch.Tensor:
-        serving.check_request(request, self.spec)
+        serving.check_request(request, self.spec)  # every key of the graph is present
         found = {**request.user, **request.history, **request.candidates}
-        for key in self.keys:
-            if key not in found:
-                raise serving.RequestError(f"feature {key!r}: missing from the request")
         for key, size in self.user_sizes.items():
             ids = found[key]
             if ids.numel() != size:
@@ -327,7 +299,7 @@ def from_run(run: Union[str, Path]) -> Tuple[LongSeqCTR, serving.Request]:
     if not states:
         raise FileNotFoundError(f"{run}: no saved model (train with --early-stop or "
                                 f"--checkpoint-every N to save one)")
-    with _quiet_notices(), warnings.catch_warnings():
+    with notices.quiet(EXPORT_NOTICES), warnings.catch_warnings():
         # torch.distributed.checkpoint's notice that it loads in this one process: the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled",
                                 category=UserWarning)

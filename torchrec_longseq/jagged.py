@@ -62,11 +62,15 @@ def last_n(offsets: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def last_positions(num_values: int, window: int, device: torch.device) -> torch.Tensor:
     """``[min(num_values, window)]`` the positions of the last ``window`` values of one
-    ``num_values``-long history (serving's recent window, shared by every candidate). Written
-    as ``arange(w) + (n - w)`` so that a symbolic ``num_values`` (an exported serving graph)
-    gets no guard on it."""
-    kept = torch.sym_min(num_values, window)
-    return torch.arange(kept, device=device) + (num_values - kept)
+    ``num_values``-long history (serving's recent window, shared by every candidate)."""
+    return tail_positions(num_values, torch.sym_min(num_values, window), device)
+
+
+def tail_positions(num_values: int, count: int, device: torch.device) -> torch.Tensor:
+    """``[count]`` the last ``count <= num_values`` positions of ``num_values``: ``arange(count)
+    + (num_values - count)``, written so that symbolic sizes (an exported serving graph) get no
+    guard, and ``count`` stays the size even where ``num_values`` depends on the data."""
+    return torch.arange(count, device=device) + (num_values - count)
 
 
 def copies_offsets(num_values: int, copies: int, device: torch.device) -> torch.Tensor:

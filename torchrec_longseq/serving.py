@@ -428,7 +428,7 @@ def distinct_positions(indices: torch.Tensor, n: int, window: int,
     if found is not None:
         return found
     seen = torch.zeros(n, dtype=torch.bool, device=indices.device).index_fill_(0, indices, True)
-    seen.index_fill_(0, torch.arange(window, device=indices.device) + (n - window), True)
+    seen.index_fill_(0, jagged.tail_positions(n, window, indices.device), True)
     return seen.nonzero().squeeze(1), (torch.cumsum(seen, 0) - 1).index_select(0, indices)
 
 
@@ -480,7 +480,7 @@ def score_shared(model: LongSeqCTR, request: Request) -> torch.Tensor:
             # the window is shared (offsets None): the last rows, as the used positions ascend
             # its rows by index rather than a slice, so that an exported graph knows their
             # number, min(L, w), where the number of used rows depends on the data
-            last = torch.arange(window, device=device) + (found.size(0) - window)
+            last = jagged.tail_positions(found.size(0), window, device)
             looked = Looked(target, found,
                             None if lengths is None else jagged.lengths_to_offsets(lengths),
                             found_intervals, found.index_select(0, last), None,
@@ -508,14 +508,14 @@ def score_request(model: LongSeqCTR, request: Request) -> torch.Tensor:
 
 
 def export(model: LongSeqCTR, path: Union[str, Path], example: Request,
-           kernel: Optional[str] = None) -> Path:
+           kernel: Optional[str] = None, ids: Optional[Union[str, Path]] = None) -> Path:
     """Write ``model``'s serving artefact to the directory ``path``: ``score_shared`` exported
     with ``torch.export`` (dynamic history lengths and candidate count) and compiled with
     AOTInductor, with the tables and derived tables it reads and the request layout. ``example``:
-    a request in the layout served (which keys are per user, history, per candidate). See
-    ``torchrec_longseq.export``."""
+    a request in the layout served (which keys are per user, history, per candidate); ``ids``: a
+    prepared store whose id mappings the artefact carries. See ``torchrec_longseq.export``."""
     from torchrec_longseq import export as artefact  # torch.export and Inductor: on demand
-    return artefact.export(model, path, example, kernel)
+    return artefact.export(model, path, example, kernel, ids)
 
 
 def load(path: Union[str, Path]) -> "ExportedModel":

@@ -51,6 +51,7 @@ from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticLifelongSeque
 from torchrec_longseq.data.synthetic import REGIMES
 from torchrec_longseq.data.store import SampleStore, StoreBatches, StoreDataset
 from torchrec_longseq.data.validation import check_batch
+from torchrec_longseq import notices
 from torchrec_longseq.metrics import CTRMetrics
 from torchrec_longseq.modules.sequence import Selection, history_times
 from torchrec_longseq import jagged
@@ -467,7 +468,7 @@ def quiet_known_notices() -> None:
                             category=UserWarning)
     for name, text in (("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
                        ("torch.utils.cpp_extension", "No CUDA runtime is found")):
-        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
+        logging.getLogger(name).addFilter(notices.Without(text))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:

@@ -15,7 +15,6 @@ wrappers in ``kernels`` then return ``None`` and their callers take the torch op
 """
 
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from torchrec_longseq import notices
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -85,20 +86,10 @@ def compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-class _NoCudaNotice(logging.Filter):
-    """cpp_extension's import-time notice on a machine without CUDA (these are CPU operators)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No CUDA runtime is found" not in record.getMessage()
-
-
 def _load(verbose: bool) -> None:
-    logger, notice = logging.getLogger("torch.utils.cpp_extension"), _NoCudaNotice()
-    logger.addFilter(notice)
-    try:
+    # cpp_extension's import-time notice on a machine without CUDA (these are CPU operators)
+    with notices.quiet([("torch.utils.cpp_extension", "No CUDA runtime is found")]):
         from torch.utils.cpp_extension import load
-    finally:
-        logger.removeFilter(notice)
 
     # the build runs `ninja` from PATH: make the one installed next to this Python (the lock
     # file's) findable when the virtualenv is not activated
