@@ -422,6 +422,19 @@ def _attention_rows(keys, index, pos, valid, cols, cm, K, HAS_INDEX: tl.constexp
 
 
 @triton.jit
+def _attention_logits(keys, index, bias, q, pos, valid, heads, hm, cols, cm, H, K,
+                      HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """``(z [BLOCK, KP], logit [BLOCK, HP])``: the keys the positions read and ``q[h] . z +
+    bias[row, h]``."""
+    rows, z = _attention_rows(keys, index, pos, valid, cols, cm, K, HAS_INDEX)
+    logit = tl.sum(z[:, None, :] * q[None, :, :], 2)  # [BLOCK, HP]
+    if HAS_BIAS:
+        logit += tl.load(bias + rows[:, None] * H + heads[None, :],
+                         mask=valid[:, None] & hm[None, :], other=0.0)
+    return z, logit
+
+
+@triton.jit
 def _attention_forward_kernel(qa, keys, offsets, bias, index, agg, weights, H, K,
                               HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
                               BLOCK: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr):
@@ -443,11 +456,8 @@ def _attention_forward_kernel(qa, keys, offsets, bias, index, agg, weights, H, K
     for s in range(lo, hi, BLOCK):  # the maximum and the sum of exponentials, online
         pos = s + lanes
         valid = pos < hi
-        rows, z = _attention_rows(keys, index, pos, valid, cols, cm, K, HAS_INDEX)
-        logit = tl.sum(z[:, None, :] * q[None, :, :], 2)  # [BLOCK, HP]
-        if HAS_BIAS:
-            logit += tl.load(bias + rows[:, None] * H + heads[None, :],
-                             mask=valid[:, None] & hm[None, :], other=0.0)
+        z, logit = _attention_logits(keys, index, bias, q, pos, valid, heads, hm, cols, cm, H, K,
+                                     HAS_BIAS, HAS_INDEX)
         logit = tl.where(valid[:, None], logit, float("-inf"))
         new_top = tl.maximum(top, tl.max(logit, 0))
         total = total * tl.exp(top - new_top) + tl.sum(tl.exp(logit - new_top[None, :]), 0)
@@ -457,11 +467,8 @@ def _attention_forward_kernel(qa, keys, offsets, bias, index, agg, weights, H, K
     for s in range(lo, hi, BLOCK):
         pos = s + lanes
         valid = pos < hi
-        rows, z = _attention_rows(keys, index, pos, valid, cols, cm, K, HAS_INDEX)
-        logit = tl.sum(z[:, None, :] * q[None, :, :], 2)
-        if HAS_BIAS:
-            logit += tl.load(bias + rows[:, None] * H + heads[None, :],
-                             mask=valid[:, None] & hm[None, :], other=0.0)
+        z, logit = _attention_logits(keys, index, bias, q, pos, valid, heads, hm, cols, cm, H, K,
+                                     HAS_BIAS, HAS_INDEX)
         w = tl.where(valid[:, None], tl.exp(logit - top[None, :]) * inverse[None, :], 0.0)
         tl.store(weights + pos[:, None] * H + heads[None, :], w, mask=valid[:, None] & hm[None, :])
         acc += tl.sum(w[:, :, None] * z[:, None, :], 0)
