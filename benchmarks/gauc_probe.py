@@ -28,7 +28,7 @@ from torchrec_longseq import jagged
 from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.synthetic import REGIMES
 
-from twin_diagnosis import Scores, train_model
+from twin_diagnosis import Scores, esu_probe, train_model
 
 
 def main() -> None:
@@ -55,18 +55,8 @@ def main() -> None:
     with torch.no_grad():
         for i in range(10):
             batch, oracle = generator.batch_with_oracle("test", i, 128)
-            f, b = batch.features, batch.batch_size
-            logits, _ = model(f, batch.history_time, batch.request_time)
-            selection = arch.search(f, batch.history_time, batch.request_time)
-            looked = model.sequence_arch.look_up(f, batch.history_time, batch.request_time,
-                                                 {"history": selection})["history"]
-            esu_logits = arch.esu.logits(looked.candidates, looked.long, looked.long_offsets,
-                                         looked.long_intervals)  # [M], mean over heads
-            seg = jagged.segment_ids(looked.long_offsets, esu_logits.numel())
-            best = torch.full((b,), float("-inf")).scatter_reduce(0, seg, esu_logits, "amax")
-            shift = best.clamp(min=-1e30)  # finite for a sample with nothing selected
-            lse = shift + torch.log(torch.zeros(b).index_add(0, seg, torch.exp(
-                esu_logits - shift[seg])))  # -inf for nothing selected
+            logits, selection, best, lse = esu_probe(model, arch, batch)
+            b = batch.batch_size
             indices, lengths = selection.long
             sseg = jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel())
             found = torch.zeros(b).index_add(0, sseg, batch.relevant[indices].float())

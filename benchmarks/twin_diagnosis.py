@@ -27,7 +27,7 @@ sequence tables from U(-A, A) instead of TorchRec's default (+-1/sqrt(rows))::
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +36,7 @@ from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.synthetic import REGIMES
 from torchrec_longseq.metrics import grouped_auc
 from torchrec_longseq.models.longseq_ctr import LongSeqCTR, LongSeqCTRTrain, ModelConfig, build_model
+from torchrec_longseq.modules.sequence import Selection
 
 
 def train_model(name: str, data: SyntheticConfig, steps: int, config: ModelConfig = ModelConfig(),
@@ -63,6 +64,28 @@ def train_model(name: str, data: SyntheticConfig, steps: int, config: ModelConfi
     print(f"trained {name} {steps} steps in {time.time() - start:.0f} s")
     model.eval()
     return model
+
+
+@torch.no_grad()
+def esu_probe(model: LongSeqCTR, arch, batch) -> Tuple[torch.Tensor, Selection, torch.Tensor,
+                                                       torch.Tensor]:
+    """``(logits [B], selection, best [B], lse [B])`` of a search-then-attend model on a batch:
+    its logits, its search's selection, and per sample the highest ESU attention logit over the
+    selected behaviors (mean over heads) and their log-sum-exp (the softmax's normaliser); both
+    -inf for a sample with nothing selected."""
+    f = batch.features
+    logits, _ = model(f, batch.history_time, batch.request_time)
+    selection = arch.search(f, batch.history_time, batch.request_time)
+    looked = model.sequence_arch.look_up(f, batch.history_time, batch.request_time,
+                                         {"history": selection})["history"]
+    esu_logits = arch.esu.logits(looked.candidates, looked.long, looked.long_offsets,
+                                 looked.long_intervals)  # [M], mean over heads
+    seg = jagged.segment_ids(looked.long_offsets, esu_logits.numel())
+    b = batch.batch_size
+    best = torch.full((b,), float("-inf")).scatter_reduce(0, seg, esu_logits, "amax")
+    shift = best.clamp(min=-1e30)  # finite for a sample with nothing selected
+    lse = shift + torch.log(torch.zeros(b).index_add(0, seg, torch.exp(esu_logits - shift[seg])))
+    return logits, selection, best, lse
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -128,18 +151,7 @@ def main() -> None:
         for i in range(10):
             batch, oracle = generator.batch_with_oracle("test", i, 128)
             f = batch.features
-            logits, _ = model(f, batch.history_time, batch.request_time)
-            selection = arch.search(f, batch.history_time, batch.request_time)
-            looked = model.sequence_arch.look_up(f, batch.history_time, batch.request_time,
-                                                 {"history": selection})["history"]
-            esu_logits = arch.esu.logits(looked.candidates, looked.long, looked.long_offsets,
-                                         looked.long_intervals)  # [M], mean over heads
-            seg = jagged.segment_ids(looked.long_offsets, esu_logits.numel())
-            b = batch.batch_size
-            best = torch.full((b,), float("-inf")).scatter_reduce(0, seg, esu_logits, "amax")
-            shift = best.clamp(min=-1e30)  # finite for a sample with nothing selected
-            lse = shift + torch.log(torch.zeros(b).index_add(0, seg, torch.exp(
-                esu_logits - shift[seg])))  # -inf for nothing selected
+            logits, selection, best, lse = esu_probe(model, arch, batch)
             scores.add(batch.user_ids, batch.labels, model=logits, oracle=oracle,
                        esu_logsumexp=lse, esu_best_logit=best)
 
