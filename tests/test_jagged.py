@@ -9,6 +9,7 @@ from torchrec_longseq.jagged import (
     last_n,
     lengths_to_offsets,
     segment_ids,
+    segment_log1p_sum_exp,
     segment_softmax,
     segment_sum,
 )
@@ -152,3 +153,43 @@ def test_segment_softmax_all_empty() -> None:
     assert out.shape == (0, 2)
     out.sum().backward()
     assert scores.grad.shape == (0, 2)
+
+
+@SETTINGS
+@given(
+    lengths=LENGTHS,
+    heads=st.integers(1, 3),
+    scale=st.sampled_from([1.0, 30.0, 1000.0]),  # 1000: exp overflows without the shift
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_segment_log1p_sum_exp_forward_backward(lengths: List[int], heads: int, scale: float,
+                                                seed: int) -> None:
+    """Against torch.logsumexp of each segment with a column of zeros added (the null score),
+    forward and backward; an empty segment gives exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    base = torch.randn(n, heads, generator=g, dtype=torch.float64) * scale
+    upstream = torch.randn(len(lengths), heads, generator=g, dtype=torch.float64)
+    seg = torch.tensor(segments_of(lengths), dtype=torch.long)
+    scores = base.clone().requires_grad_(True)
+    out = segment_log1p_sum_exp(scores, seg, len(lengths))
+    ref_scores = base.clone().requires_grad_(True)
+    offsets = offsets_of(lengths)
+    ref = torch.stack([torch.logsumexp(torch.cat([ref_scores[offsets[b]:offsets[b + 1]],
+                                                  ref_scores.new_zeros(1, heads)]), dim=0)
+                       for b in range(len(lengths))]) if lengths else out.detach() * 0
+    assert out.shape == (len(lengths), heads) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
+    assert all((out[b] == 0).all() for b, length in enumerate(lengths) if length == 0)
+    if n == 0:
+        return
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(scores.grad, ref_scores.grad)
+
+
+def test_segment_log1p_sum_exp_by_hand() -> None:
+    # segments [ln 2, ln 3] and []: log(1 + 2 + 3) = log 6, and log(1) = 0
+    scores = torch.tensor([[2.0], [3.0]]).log()
+    out = segment_log1p_sum_exp(scores, torch.tensor([0, 0]), 2)
+    torch.testing.assert_close(out, torch.tensor([[6.0], [1.0]]).log())

@@ -75,6 +75,19 @@ def test_shared_history_without_short_term_branch(name: str) -> None:
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["din-full", "sim-hard", "sim-soft", "eta", "twin"])
+def test_shared_history_with_esu_evidence(name: str) -> None:
+    """``esu_evidence`` (the ESU's per-head evidence next to its heads) serves like the batch,
+    with the history shared, through the distinct behaviors' index, and with nothing kept."""
+    model = model_of(name, dataclasses.replace(CONFIG, esu_evidence=True))
+    assert sequence_of(model).esu.evidence
+    for length, candidates in [(300, 16), (5, 3), (0, 2)]:
+        request = make_request(length, candidates)
+        torch.testing.assert_close(serving.score_request(model, request),
+                                   independent(model, request), rtol=1e-5, atol=1e-6,
+                                   msg=f"{name} L={length} C={candidates}")
+
+
 @pytest.mark.parametrize("name", ["din", "din-full", "sim-hard", "sim-soft", "eta", "twin", "sdim"])
 def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     """One EmbeddingCollection call per request, reading the C candidates and at most

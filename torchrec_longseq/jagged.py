@@ -95,6 +95,21 @@ def segment_sum(values: torch.Tensor, segments: torch.Tensor, num_segments: int)
 
 
 @torch.fx.wrap
+def segment_log1p_sum_exp(scores: torch.Tensor, segments: torch.Tensor,
+                          num_segments: int) -> torch.Tensor:
+    """``log(1 + sum_j exp(scores_j))`` of ``[N, H]`` scores within each segment (per column) ->
+    ``[num_segments, H]``: the log-sum-exp with one more score of 0 (a null behavior), so an
+    empty segment gives 0, never -inf, and the value grows with both how many scores are high
+    and how high they are (the attention mass a softmax divides away)."""
+    shape = (num_segments,) + tuple(scores.shape[1:])
+    index = segments.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
+    top = scores.new_zeros(shape).scatter_reduce(  # max(0, the segment's max): stable, finite
+        0, index, scores, reduce="amax", include_self=True).detach()
+    total = torch.exp(-top).index_add(0, segments, torch.exp(scores - top.gather(0, index)))
+    return top + torch.log(total)
+
+
+@torch.fx.wrap
 def segment_softmax(scores: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Softmax of ``[N, H]`` scores within each segment (per column).
 

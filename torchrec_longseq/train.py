@@ -109,6 +109,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--twin-k", type=at_least(0), default=100, help="behaviors kept by TWIN's search")
     p.add_argument("--twin-bias-init", default="zero", choices=["zero", "normal"],
                    help="TWIN's time bias at the start: 0 (default) or N(0, 1) (before issue 24)")
+    p.add_argument("--esu-evidence", action="store_true",
+                   help="the ESU also outputs log(1 + sum exp(logit)) per head, the attention "
+                        "mass its softmax divides away (opt-in, not in the papers; "
+                        "docs/fidelity.md)")
     p.add_argument("--gsu-overlap", action="store_true",
                    help="also report gsu_overlap at evaluation: the share of the ESU's own top-k "
                         "over the whole history that the search returns (an O(L) lookup per "
@@ -241,7 +245,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        short_window=args.short_window, time_buckets=args.time_buckets,
                        hash_bits=args.hash_bits, refresh_every=args.refresh_every,
                        sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k,
-                       twin_bias_init=args.twin_bias_init, kernel=args.kernel)
+                       twin_bias_init=args.twin_bias_init, esu_evidence=args.esu_evidence,
+                       kernel=args.kernel)
 
 
 def plain_model(args: argparse.Namespace, config: ModelConfig,

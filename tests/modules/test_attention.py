@@ -321,3 +321,83 @@ def test_projects_shared_keys_when_it_costs_fewer_multiply_adds() -> None:
     assert not attention.projects_shared_keys(10, 8, 40)
     assert attention.projects_shared_keys(11, 8, 40)
     assert not attention.projects_shared_keys(10**6, 8, 8)
+
+
+# ------------------------------------------------------------------------- the ESU's evidence
+
+
+def evidence_reference(att: TargetAttention, query: torch.Tensor, keys: torch.Tensor,
+                       lengths: List[int], bias: torch.Tensor) -> torch.Tensor:
+    """``log(1 + sum_j exp(logit_hj))`` per sample and head on padded keys: logsumexp over the
+    real positions and one 0 (the null behavior)."""
+    h, dh = att.num_heads, att.head_dim
+    z, mask = pad(keys, lengths)  # [B, Lmax, Dk]
+    extra, _ = pad(bias, lengths)  # [B, Lmax, H]
+    b, lmax = mask.shape
+    q = (query @ att.q_proj.weight.T).view(b, 1, h, dh)
+    k = (z @ att.k_proj.weight.T).view(b, lmax, h, dh)
+    logits = (q * k).sum(-1) / dh**0.5 + extra  # [B, Lmax, H]
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    return torch.logsumexp(torch.cat([logits, logits.new_zeros(b, 1, h)], dim=1), dim=1)
+
+
+@SETTINGS
+@given(lengths=LENGTHS, dq=st.integers(1, 5), dk=st.integers(1, 5), heads=st.integers(1, 3),
+       head_dim=st.integers(1, 4), scale=st.sampled_from([1.0, 30.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_evidence_matches_padded_reference(lengths: List[int], dq: int, dk: int, heads: int,
+                                           head_dim: int, scale: float, seed: int) -> None:
+    """Jagged, indexed and shared-keys forms against the padded reference, with gradients;
+    an empty sample's evidence is 0."""
+    torch.manual_seed(seed)
+    att = TargetAttention(dq, dk, heads, head_dim)
+    query, keys = random_inputs(lengths, dq, dk, seed, scale)
+    bias = torch.randn(keys.size(0), heads)
+    offsets = offsets_of(lengths)
+    out = attention.evidence(att.q_proj(query), keys, offsets, att.k_proj.weight, heads, bias)
+    ref = evidence_reference(att, query, keys, lengths, bias)
+    assert out.shape == (len(lengths), heads) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=ATOL * scale * scale, rtol=RTOL)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros(heads))
+    upstream = torch.randn_like(ref)
+    params = [query, keys, att.q_proj.weight, att.k_proj.weight]
+    for g, e in zip(grads(out, upstream, params), grads(ref, upstream, params)):
+        torch.testing.assert_close(g, e, atol=ATOL * scale**3, rtol=1e-3)
+    # the same behaviors read through an index (reversed rows of a table)
+    index = torch.arange(keys.size(0) - 1, -1, -1)
+    indexed = attention.evidence(att.q_proj(query), keys[index], offsets, att.k_proj.weight,
+                                 heads, bias[index], index)
+    torch.testing.assert_close(indexed, out, atol=ATOL * scale * scale, rtol=RTOL)
+    # every query against one shared history equals each query against a copy of it
+    if lengths and lengths[0]:
+        n0 = lengths[0]
+        shared = attention.evidence(att.q_proj(query), keys[:n0], None, att.k_proj.weight,
+                                    heads, bias[:n0])
+        copies = attention.evidence(att.q_proj(query), keys[:n0].repeat(len(lengths), 1),
+                                    offsets_of([n0] * len(lengths)), att.k_proj.weight, heads,
+                                    bias[:n0].repeat(len(lengths), 1))
+        torch.testing.assert_close(shared, copies, atol=ATOL * scale * scale, rtol=RTOL)
+
+
+def test_esu_with_evidence_appends_it_to_the_heads_outputs() -> None:
+    """The first H Dh columns are the plain ESU's (same weights), the last H the evidence; a
+    sample with nothing retrieved gets zeros in both."""
+    from torchrec_longseq.modules.esu import ExactSearchUnit
+    from torchrec_longseq.modules.time import TimeIntervalEmbedding
+
+    torch.manual_seed(0)
+    plain = ExactSearchUnit(6, TimeIntervalEmbedding(4), 2, 3)
+    counting = ExactSearchUnit(6, TimeIntervalEmbedding(4), 2, 3, evidence=True)
+    counting.load_state_dict(plain.state_dict())
+    assert (plain.output_dim, counting.output_dim) == (6, 8)
+    target, behaviors = torch.randn(3, 6), torch.randn(5, 6)
+    offsets, intervals = torch.tensor([0, 2, 2, 5]), torch.randint(1, 10**7, (5,))
+    out = counting(target, behaviors, offsets, intervals)
+    torch.testing.assert_close(out[:, :6], plain(target, behaviors, offsets, intervals))
+    keys = torch.cat([behaviors, counting.time_embedding(intervals)], dim=1)
+    att = counting.attention
+    torch.testing.assert_close(out[:, 6:], evidence_reference(att, target, keys, [2, 0, 3],
+                                                              torch.zeros(5, 2)))
+    assert torch.equal(out[1], torch.zeros(8))

@@ -190,6 +190,7 @@ class ModelConfig:
     sdim_tau: int = 3
     twin_k: int = 100
     twin_bias_init: str = "zero"
+    esu_evidence: bool = False
     kernel: str = "auto"
 
 
@@ -223,7 +224,8 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
         elif config.twin_bias_init != "normal":
             raise ValueError(f"twin_bias_init must be 'zero' or 'normal', got "
                              f"{config.twin_bias_init!r}")
-        esu = ExactSearchUnit(d, bias, config.num_heads, config.head_dim, time_as_bias=True)
+        esu = ExactSearchUnit(d, bias, config.num_heads, config.head_dim, time_as_bias=True,
+                              evidence=config.esu_evidence)
         search = TwinSearch(schema, tables, esu, config.twin_k, config.refresh_every)
         return SearchBasedInterest(search, esu, _short_term(config, d, config.num_heads),
                                    config.short_window)
@@ -235,7 +237,8 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
                       if config.short_window else None)
         search = SimHashSearch(schema, tables, config.hash_bits, config.k, config.refresh_every)
         return SearchBasedInterest(search, ExactSearchUnit(d, time, config.num_heads,
-                                                           config.head_dim),
+                                                           config.head_dim,
+                                                           evidence=config.esu_evidence),
                                    short_term, config.short_window)
     if name in ("din-full", "sim-hard", "sim-soft"):
         if name == "din-full":
@@ -247,7 +250,8 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
             projection = config.search_dim * len(table.embedding_configs())
             search = SoftSearch(schema, table, projection, config.k, config.attention_hidden)
         return SearchBasedInterest(
-            search, ExactSearchUnit(d, time, config.num_heads, config.head_dim),
+            search, ExactSearchUnit(d, time, config.num_heads, config.head_dim,
+                                    evidence=config.esu_evidence),
             _short_term(config, d, config.time_embedding_dim), config.short_window)
     raise ValueError(f"unknown sequence model {name!r}; choose from {SEQUENCE_MODELS}")
 

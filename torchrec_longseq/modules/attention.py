@@ -154,6 +154,29 @@ class TargetAttention(nn.Module):
                       self.num_heads, bias, index, self.kernel)
 
 
+def evidence(query: torch.Tensor, keys: torch.Tensor, offsets: Optional[torch.Tensor],
+             k_weight: torch.Tensor, num_heads: int, bias: Optional[torch.Tensor] = None,
+             index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """How much the behaviors match the candidate, per head: ``log(1 + sum_j exp(logit_hj))``,
+    the attention mass that ``attend``'s softmax divides away (``jagged.segment_log1p_sum_exp``).
+    Inputs as ``attend``'s (``query`` projected, ``keys`` raw) -> ``[B, H]``; 0 for a sample
+    with no behavior. ``offsets=None``: every query's behaviors are all N keys."""
+    if index is not None:
+        keys = keys.index_select(0, index)
+        bias = bias.index_select(0, index) if bias is not None else None
+    projected = nn.functional.linear(keys, k_weight)  # [N, H Dh]
+    if offsets is None:  # one shared history: every query against every key, [B N, H]
+        b, n = query.size(0), keys.size(0)
+        seg = torch.arange(b, device=keys.device).repeat_interleave(n)
+        projected = projected.repeat(b, 1)
+        bias = bias.repeat(b, 1) if bias is not None else None
+        return jagged.segment_log1p_sum_exp(head_logits(query, projected, seg, num_heads, bias),
+                                            seg, b)
+    seg = jagged.segment_ids(offsets, keys.size(0))
+    return jagged.segment_log1p_sum_exp(head_logits(query, projected, seg, num_heads, bias), seg,
+                                        query.size(0))
+
+
 def projects_shared_keys(num_queries: int, head_dim: int, key_dim: int) -> bool:
     """Whether ``attend`` with keys shared by all ``num_queries`` queries (``offsets=None``)
     projects each key and value once (``2 N H Dh Dk + 2 B N H Dh`` multiply-adds) rather than

@@ -7,7 +7,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from torchrec_longseq import jagged
-from torchrec_longseq.modules.attention import TargetAttention, head_logits
+from torchrec_longseq.modules.attention import TargetAttention, evidence, head_logits
 from torchrec_longseq.modules.sequence import Looked, Selection, SequenceModule
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.retrieval import topk
@@ -31,6 +31,10 @@ class ExactSearchUnit(nn.Module):
         num_heads (int): attention heads.
         head_dim (int): width per head; the output is ``num_heads * head_dim``.
         time_as_bias (bool): the interval as a per-head logit bias instead of a key feature.
+        evidence (bool): also output, per head, ``log(1 + sum_j exp(logit_j))`` over the
+            behaviors (``attention.evidence``): how many behaviors match the candidate and how
+            strongly, which the softmax average divides away. Not in SIM, ETA or TWIN: an
+            opt-in departure (docs/fidelity.md); the output is then ``H * Dh + H`` wide.
 
     Example::
 
@@ -39,23 +43,25 @@ class ExactSearchUnit(nn.Module):
     """
 
     def __init__(self, behavior_dim: int, time_embedding: TimeIntervalEmbedding, num_heads: int,
-                 head_dim: int, time_as_bias: bool = False) -> None:
+                 head_dim: int, time_as_bias: bool = False, evidence: bool = False) -> None:
         super().__init__()
         self.time_embedding = time_embedding
         self.time_as_bias = time_as_bias
+        self.evidence = evidence
         time_dim = time_embedding.embedding.embedding_dim
         if time_as_bias and time_dim != num_heads:
             raise ValueError(f"a time bias needs one value per head: time embedding width "
                              f"{time_dim} != num_heads {num_heads}")
         key_dim = behavior_dim if time_as_bias else behavior_dim + time_dim
         self.attention = TargetAttention(behavior_dim, key_dim, num_heads, head_dim)
-        self.output_dim = self.attention.output_dim
+        self.output_dim = self.attention.output_dim + (num_heads if evidence else 0)
 
     def forward(self, target: torch.Tensor, behaviors: torch.Tensor,
                 offsets: Optional[torch.Tensor], intervals: torch.Tensor,
                 index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``target [B, D]``, ``behaviors [M, D]``, ``offsets [B + 1]`` (``None``: the M
-        behaviors are every candidate's), ``intervals [M]`` -> ``[B, H * Dh]``.
+        behaviors are every candidate's), ``intervals [M]`` -> ``[B, output_dim]``: the heads'
+        outputs ``[B, H * Dh]``, then with ``evidence`` the heads' evidence ``[B, H]``.
 
         ``index [M']``: the attended behaviors are ``behaviors[index]`` (jagged by ``offsets``);
         serving passes each distinct behavior of the request once (``behaviors [U, D]``,
@@ -63,7 +69,13 @@ class ExactSearchUnit(nn.Module):
         time = self.time_embedding(intervals)
         keys = behaviors if self.time_as_bias else torch.cat([behaviors, time], dim=1)  # [M, Dk]
         bias = time if self.time_as_bias else None  # [M, H]
-        return self.attention(target, keys, offsets, bias, index)
+        out = self.attention(target, keys, offsets, bias, index)
+        if not self.evidence:
+            return out
+        attention = self.attention
+        return torch.cat([out, evidence(attention.q_proj(target), keys, offsets,
+                                        attention.k_proj.weight, attention.num_heads, bias,
+                                        index)], dim=1)
 
     def logits(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,
                intervals: torch.Tensor) -> torch.Tensor:
