@@ -1,9 +1,9 @@
 """What the synthetic data lets a model learn: an idealised counting scorer against the oracle.
 
 The scorer is built to the category regime's label: it counts the candidate's matches among the
-behaviors older than the recent window, ``c = sum_{old j} sigmoid(a s_j - 3)`` with a learned
-``a`` (starting at 1), and scores ``MLP([e_t, log(1 + c)])``. Only the match score ``s_j``
-changes between variants:
+behaviors older than the recent window, ``c = sum_{old j} sigmoid(a s_j + b - 3)`` with a learned
+slope ``a`` (starting at 1) and offset ``b`` (at 0), and scores ``MLP([e_t, log(1 + c)])``. Only
+the match score ``s_j`` changes between variants:
 
 * ``raw``: ``temperature * e_t . e_j``, the plain dot product of the looked-up embeddings (an
   id matches itself: ETA's SimHash and SDIM's hashing rank by it);
@@ -38,7 +38,8 @@ from torchrec_longseq.metrics import grouped_auc
 
 
 class CountingScorer(nn.Module):
-    """``MLP([e_t, log(1 + sum_{old j} sigmoid(a s_j - 3))])`` (see the module's docstring)."""
+    """``MLP([e_t, log(1 + sum_{old j} sigmoid(a s_j + b - 3))])`` (see the module's
+    docstring)."""
 
     def __init__(self, data: SyntheticConfig, match: str, temperature: float, init: float,
                  dim: int = 16) -> None:
@@ -53,6 +54,7 @@ class CountingScorer(nn.Module):
         if match == "tied":
             self.k.weight.data.copy_(self.q.weight.data)
         self.slope = nn.Parameter(torch.ones(()))
+        self.offset = nn.Parameter(torch.zeros(()))
         self.head = nn.Sequential(nn.Linear(2 * dim + 1, 64), nn.ReLU(), nn.Linear(64, 1))
 
     def tables(self) -> Tuple[nn.Parameter, nn.Parameter]:
@@ -73,7 +75,7 @@ class CountingScorer(nn.Module):
             score = (target[seg] * history).sum(1)
         else:
             score = (self.q(target)[seg] * self.k(history)).sum(1) / 8 ** 0.5
-        hits = torch.sigmoid(self.slope * self.temperature * score - 3) * old
+        hits = torch.sigmoid(self.slope * self.temperature * score + self.offset - 3) * old
         count = jagged.segment_sum(hits.unsqueeze(1), seg, target.size(0))  # [B, 1]
         return self.head(torch.cat([target, torch.log1p(count)], dim=1)).squeeze(1)
 

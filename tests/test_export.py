@@ -2,6 +2,7 @@
 process, without the model, it scores requests as the eager ``score_request`` does, for every
 model, at history lengths 0, 1, 1,000 and 10,000 and 1 or 200 candidates."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -42,9 +43,12 @@ def random_request(length: int, candidates: int, seed: int) -> serving.Request:
         request_time=10**9 + 1, history_time=times)
 
 
-def model_of(name: str) -> torch.nn.Module:
+VARIANTS = ["eta:torch", "twin:evidence"]  # ETA on the torch ops, TWIN with esu_evidence
+
+
+def model_of(name: str, **config) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(name, CONFIG, DATA.table_sizes).eval()
+    model = build_model(name, dataclasses.replace(CONFIG, **config), DATA.table_sizes).eval()
     model.refresh_derived_tables()
     return model
 
@@ -75,15 +79,17 @@ def load_elsewhere(cases: Dict[str, tuple], tmp: Path) -> Dict[str, List[float]]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Dict[str, List[float]]:
-    """Every model exported (the compiled operators), ETA also with ``kernel="torch"`` and the
-    two-sequence model of ``examples/own_model.py``; each loaded in one fresh process."""
+    """Every model exported (the compiled operators), ETA also with ``kernel="torch"``, TWIN
+    with the ESU's evidence and the two-sequence model of ``examples/own_model.py``; each loaded
+    in one fresh process."""
     tmp = tmp_path_factory.mktemp("export")
     requests = [random_request(length, c, seed) for seed, (length, c) in enumerate(SHAPES)]
     example = random_request(257, 37, 99)
     cases = {}
-    for name in MODELS + ["eta:torch"]:
-        model = model_of(name.split(":")[0])
-        kernel = name.split(":")[1] if ":" in name else None
+    for name in MODELS + VARIANTS:
+        base, _, variant = name.partition(":")
+        model = model_of(base, esu_evidence=variant == "evidence")
+        kernel = "torch" if variant == "torch" else None
         path = serving.export(model, tmp / name.replace(":", "-"), example, kernel=kernel)
         cases[name] = (str(path), requests, [serving.score_request(model, r) for r in requests])
     data = SyntheticConfig(max_seq_len=300, num_users=100, num_items=400, num_categories=20,
@@ -97,7 +103,7 @@ def exported(tmp_path_factory) -> Dict[str, List[float]]:
     return {"tmp": tmp, **load_elsewhere(cases, tmp)}
 
 
-@pytest.mark.parametrize("name", MODELS + ["eta:torch", "own"])
+@pytest.mark.parametrize("name", MODELS + VARIANTS + ["own"])
 def test_loaded_artefact_equals_eager_scoring(name: str, exported) -> None:
     """Within 1e-5 of ``score_request`` at L = 0, 1, 1,000, 10,000 and C = 1, 200 (own: the
     two-sequence model of ``examples/own_model.py``, its histories as generated)."""
