@@ -20,7 +20,10 @@ samples) next to the oracle's::
     .venv/bin/python benchmarks/counting_probe.py --regime category --steps 2000 \\
         --variants raw:10:0.022 projected:10:0.022 tied:10:0.3
 
-Each variant is ``match:temperature:init``. docs/fidelity.md reads the results.
+Each variant is ``match:temperature:init``. ``--cooccurrence W`` adds the library's
+co-occurrence loss (``modules.cooccurrence``) on the item table; ``--readout`` (similarity
+regime) trains the table with that loss alone and reads it with a fixed ``CosineCount``, no
+clicks. docs/fidelity.md reads the results.
 """
 
 import argparse
@@ -35,6 +38,7 @@ from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.batch import Batch
 from torchrec_longseq.data.synthetic import REGIMES
 from torchrec_longseq.metrics import grouped_auc
+from torchrec_longseq.modules.cooccurrence import cooccurrence_loss
 
 
 class CountingScorer(nn.Module):
@@ -80,7 +84,17 @@ class CountingScorer(nn.Module):
         return self.head(torch.cat([target, torch.log1p(count)], dim=1)).squeeze(1)
 
 
-def probe(data: SyntheticConfig, variant: str, steps: int) -> Tuple[float, float]:
+def window_loss(model: CountingScorer, batch: Batch) -> torch.Tensor:
+    """The library's co-occurrence loss (``modules.cooccurrence``) over the item rows of each
+    sample's last ``window`` behaviors, at the match's temperature."""
+    index, kept = jagged.last_n(batch.features["hist_item"].offsets(), model.window)
+    rows = model.item(batch.features["hist_item"].values()[index])
+    return cooccurrence_loss(rows, jagged.lengths_to_offsets(kept), batch.request_time,
+                             temperature=model.temperature)
+
+
+def probe(data: SyntheticConfig, variant: str, steps: int,
+          cooccurrence: float = 0.0) -> Tuple[float, float]:
     """Train one ``match:temperature:init`` variant; returns its test ``(AUC, GAUC)``."""
     match, temperature, init = variant.split(":")
     if match not in ("raw", "tied", "projected"):
@@ -94,6 +108,11 @@ def probe(data: SyntheticConfig, variant: str, steps: int) -> Tuple[float, float
     for step in range(steps):
         batch = generator.batch("train", step, 128)
         loss = nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+        if cooccurrence:
+            aux = window_loss(model, batch)
+            loss = loss + cooccurrence * aux
+            if step % 200 == 0:
+                print(f"step {step} cooccurrence loss {float(aux.detach()):.3f}", flush=True)
         loss.backward()
         for optimizer in optimizers:
             optimizer.step()
@@ -101,9 +120,68 @@ def probe(data: SyntheticConfig, variant: str, steps: int) -> Tuple[float, float
     return scores(data, model)
 
 
+class CosineCount:
+    """A fixed readout of a table ``[num_items, d]``, the similarity regime's label on the table's
+    cosines: ``log(1 + sum_{old j} w(cos(t, j))) - log(1 + prior_t * n_old)``, ``w(c) = relu((c -
+    floor) / (1 - floor))^2`` and ``prior_t`` the mean of ``w(cos(t, i))`` over all items. On the
+    generator's latents it is the oracle less the ages; on a table it says how much of the label
+    the table's geometry holds, with nothing trained on clicks."""
+
+    def __init__(self, table: torch.Tensor, floor: float = 0.5) -> None:
+        self.unit = nn.functional.normalize(table.detach().double(), dim=1)
+        self.floor = floor
+        self.prior = self.weight(self.unit @ self.unit.T).mean(dim=1)
+
+    def weight(self, cos: torch.Tensor) -> torch.Tensor:
+        return torch.clamp((cos - self.floor) / (1 - self.floor), min=0) ** 2
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        f = batch.features
+        offsets, items = f["hist_item"].offsets(), f["hist_item"].values()
+        seg = jagged.segment_ids(offsets, items.numel())
+        old = ((offsets[1:][seg] - 1 - torch.arange(items.numel())) >= 50).double()
+        t = f["target_item"].values()
+        cos = (self.unit[t][seg] * self.unit[items]).sum(1)
+        evidence = jagged.segment_sum((self.weight(cos) * old).unsqueeze(1), seg, t.numel())
+        n_old = jagged.segment_sum(old.unsqueeze(1), seg, t.numel())
+        return (torch.log1p(evidence) - torch.log1p(self.prior[t].unsqueeze(1) * n_old)).squeeze(1)
+
+
+def neighbour_recall(table: torch.Tensor, neighbours: torch.Tensor) -> float:
+    """The share of each item's true ``neighbours`` (``[num_items, m]``, itself first) among its
+    ``m - 1`` nearest other items by the table's dot product."""
+    e = table.detach().double()
+    dots = (e @ e.T).fill_diagonal_(float("-inf"))
+    nearest = dots.topk(neighbours.size(1) - 1, dim=1).indices
+    return float((nearest[:, :, None] == neighbours[:, None, 1:]).any(-1).double().mean())
+
+
+def readout(data: SyntheticConfig, steps: int, report_every: int = 500) -> None:
+    """Train the item table with the co-occurrence loss alone (no clicks; raw:10:0.022's table
+    and optimiser) and print ``CosineCount``'s test AUC / GAUC on it every ``report_every``
+    steps, next to the generator's latents'."""
+    generator = SyntheticGenerator(data)
+    neighbours = torch.from_numpy(generator.neighbours)
+    auc, gauc = scores(data, CosineCount(torch.from_numpy(generator.latents)))
+    print(f"| latents | | {auc:.4f} | {gauc:.4f} | 1.000 |", flush=True)
+    torch.manual_seed(0)
+    model = CountingScorer(data, "raw", 10.0, 0.022)
+    optimizer = torch.optim.Adagrad([model.item.weight], lr=0.05)
+    for step in range(steps + 1):
+        if step % report_every == 0 or step == steps:
+            auc, gauc = scores(data, CosineCount(model.item.weight))
+            print(f"| table | {step} | {auc:.4f} | {gauc:.4f} | "
+                  f"{neighbour_recall(model.item.weight, neighbours):.3f} |", flush=True)
+        if step < steps:
+            window_loss(model, generator.batch("train", step, 128)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
 @torch.no_grad()
 def scores(data: SyntheticConfig, model=None) -> Tuple[float, float]:
-    """Test ``(AUC, GAUC)`` of ``model`` (``None``: the oracle) on 40 test batches of 128."""
+    """Test ``(AUC, GAUC)`` of ``model`` (a callable ``batch -> [B]`` scores; ``None``: the
+    oracle) on 40 test batches of 128."""
     generator = SyntheticGenerator(data)
     users, logits, labels = [], [], []
     for index in range(40):
@@ -122,14 +200,27 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=1000)
     p.add_argument("--variants", nargs="+",
                    default=["raw:10:0.022", "raw:1:0.3", "tied:10:0.3", "projected:10:0.3"])
+    p.add_argument("--cooccurrence", type=float, default=0.0,
+                   help="weight of the co-occurrence loss over the recent window's item rows "
+                        "(modules.cooccurrence; 0: none)")
+    p.add_argument("--readout", action="store_true",
+                   help="similarity regime: train the table with the co-occurrence loss alone "
+                        "for --steps and read it with CosineCount instead")
     args = p.parse_args()
     data = SyntheticConfig(max_seq_len=args.max_seq_len, regime=args.regime)
+    if args.readout:
+        if args.regime != "similarity":
+            p.error("--readout reads the similarity regime's label: pass --regime similarity")
+        print("| table | co-occurrence steps | test AUC | test GAUC | neighbour recall |\n"
+              "|---|---|---|---|---|")
+        readout(data, args.steps)
+        return
     auc, gauc = scores(data)
     print("| regime | scorer | steps | test AUC | test GAUC | seconds |\n|---|---|---|---|---|---|")
     print(f"| {args.regime} | oracle | | {auc:.4f} | {gauc:.4f} | |", flush=True)
     for variant in args.variants:
         start = time.time()
-        auc, gauc = probe(data, variant, args.steps)
+        auc, gauc = probe(data, variant, args.steps, args.cooccurrence)
         print(f"| {args.regime} | {variant} | {args.steps} | {auc:.4f} | {gauc:.4f} | "
               f"{time.time() - start:.0f} |", flush=True)
 

@@ -76,6 +76,14 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def weight(text: str) -> float:
+    """An argparse type: a float ``>= 0``."""
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", help="a YAML (or JSON) file of these options by name (e.g. "
@@ -113,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the ESU also outputs log(1 + sum exp(logit)) per head, the attention "
                         "mass its softmax divides away (opt-in, not in the papers; "
                         "docs/fidelity.md)")
+    p.add_argument("--cooccurrence", type=weight, default=0.0,
+                   help="weight of a co-occurrence loss over the recent window's rows, which "
+                        "learns item similarity from histories (opt-in, not in the papers; "
+                        "docs/fidelity.md); 0: none")
     p.add_argument("--gsu-overlap", action="store_true",
                    help="also report gsu_overlap at evaluation: the share of the ESU's own top-k "
                         "over the whole history that the search returns (an O(L) lookup per "
@@ -246,7 +258,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        hash_bits=args.hash_bits, refresh_every=args.refresh_every,
                        sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k,
                        twin_bias_init=args.twin_bias_init, esu_evidence=args.esu_evidence,
-                       kernel=args.kernel)
+                       cooccurrence=args.cooccurrence, kernel=args.kernel)
 
 
 def plain_model(args: argparse.Namespace, config: ModelConfig,

@@ -132,8 +132,9 @@ class LongSeqCTRTrain(nn.Module):
     """Training wrapper: ``batch -> (loss, (loss, logits, labels))`` as TorchRec's ``DLRMTrain``.
 
     ``loss = beta * BCE(logits) + alpha * sum of BCE(aux_logits)`` over the auxiliary tasks, each
-    BCE the mean over the batch's samples; a batch of zero samples has loss 0 (and no gradient),
-    not the NaN of a mean over nothing.
+    BCE the mean over the batch's samples, plus the sequence arch's weighted co-occurrence losses
+    (``SequenceArch(cooccurrence=...)``, none by default); a batch of zero samples has loss 0
+    (and no gradient), not the NaN of a mean over nothing.
     """
 
     def __init__(self, model: LongSeqCTR, alpha: float = 1.0, beta: float = 1.0) -> None:
@@ -148,6 +149,9 @@ class LongSeqCTRTrain(nn.Module):
         loss = self.beta * _bce_sum(logits, labels) / samples
         for extra in aux:
             loss = loss + self.alpha * _bce_sum(extra, labels) / samples
+        if self.model.sequence_arch is not None:  # the co-occurrence losses of this forward
+            for extra in self.model.sequence_arch.losses:
+                loss = loss + extra
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
 
@@ -170,7 +174,9 @@ class ModelConfig:
     what age is worth) or ``"normal"`` (``nn.Embedding``'s N(0, 1), the model before issue 24,
     whose random bias dominated the search; docs/fidelity.md). The short-term branch (and DIN) sees
     the last ``short_window`` behaviors; 0 builds SIM, ETA, TWIN and din-full without one.
-    ``kernel`` picks the implementation of the searches and the attention
+    ``esu_evidence`` appends the ESU's per-head evidence to its output, ``cooccurrence`` weighs
+    a co-occurrence loss over the recent window (both opt-in departures from the papers,
+    docs/fidelity.md section 7). ``kernel`` picks the implementation of the searches and the attention
     (``retrieval.kernels.KERNELS``: compiled on CPU when built, compiled only, or the torch ops).
     """
 
@@ -191,6 +197,7 @@ class ModelConfig:
     twin_k: int = 100
     twin_bias_init: str = "zero"
     esu_evidence: bool = False
+    cooccurrence: float = 0.0
     kernel: str = "auto"
 
 
@@ -295,7 +302,8 @@ def build_model(
     tables = {c.name: c for c in ec.embedding_configs()}
     sequence = build_sequence(name, schema, tables, config, device)
     return set_kernel(LongSeqCTR(ebc, config.over_arch_layers,
-                                 SequenceArch(ec, {"history": sequence})), config.kernel)
+                                 SequenceArch(ec, {"history": sequence}, config.cooccurrence)),
+                      config.kernel)
 
 
 def _short_term(config: ModelConfig, behavior_width: int, context_dim: int) -> Optional[DINAttention]:
@@ -343,6 +351,6 @@ def build_store_model(models: Dict[str, str], config: ModelConfig, store: "Sampl
                                      for t in tables], device=device)
     configs = {c.name: c for c in ec.embedding_configs()}
     arch = SequenceArch(ec, {name: build_sequence(models[name], schema, configs, config, device)
-                             for name, schema in schemas.items()})
+                             for name, schema in schemas.items()}, config.cooccurrence)
     return set_kernel(LongSeqCTR(EmbeddingBagCollection(tables=pooled, device=device),
                                  config.over_arch_layers, arch), config.kernel)

@@ -37,6 +37,7 @@ from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from torchrec_longseq import jagged
+from torchrec_longseq.modules.cooccurrence import cooccurrence_loss
 from torchrec_longseq.modules.derived import DerivedTables, ItemDerivedTable
 from torchrec_longseq.modules.time import intervals_of
 from torchrec_longseq.schema import SequenceSchema
@@ -164,6 +165,10 @@ class SequenceArch(nn.Module):
             ``feature_names`` list its schemas' history and candidate keys. DMP shards it.
         sequences (Dict[str, SequenceModule]): name -> module; outputs are concatenated in this
             order.
+        cooccurrence (float): weight of the co-occurrence loss (``modules.cooccurrence``) over
+            the looked-up short-term window of each sequence that has one (a training forward
+            without any is an error), in training forwards; 0 (the default): none. The weighted losses of the last forward are in ``losses``, which
+            ``LongSeqCTRTrain`` adds to the click loss.
 
     Output of ``forward``: ``([B, sum of output_dim], aux)``, ``aux`` the auxiliary logits
     ``[B]`` of the modules that have one (SIM soft search), in order.
@@ -175,10 +180,14 @@ class SequenceArch(nn.Module):
     """
 
     def __init__(self, embedding_collection: EmbeddingCollection,
-                 sequences: Dict[str, SequenceModule]) -> None:
+                 sequences: Dict[str, SequenceModule], cooccurrence: float = 0.0) -> None:
         super().__init__()
         if not sequences:
             raise ValueError("a SequenceArch needs at least one sequence module")
+        if not cooccurrence >= 0:
+            raise ValueError(f"cooccurrence must be a weight >= 0, got {cooccurrence}")
+        self.cooccurrence = cooccurrence
+        self.losses: List[torch.Tensor] = []
         self.embedding_collection = embedding_collection
         self.sequences = nn.ModuleDict(sequences)
         self.kernel = "auto"  # serving's gathers; retrieval.kernels.set_kernel
@@ -214,6 +223,15 @@ class SequenceArch(nn.Module):
         outputs = [module.attend(looked[name], selections[name])
                    for name, module in self.sequences.items()]
         aux = [s.aux for s in selections.values() if s.aux is not None]
+        self.losses = [
+            self.cooccurrence * cooccurrence_loss(looked[name].short, looked[name].short_offsets,
+                                                  request_time)
+            for name, selection in selections.items()
+            if self.training and self.cooccurrence > 0 and selection.short is not None]
+        if self.training and self.cooccurrence > 0 and not self.losses:
+            raise ValueError(f"cooccurrence is {self.cooccurrence}, but no sequence of "
+                             f"{list(self.sequences)} has a short-term window to learn from "
+                             f"(DIN's window is its long part; short_window=0 builds none)")
         return torch.cat(outputs, dim=1), aux
 
     def refresh_pending(self) -> None:
