@@ -7,6 +7,8 @@ the match score ``s_j`` changes between variants:
 
 * ``raw``: ``temperature * e_t . e_j``, the plain dot product of the looked-up embeddings (an
   id matches itself: ETA's SimHash and SDIM's hashing rank by it);
+* ``cosine``: ``temperature * (cos(e_t, e_j) - 0.6)``, the cosine less the similarity regime's
+  floor (a match is sharp whatever the norms: a random pair counts ~0, a near one ~1);
 * ``tied``: ``temperature * (W_q e_t) . (W_k e_j) / sqrt(8)`` with ``W_k`` starting equal to
   ``W_q`` (``W_q^T W_k`` starts positive semi-definite, so an id still matches itself);
 * ``projected``: the same with ``W_q`` and ``W_k`` drawn apart, as the ESU's and TWIN's
@@ -77,6 +79,8 @@ class CountingScorer(nn.Module):
                              self.category(f["hist_category"].values())], dim=1)  # [N, 2d]
         if self.match == "raw":
             score = (target[seg] * history).sum(1)
+        elif self.match == "cosine":
+            score = nn.functional.cosine_similarity(target[seg], history, dim=1) - 0.6
         else:
             score = (self.q(target)[seg] * self.k(history)).sum(1) / 8 ** 0.5
         hits = torch.sigmoid(self.slope * self.temperature * score + self.offset - 3) * old
@@ -93,18 +97,33 @@ def window_loss(model: CountingScorer, batch: Batch) -> torch.Tensor:
                              temperature=model.temperature)
 
 
-def probe(data: SyntheticConfig, variant: str, steps: int,
-          cooccurrence: float = 0.0) -> Tuple[float, float]:
-    """Train one ``match:temperature:init`` variant; returns its test ``(AUC, GAUC)``."""
+def probe(data: SyntheticConfig, variant: str, steps: int, cooccurrence: float = 0.0,
+          pretrain: int = 0, freeze_tables: bool = False) -> Tuple[float, float]:
+    """Train one ``match:temperature:init`` variant; returns its test ``(AUC, GAUC)``.
+
+    ``pretrain`` steps of the co-occurrence loss alone on the item table come first (on
+    training batches of their own); ``freeze_tables`` then trains only the scorer on clicks,
+    the category table at 0 (the match reads the item part)."""
     match, temperature, init = variant.split(":")
-    if match not in ("raw", "tied", "projected"):
-        raise ValueError(f"match must be raw, tied or projected, got {match!r}")
+    if match not in ("raw", "cosine", "tied", "projected"):
+        raise ValueError(f"match must be raw, cosine, tied or projected, got {match!r}")
     torch.manual_seed(0)
     model = CountingScorer(data, match, float(temperature), float(init))
-    tables = list(model.tables())
-    dense = [p for p in model.parameters() if all(p is not t for t in tables)]
-    optimizers = [torch.optim.Adagrad(tables, lr=0.05), torch.optim.Adam(dense, lr=3e-3)]
     generator = SyntheticGenerator(data)
+    tables = list(model.tables())
+    item = torch.optim.Adagrad([model.item.weight], lr=0.05)
+    for step in range(pretrain):
+        window_loss(model, generator.batch("train", 100_000 + step, 128)).backward()
+        item.step()
+        item.zero_grad()
+    dense = [p for p in model.parameters() if all(p is not t for t in tables)]
+    optimizers = [torch.optim.Adam(dense, lr=3e-3)]
+    if freeze_tables:
+        for table in tables:
+            table.requires_grad_(False)
+        model.category.weight.zero_()
+    else:
+        optimizers.append(torch.optim.Adagrad(tables, lr=0.05))
     for step in range(steps):
         batch = generator.batch("train", step, 128)
         loss = nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
@@ -203,6 +222,10 @@ def main() -> None:
     p.add_argument("--cooccurrence", type=float, default=0.0,
                    help="weight of the co-occurrence loss over the recent window's item rows "
                         "(modules.cooccurrence; 0: none)")
+    p.add_argument("--pretrain", type=int, default=0,
+                   help="steps of the co-occurrence loss alone on the item table first")
+    p.add_argument("--freeze-tables", action="store_true",
+                   help="then train the scorer on clicks with the tables frozen")
     p.add_argument("--readout", action="store_true",
                    help="similarity regime: train the table with the co-occurrence loss alone "
                         "for --steps and read it with CosineCount instead")
@@ -220,7 +243,8 @@ def main() -> None:
     print(f"| {args.regime} | oracle | | {auc:.4f} | {gauc:.4f} | |", flush=True)
     for variant in args.variants:
         start = time.time()
-        auc, gauc = probe(data, variant, args.steps, args.cooccurrence)
+        auc, gauc = probe(data, variant, args.steps, args.cooccurrence, args.pretrain,
+                          args.freeze_tables)
         print(f"| {args.regime} | {variant} | {args.steps} | {auc:.4f} | {gauc:.4f} | "
               f"{time.time() - start:.0f} |", flush=True)
 
