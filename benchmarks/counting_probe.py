@@ -43,6 +43,12 @@ from torchrec_longseq.metrics import grouped_auc
 from torchrec_longseq.modules.cooccurrence import cooccurrence_loss
 
 
+def older_than_window(offsets: torch.Tensor, num_values: int, window: int) -> torch.Tensor:
+    """``[N]`` bool: the behaviors older than each sample's last ``window`` (``offsets [B+1]``)."""
+    seg = jagged.segment_ids(offsets, num_values)
+    return (offsets[1:][seg] - 1 - torch.arange(num_values)) >= window
+
+
 class CountingScorer(nn.Module):
     """``MLP([e_t, log(1 + sum_{old j} sigmoid(a s_j + b - 3))])`` (see the module's
     docstring)."""
@@ -72,7 +78,7 @@ class CountingScorer(nn.Module):
         offsets = f["hist_item"].offsets()
         n = f["hist_item"].values().numel()
         seg = jagged.segment_ids(offsets, n)
-        old = (offsets[1:][seg] - 1 - torch.arange(n)) >= self.window
+        old = older_than_window(offsets, n, self.window)
         target = torch.cat([self.item(f["target_item"].values()),
                             self.category(f["target_category"].values())], dim=1)  # [B, 2d]
         history = torch.cat([self.item(f["hist_item"].values()),
@@ -97,6 +103,16 @@ def window_loss(model: CountingScorer, batch: Batch) -> torch.Tensor:
                              temperature=model.temperature)
 
 
+def train_table(model: CountingScorer, optimizer: torch.optim.Optimizer,
+                generator: SyntheticGenerator, indices: range) -> None:
+    """Steps of the co-occurrence loss alone on ``model``'s item table, one per training batch
+    of ``indices``."""
+    for index in indices:
+        window_loss(model, generator.batch("train", index, 128)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def probe(data: SyntheticConfig, variant: str, steps: int, cooccurrence: float = 0.0,
           pretrain: int = 0, freeze_tables: bool = False) -> Tuple[float, float]:
     """Train one ``match:temperature:init`` variant; returns its test ``(AUC, GAUC)``.
@@ -112,10 +128,7 @@ def probe(data: SyntheticConfig, variant: str, steps: int, cooccurrence: float =
     generator = SyntheticGenerator(data)
     tables = list(model.tables())
     item = torch.optim.Adagrad([model.item.weight], lr=0.05)
-    for step in range(pretrain):
-        window_loss(model, generator.batch("train", 100_000 + step, 128)).backward()
-        item.step()
-        item.zero_grad()
+    train_table(model, item, generator, range(100_000, 100_000 + pretrain))
     dense = [p for p in model.parameters() if all(p is not t for t in tables)]
     optimizers = [torch.optim.Adam(dense, lr=3e-3)]
     if freeze_tables:
@@ -146,9 +159,9 @@ class CosineCount:
     generator's latents it is the oracle less the ages; on a table it says how much of the label
     the table's geometry holds, with nothing trained on clicks."""
 
-    def __init__(self, table: torch.Tensor, floor: float = 0.5) -> None:
+    def __init__(self, table: torch.Tensor, window: int, floor: float = 0.5) -> None:
         self.unit = nn.functional.normalize(table.detach().double(), dim=1)
-        self.floor = floor
+        self.window, self.floor = window, floor
         self.prior = self.weight(self.unit @ self.unit.T).mean(dim=1)
 
     def weight(self, cos: torch.Tensor) -> torch.Tensor:
@@ -158,7 +171,7 @@ class CosineCount:
         f = batch.features
         offsets, items = f["hist_item"].offsets(), f["hist_item"].values()
         seg = jagged.segment_ids(offsets, items.numel())
-        old = ((offsets[1:][seg] - 1 - torch.arange(items.numel())) >= 50).double()
+        old = older_than_window(offsets, items.numel(), self.window).double()
         t = f["target_item"].values()
         cos = (self.unit[t][seg] * self.unit[items]).sum(1)
         evidence = jagged.segment_sum((self.weight(cos) * old).unsqueeze(1), seg, t.numel())
@@ -181,20 +194,18 @@ def readout(data: SyntheticConfig, steps: int, report_every: int = 500) -> None:
     steps, next to the generator's latents'."""
     generator = SyntheticGenerator(data)
     neighbours = torch.from_numpy(generator.neighbours)
-    auc, gauc = scores(data, CosineCount(torch.from_numpy(generator.latents)))
+    auc, gauc = scores(data, CosineCount(torch.from_numpy(generator.latents), data.recent_window))
     print(f"| latents | | {auc:.4f} | {gauc:.4f} | 1.000 |", flush=True)
     torch.manual_seed(0)
     model = CountingScorer(data, "raw", 10.0, 0.022)
     optimizer = torch.optim.Adagrad([model.item.weight], lr=0.05)
-    for step in range(steps + 1):
-        if step % report_every == 0 or step == steps:
-            auc, gauc = scores(data, CosineCount(model.item.weight))
-            print(f"| table | {step} | {auc:.4f} | {gauc:.4f} | "
-                  f"{neighbour_recall(model.item.weight, neighbours):.3f} |", flush=True)
-        if step < steps:
-            window_loss(model, generator.batch("train", step, 128)).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    done = 0
+    for step in [*range(0, steps, report_every), steps]:
+        train_table(model, optimizer, generator, range(done, step))
+        done = step
+        auc, gauc = scores(data, CosineCount(model.item.weight, data.recent_window))
+        print(f"| table | {step} | {auc:.4f} | {gauc:.4f} | "
+              f"{neighbour_recall(model.item.weight, neighbours):.3f} |", flush=True)
 
 
 @torch.no_grad()

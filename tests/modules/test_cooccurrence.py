@@ -47,7 +47,8 @@ def test_by_hand() -> None:
     ``-(2 - log(e^2 + e^3) + 2 - log(e^2 + e^6)) / 2``; row 2 has no positive."""
     rows = torch.tensor([[1.0], [2.0], [3.0]])
     got = cooccurrence_loss(rows, offsets_of([2, 1]), torch.tensor([5, 6]), temperature=1.0)
-    expected = -(2 - math.log(math.exp(2) + math.exp(3)) + 2 - math.log(math.exp(2) + math.exp(6))) / 2
+    expected = -(2 - math.log(math.exp(2) + math.exp(3))
+                 + 2 - math.log(math.exp(2) + math.exp(6))) / 2
     assert abs(float(got) - expected) < 1e-6
 
 
@@ -82,8 +83,8 @@ def test_nothing_to_contrast_is_zero_with_zero_gradient() -> None:
     NaN (a row is never its own negative)."""
     for lengths, requests, max_rows in [([], [], 10), ([1, 1, 0], [1, 2, 3], 10), ([3], [1], 1)]:
         rows = torch.randn(sum(lengths), 2, requires_grad=True)
-        loss = cooccurrence_loss(rows, offsets_of(lengths), torch.tensor(requests, dtype=torch.long),
-                                 max_rows=max_rows)
+        loss = cooccurrence_loss(rows, offsets_of(lengths),
+                                 torch.tensor(requests, dtype=torch.long), max_rows=max_rows)
         loss.backward()
         assert float(loss) == 0.0
         assert rows.grad is not None and torch.equal(rows.grad, torch.zeros_like(rows))

@@ -167,8 +167,9 @@ class SequenceArch(nn.Module):
             order.
         cooccurrence (float): weight of the co-occurrence loss (``modules.cooccurrence``) over
             the looked-up short-term window of each sequence that has one (a training forward
-            without any is an error), in training forwards; 0 (the default): none. The weighted losses of the last forward are in ``losses``, which
-            ``LongSeqCTRTrain`` adds to the click loss.
+            without any is an error), in training forwards; 0 (the default): none. The
+            weighted losses of the last forward are in ``losses``, which ``LongSeqCTRTrain``
+            adds to the click loss.
 
     Output of ``forward``: ``([B, sum of output_dim], aux)``, ``aux`` the auxiliary logits
     ``[B]`` of the modules that have one (SIM soft search), in order.
@@ -223,15 +224,17 @@ class SequenceArch(nn.Module):
         outputs = [module.attend(looked[name], selections[name])
                    for name, module in self.sequences.items()]
         aux = [s.aux for s in selections.values() if s.aux is not None]
-        self.losses = [
-            self.cooccurrence * cooccurrence_loss(looked[name].short, looked[name].short_offsets,
-                                                  request_time)
-            for name, selection in selections.items()
-            if self.training and self.cooccurrence > 0 and selection.short is not None]
-        if self.training and self.cooccurrence > 0 and not self.losses:
-            raise ValueError(f"cooccurrence is {self.cooccurrence}, but no sequence of "
-                             f"{list(self.sequences)} has a short-term window to learn from "
-                             f"(DIN's window is its long part; short_window=0 builds none)")
+        self.losses = []
+        if self.training and self.cooccurrence > 0:
+            self.losses = [self.cooccurrence * cooccurrence_loss(
+                               looked[name].short, looked[name].short_offsets, request_time)
+                           for name, selection in selections.items()
+                           if selection.short is not None]
+            if not self.losses:
+                raise ValueError(f"cooccurrence is {self.cooccurrence}, but no sequence of "
+                                 f"{list(self.sequences)} has a short-term window to learn "
+                                 f"from (DIN's window is its long part; short_window=0 builds "
+                                 f"none)")
         return torch.cat(outputs, dim=1), aux
 
     def refresh_pending(self) -> None:
