@@ -114,12 +114,14 @@ def train_table(model: CountingScorer, optimizer: torch.optim.Optimizer,
 
 
 def probe(data: SyntheticConfig, variant: str, steps: int, cooccurrence: float = 0.0,
-          pretrain: int = 0, freeze_tables: bool = False) -> Tuple[float, float]:
+          pretrain: int = 0, freeze_tables: bool = False,
+          table_lr: float = 0.05) -> Tuple[float, float]:
     """Train one ``match:temperature:init`` variant; returns its test ``(AUC, GAUC)``.
 
     ``pretrain`` steps of the co-occurrence loss alone on the item table come first (on
     training batches of their own); ``freeze_tables`` then trains only the scorer on clicks,
-    the category table at 0 (the match reads the item part)."""
+    the category table at 0 (the match reads the item part); otherwise the clicks train the
+    tables at ``table_lr`` (Adagrad)."""
     match, temperature, init = variant.split(":")
     if match not in ("raw", "cosine", "tied", "projected"):
         raise ValueError(f"match must be raw, cosine, tied or projected, got {match!r}")
@@ -136,7 +138,7 @@ def probe(data: SyntheticConfig, variant: str, steps: int, cooccurrence: float =
             table.requires_grad_(False)
         model.category.weight.zero_()
     else:
-        optimizers.append(torch.optim.Adagrad(tables, lr=0.05))
+        optimizers.append(torch.optim.Adagrad(tables, lr=table_lr))
     for step in range(steps):
         batch = generator.batch("train", step, 128)
         loss = nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
@@ -237,6 +239,8 @@ def main() -> None:
                    help="steps of the co-occurrence loss alone on the item table first")
     p.add_argument("--freeze-tables", action="store_true",
                    help="then train the scorer on clicks with the tables frozen")
+    p.add_argument("--table-lr", type=float, default=0.05,
+                   help="Adagrad learning rate of the tables on clicks")
     p.add_argument("--readout", action="store_true",
                    help="similarity regime: train the table with the co-occurrence loss alone "
                         "for --steps and read it with CosineCount instead")
@@ -255,7 +259,7 @@ def main() -> None:
     for variant in args.variants:
         start = time.time()
         auc, gauc = probe(data, variant, args.steps, args.cooccurrence, args.pretrain,
-                          args.freeze_tables)
+                          args.freeze_tables, args.table_lr)
         print(f"| {args.regime} | {variant} | {args.steps} | {auc:.4f} | {gauc:.4f} | "
               f"{time.time() - start:.0f} |", flush=True)
 

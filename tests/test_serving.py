@@ -88,6 +88,20 @@ def test_shared_history_with_esu_evidence(name: str) -> None:
                                    msg=f"{name} L={length} C={candidates}")
 
 
+@pytest.mark.parametrize("name", ["din-full", "sim-hard", "sim-soft", "eta"])
+def test_shared_history_with_esu_similarity(name: str) -> None:
+    """``esu_similarity`` (a per-pair logit term) serves like the batch: the shared history and
+    the distinct behaviors' index laid out per (candidate, behavior) pair."""
+    model = model_of(name, dataclasses.replace(CONFIG, esu_similarity="category",
+                                               esu_evidence=True))
+    assert sequence_of(model).esu.similarity == (16, 32)
+    for length, candidates in [(300, 16), (5, 3), (0, 2), (300, 1)]:
+        request = make_request(length, candidates)
+        torch.testing.assert_close(serving.score_request(model, request),
+                                   independent(model, request), rtol=1e-5, atol=1e-6,
+                                   msg=f"{name} L={length} C={candidates}")
+
+
 @pytest.mark.parametrize("name", ["din", "din-full", "sim-hard", "sim-soft", "eta", "twin", "sdim"])
 def test_shared_lookup_is_bounded(name: str, monkeypatch) -> None:
     """One EmbeddingCollection call per request, reading the C candidates and at most

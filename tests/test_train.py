@@ -181,3 +181,34 @@ def test_early_stop_needs_validation(capsys) -> None:
 
     with pytest.raises(SystemExit, match="--early-stop needs --eval-every"):
         main(["--early-stop", "3", "--eval-every", "0"])
+
+
+def test_cooccurrence_pretraining_moves_only_the_tables() -> None:
+    """``pretrain_tables``: steps of the co-occurrence losses alone change the looked-up rows
+    of the tables and no dense parameter (they get no gradient); the loss is the model's
+    ``sequence_arch.losses``, so a model without them is refused before training."""
+    import torch
+
+    import helpers
+    from torchrec_longseq.models.longseq_ctr import LongSeqCTRTrain
+    from torchrec_longseq.train import main, pretrain_tables
+
+    ctr = helpers.build_small_model("eta", cooccurrence=1.0)
+    model = LongSeqCTRTrain(ctr)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    pretrain_tables(model, optimizer, ctr, iter([helpers.make_batch(i) for i in range(3)]), 3,
+                    torch.device("cpu"), rank=1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("embedding_collection" in n for n in changed), changed
+    with pytest.raises(SystemExit, match="--cooccurrence W > 0"):
+        main(["--cooccurrence-pretrain", "5"])
+
+
+def test_cooccurrence_pretraining_runs_on_two_ranks(tmp_path: Path) -> None:
+    """``--cooccurrence-pretrain 3`` with the ESU's similarity term: the pretrained tables give
+    another model than the same run without pretraining."""
+    args = ["--model", "eta", "--steps", "2", "--cooccurrence", "1", "--esu-similarity", "item"]
+    plain = train(tmp_path / "plain", *args)
+    pretrained = train(tmp_path / "pretrained", *args, "--cooccurrence-pretrain", "3")
+    assert pretrained["logloss"] != pytest.approx(plain["logloss"], rel=1e-6, abs=1e-7)

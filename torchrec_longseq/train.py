@@ -125,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
                    help="weight of a co-occurrence loss over the recent window's rows, which "
                         "learns item similarity from histories (opt-in, not in the papers; "
                         "docs/fidelity.md); 0: none")
+    p.add_argument("--cooccurrence-pretrain", type=at_least(0), default=0,
+                   help="steps of the co-occurrence loss alone (no clicks) on the tables before "
+                        "training on clicks (needs --cooccurrence W > 0)")
+    p.add_argument("--esu-similarity", default=None, metavar="TABLE",
+                   help="add the candidate-behavior cosine of TABLE's rows (e.g. item), times a "
+                        "learned scale per head, to the long-term ESU's logits (sim-hard, "
+                        "sim-soft, eta, din-full; opt-in, not in the papers; docs/fidelity.md)")
     p.add_argument("--gsu-overlap", action="store_true",
                    help="also report gsu_overlap at evaluation: the share of the ESU's own top-k "
                         "over the whole history that the search returns (an O(L) lookup per "
@@ -258,7 +265,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        hash_bits=args.hash_bits, refresh_every=args.refresh_every,
                        sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k,
                        twin_bias_init=args.twin_bias_init, esu_evidence=args.esu_evidence,
-                       cooccurrence=args.cooccurrence, kernel=args.kernel)
+                       esu_similarity=args.esu_similarity, cooccurrence=args.cooccurrence, kernel=args.kernel)
 
 
 def plain_model(args: argparse.Namespace, config: ModelConfig,
@@ -294,14 +301,15 @@ class Data:
     def model(self, config: ModelConfig) -> LongSeqCTR:
         return plain_model(self.args, config, self.store)
 
-    def training(self, start: int) -> Iterator[Batch]:
-        """The training stream from step ``start`` on: the synthetic batches of those steps, or the
-        store's train split epoch after epoch (shuffled per epoch; a resumed run reads past the
-        batches it had trained on)."""
+    def training(self, start: int, stop: Optional[int] = None) -> Iterator[Batch]:
+        """The training stream from step ``start`` on: the synthetic batches of those steps (up
+        to ``stop``, by default ``--steps``), or the store's train split epoch after epoch
+        (shuffled per epoch; a resumed run reads past the batches it had trained on)."""
         args = self.args
         if self.store is None:
+            stop = args.steps if stop is None else stop
             yield from batches(SyntheticLifelongSequences(
-                self.synthetic, "train", args.batch_size, num_batches=args.steps - start,
+                self.synthetic, "train", args.batch_size, num_batches=stop - start,
                 rank=self.rank, world_size=self.world, start=start), args.num_workers)
             return
         dataset = StoreBatches(StoreDataset(self.store, "train", args.batch_size, self.rank,
@@ -464,6 +472,24 @@ class EarlyStopping:
         model.load_state_dict(state["model"])
 
 
+def pretrain_tables(model: nn.Module, optimizer: CombinedOptimizer, ctr: LongSeqCTR,
+                    stream: Iterator[Batch], steps: int, device: torch.device, rank: int) -> None:
+    """``steps`` steps of the co-occurrence losses alone (``SequenceArch.losses``; no clicks):
+    the tables learn which items are alike before the clicks train anything. The dense
+    parameters get no gradient, so their optimizer leaves them as they are."""
+    model.train()
+    for step in range(1, steps + 1):
+        model(next(stream).to(device))
+        loss = sum(ctr.sequence_arch.losses)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if rank == 0 and (step % 100 == 0 or step == steps):
+            print(f"co-occurrence pretraining step {step}: loss {float(loss.detach()):.4f}",
+                  flush=True)
+    ctr.sequence_arch.derived.reset()  # derived tables from the pretrained rows
+
+
 def checkpoint_state(model: DistributedModelParallel, optimizer: CombinedOptimizer, step: int) -> Dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "step": torch.tensor(step)}
@@ -492,6 +518,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
     if args.early_stop and not args.eval_every:
         raise SystemExit("--early-stop needs --eval-every N > 0 (it stops on validation AUC)")
+    if args.cooccurrence_pretrain and not args.cooccurrence:
+        raise SystemExit("--cooccurrence-pretrain N trains the tables with the co-occurrence "
+                         "loss: give it a weight, --cooccurrence W > 0")
     quiet_known_notices()
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -535,6 +564,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     # a bar on a terminal; in a log (stdout not a terminal) a line per validation instead
     progress = tqdm(total=args.steps, initial=start, desc=args.model, mininterval=2.0,
                     disable=rank != 0 or not sys.stderr.isatty())
+    if start == 0 and args.cooccurrence_pretrain:
+        stream = checked_batches(data.training(0, args.cooccurrence_pretrain), ctr)
+        pretrain_tables(model, optimizer, ctr, stream, args.cooccurrence_pretrain, device, rank)
     checked = checked_batches(data.training(start), ctr)
     pipeline = TrainPipelineSparseDist(model, optimizer, device) if args.pipeline else None
     for step in range(start + 1, args.steps + 1):

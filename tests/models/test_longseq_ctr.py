@@ -246,3 +246,30 @@ def test_a_batch_of_zero_samples_has_loss_zero(name: str) -> None:
     expected = sum(torch.nn.functional.binary_cross_entropy_with_logits(x, batch.labels)
                    for x in [logits_again, *aux])
     torch.testing.assert_close(loss, expected)
+
+
+def test_esu_similarity_names_one_table_of_a_searched_esu() -> None:
+    """``esu_similarity`` resolves to the named table's columns of a behavior row (item the
+    first 16, category the next 16); a table the sequence does not use and a model whose
+    logits it cannot bias (DIN, SDIM; TWIN, whose search ranks without it) are refused."""
+    from torchrec_longseq.data import SyntheticConfig
+    from torchrec_longseq.models.longseq_ctr import ModelConfig, build_model
+    sizes = SyntheticConfig().table_sizes
+    for table, cols in [("item", (0, 16)), ("category", (16, 32))]:
+        for name in ["din-full", "sim-hard", "sim-soft", "eta"]:
+            model = build_model(name, ModelConfig(esu_similarity=table), sizes)
+            assert sequence_of(model).esu.similarity == cols
+            assert sequence_of(model).esu.similarity_scale.shape == (4,)
+    with pytest.raises(ValueError, match="'shop' fills 0"):
+        build_model("eta", ModelConfig(esu_similarity="shop"), sizes)
+    for name in ["din", "sdim", "twin"]:
+        with pytest.raises(ValueError, match=f"esu_similarity .*; {name} has none"):
+            build_model(name, ModelConfig(esu_similarity="item"), sizes)
+
+
+def test_avgpool_refuses_a_cooccurrence_weight() -> None:
+    """avgpool looks no window up, so the loss would silently not be there."""
+    from torchrec_longseq.data import SyntheticConfig
+    from torchrec_longseq.models.longseq_ctr import ModelConfig, build_model
+    with pytest.raises(ValueError, match="avgpool pools the history"):
+        build_model("avgpool", ModelConfig(cooccurrence=1.0), SyntheticConfig().table_sizes)

@@ -401,3 +401,116 @@ def test_esu_with_evidence_appends_it_to_the_heads_outputs() -> None:
     torch.testing.assert_close(out[:, 6:], evidence_reference(att, target, keys, [2, 0, 3],
                                                               torch.zeros(5, 2)))
     assert torch.equal(out[1], torch.zeros(8))
+
+
+# ------------------------------------------------------------------ the ESU's similarity term
+
+
+def esu_reference(esu, target: torch.Tensor, behaviors: torch.Tensor, intervals: torch.Tensor,
+                  lengths: List[int]) -> torch.Tensor:
+    """The ESU on padded behaviors, every (candidate, behavior) pair's logit written out:
+    ``q . k / sqrt(Dh) + time bias + scale_h cos(t[cols], e[cols])``; softmax over the real
+    positions, then (with ``evidence``) ``log(1 + sum exp)``."""
+    att, h = esu.attention, esu.attention.num_heads
+    dh = att.head_dim
+    time = esu.time_embedding(intervals)
+    keys = behaviors if esu.time_as_bias else torch.cat([behaviors, time], dim=1)
+    z, mask = pad(keys, lengths)
+    e, _ = pad(behaviors, lengths)
+    b, lmax = mask.shape
+    q = (target @ att.q_proj.weight.T).view(b, 1, h, dh)
+    k = (z @ att.k_proj.weight.T).view(b, lmax, h, dh)
+    v = (z @ att.v_proj.weight.T).view(b, lmax, h, dh)
+    logits = (q * k).sum(-1) / dh**0.5  # [B, Lmax, H]
+    if esu.time_as_bias:
+        logits = logits + pad(time, lengths)[0]
+    start, stop = esu.similarity
+    t, x = target[:, None, start:stop], e[:, :, start:stop]
+    cos = (t * x).sum(-1) / (t.norm(dim=-1).clamp(min=1e-8) * x.norm(dim=-1).clamp(min=1e-8))
+    logits = logits + cos[:, :, None] * esu.similarity_scale
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # an empty sample: zeros
+    out = (weights[..., None] * v).sum(1).flatten(1)
+    if not esu.evidence:
+        return out
+    mass = torch.logsumexp(torch.cat([logits, logits.new_zeros(b, 1, h)], dim=1), dim=1)
+    return torch.cat([out, mass], dim=1)
+
+
+@SETTINGS
+@given(lengths=LENGTHS, cols=st.sampled_from([(0, 3), (2, 5), (0, 5)]),
+       time_as_bias=st.booleans(), evidence=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_esu_similarity_matches_padded_reference(lengths: List[int], cols: Tuple[int, int],
+                                                 time_as_bias: bool, evidence: bool,
+                                                 seed: int) -> None:
+    """The similarity term in the jagged, indexed (serving's distinct behaviors) and shared
+    (one history for every candidate) layouts against the padded reference, with gradients,
+    its logits (averaged over heads) too; a sample with nothing retrieved gets zeros."""
+    from torchrec_longseq.modules.esu import ExactSearchUnit
+    from torchrec_longseq.modules.time import TimeIntervalEmbedding
+
+    torch.manual_seed(seed)
+    heads = 2
+    esu = ExactSearchUnit(5, TimeIntervalEmbedding(heads if time_as_bias else 3), heads, 3,
+                          time_as_bias=time_as_bias, evidence=evidence, similarity=cols,
+                          similarity_scale=4.0)
+    with torch.no_grad():
+        esu.similarity_scale.copy_(torch.tensor([4.0, -2.0]))
+    target, behaviors = random_inputs(lengths, 5, 5, seed)
+    intervals = torch.randint(1, 10**7, (behaviors.size(0),))
+    offsets = offsets_of(lengths)
+    out = esu(target, behaviors, offsets, intervals)
+    ref = esu_reference(esu, target, behaviors, intervals, lengths)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros(esu.output_dim))
+    upstream = torch.randn_like(ref)
+    params = [target, behaviors, esu.similarity_scale, esu.attention.k_proj.weight]
+    for g, e in zip(grads(out, upstream, params), grads(ref, upstream, params)):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3)
+    index = torch.arange(behaviors.size(0) - 1, -1, -1)  # the behaviors read through an index
+    indexed = esu(target, behaviors[index], offsets, intervals[index], index)
+    torch.testing.assert_close(indexed, out, atol=ATOL, rtol=RTOL)
+    if lengths and lengths[0]:  # every candidate against one shared history = against copies
+        n0, b = lengths[0], len(lengths)
+        shared = esu(target, behaviors[:n0], None, intervals[:n0])
+        copies = esu(target, behaviors[:n0].repeat(b, 1), offsets_of([n0] * b),
+                     intervals[:n0].repeat(b))
+        torch.testing.assert_close(shared, copies, atol=ATOL, rtol=RTOL)
+    if behaviors.size(0):
+        logits = esu.logits(target, behaviors, offsets, intervals)
+        seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        att = esu.attention
+        keys = behaviors if time_as_bias else torch.cat(
+            [behaviors, esu.time_embedding(intervals)], dim=1)
+        plain = attention.head_logits(att.q_proj(target), att.k_proj(keys), seg, heads,
+                                      esu.time_embedding(intervals) if time_as_bias else None)
+        start, stop = cols
+        cos = F.cosine_similarity(target[seg, start:stop], behaviors[:, start:stop], dim=1)
+        torch.testing.assert_close(logits, (plain + cos[:, None] * esu.similarity_scale).mean(1),
+                                   atol=ATOL, rtol=RTOL)
+
+
+def test_esu_similarity_by_hand() -> None:
+    """Projections at 0: every head's weights are ``softmax(scale cos)``. A behavior equal to
+    the candidate on the columns (cos 1) against an orthogonal one (cos 0), scale 2: weights
+    ``e^2 / (e^2 + 1)`` and ``1 / (e^2 + 1)``; the evidence is ``log(1 + e^2 + 1)``. Bad
+    columns are refused."""
+    from torchrec_longseq.modules.esu import ExactSearchUnit
+    from torchrec_longseq.modules.time import TimeIntervalEmbedding
+
+    esu = ExactSearchUnit(2, TimeIntervalEmbedding(1), 1, 2, time_as_bias=True, evidence=True,
+                          similarity=(0, 2), similarity_scale=2.0)
+    with torch.no_grad():
+        esu.attention.q_proj.weight.zero_()
+        esu.time_embedding.embedding.weight.zero_()
+        esu.attention.v_proj.weight.copy_(torch.eye(2))
+    out = esu(torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, 0.0], [0.0, 5.0]]),
+              torch.tensor([0, 2]), torch.tensor([60, 60]))
+    e2 = torch.exp(torch.tensor(2.0))
+    expected = torch.stack([3 * e2 / (e2 + 1), 5 / (e2 + 1), torch.log(2 + e2)])
+    torch.testing.assert_close(out[0], expected)
+    for cols in [(2, 1), (0, 3), (-1, 1)]:
+        with pytest.raises(ValueError, match="similarity columns"):
+            ExactSearchUnit(2, TimeIntervalEmbedding(1), 1, 2, time_as_bias=True, similarity=cols)

@@ -174,9 +174,11 @@ class ModelConfig:
     what age is worth) or ``"normal"`` (``nn.Embedding``'s N(0, 1), the model before issue 24,
     whose random bias dominated the search; docs/fidelity.md). The short-term branch (and DIN) sees
     the last ``short_window`` behaviors; 0 builds SIM, ETA, TWIN and din-full without one.
-    ``esu_evidence`` appends the ESU's per-head evidence to its output, ``cooccurrence`` weighs
-    a co-occurrence loss over the recent window (both opt-in departures from the papers,
-    docs/fidelity.md section 7). ``kernel`` picks the implementation of the searches and the attention
+    ``esu_evidence`` appends the ESU's per-head evidence to its output, ``esu_similarity`` (a
+    table name, e.g. ``"item"``) adds the cosine of the candidate's and the behavior's rows of
+    that table to the long-term ESU's logits (SIM, ETA, din-full; not TWIN, whose search could
+    not rank by it), ``cooccurrence`` weighs a co-occurrence loss over the recent window (all
+    opt-in departures from the papers, docs/fidelity.md section 7). ``kernel`` picks the implementation of the searches and the attention
     (``retrieval.kernels.KERNELS``: compiled on CPU when built, compiled only, or the torch ops).
     """
 
@@ -197,6 +199,7 @@ class ModelConfig:
     twin_k: int = 100
     twin_bias_init: str = "zero"
     esu_evidence: bool = False
+    esu_similarity: Optional[str] = None
     cooccurrence: float = 0.0
     kernel: str = "auto"
 
@@ -217,6 +220,11 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
                     config: ModelConfig, device: Optional[torch.device]) -> SequenceModule:
     d = behavior_dim(schema, tables)
     time = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
+    similarity = similarity_columns(schema, tables, config.esu_similarity)
+    if similarity is not None and name in ("din", "sdim", "twin"):
+        raise ValueError(f"esu_similarity biases the logits of a searched ESU (sim-hard, "
+                         f"sim-soft, eta, din-full); {name} has none it could bias"
+                         + (" that its search ranks by" if name == "twin" else ""))
     if name == "din":
         return DIN(schema, d, config.attention_hidden, time, last_n=config.short_window)
     if name == "sdim":
@@ -245,7 +253,8 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
         search = SimHashSearch(schema, tables, config.hash_bits, config.k, config.refresh_every)
         return SearchBasedInterest(search, ExactSearchUnit(d, time, config.num_heads,
                                                            config.head_dim,
-                                                           evidence=config.esu_evidence),
+                                                           evidence=config.esu_evidence,
+                                                           similarity=similarity),
                                    short_term, config.short_window)
     if name in ("din-full", "sim-hard", "sim-soft"):
         if name == "din-full":
@@ -258,9 +267,28 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
             search = SoftSearch(schema, table, projection, config.k, config.attention_hidden)
         return SearchBasedInterest(
             search, ExactSearchUnit(d, time, config.num_heads, config.head_dim,
-                                    evidence=config.esu_evidence),
+                                    evidence=config.esu_evidence, similarity=similarity),
             _short_term(config, d, config.time_embedding_dim), config.short_window)
     raise ValueError(f"unknown sequence model {name!r}; choose from {SEQUENCE_MODELS}")
+
+
+def similarity_columns(schema: SequenceSchema, tables: Dict[str, EmbeddingConfig],
+                       table: Optional[str]) -> Optional[Tuple[int, int]]:
+    """The columns ``[start, stop)`` of a behavior row (the schema's attributes side by side)
+    that ``table`` fills, for ``ExactSearchUnit(similarity=...)``; ``None`` for no table."""
+    if table is None:
+        return None
+    start, found = 0, []
+    for a in schema.attributes:
+        dim = tables[a.table].embedding_dim
+        if a.table == table:
+            found.append((start, start + dim))
+        start += dim
+    if len(found) != 1:
+        raise ValueError(f"esu_similarity names a table that exactly one attribute of the "
+                         f"sequence is looked up in; {table!r} fills {len(found)} "
+                         f"(its tables: {schema.tables})")
+    return found[0]
 
 
 def build_model(
@@ -275,6 +303,9 @@ def build_model(
     d = config.embedding_dim
     schema = default_schema()
     item, category = schema.attributes
+    if name == "avgpool" and config.cooccurrence:
+        raise ValueError("cooccurrence weighs a loss over a sequence's looked-up window; "
+                         "avgpool pools the history and looks nothing up")
     pooled = [
         EmbeddingBagConfig(name="user", embedding_dim=d, num_embeddings=table_sizes["user_id"],
                            feature_names=["user_id"]),
@@ -338,6 +369,9 @@ def build_store_model(models: Dict[str, str], config: ModelConfig, store: "Sampl
                        if a.table == table]
 
     if set(models.values()) == {"avgpool"}:
+        if config.cooccurrence:
+            raise ValueError("cooccurrence weighs a loss over a sequence's looked-up window; "
+                             "avgpool pools the history and looks nothing up")
         pooled += [EmbeddingBagConfig(name=t, embedding_dim=d, num_embeddings=sizes[t],
                                       feature_names=features(t), pooling=PoolingType.MEAN)
                    for t in tables]

@@ -35,6 +35,15 @@ class ExactSearchUnit(nn.Module):
             behaviors (``attention.evidence``): how many behaviors match the candidate and how
             strongly, which the softmax average divides away. Not in SIM, ETA or TWIN: an
             opt-in departure (docs/fidelity.md); the output is then ``H * Dh + H`` wide.
+        similarity (Optional[Tuple[int, int]]): columns ``[start, stop)`` of ``t`` and ``e_j``
+            (one attribute's block, e.g. the item's) whose cosine ``cos(t, e_j)``, times a
+            learned scale per head (starting at ``similarity_scale``), is added to every
+            head's logit: the match of candidate and behavior by their embeddings, without
+            waiting for the projections to learn it. Not in SIM, ETA or TWIN: an opt-in
+            departure (docs/fidelity.md section 7.4). Every (candidate, behavior) pair then has
+            a logit term of its own, so a shared or indexed history is laid out per pair.
+        similarity_scale (float): the scale's start (a cosine near 1 against ~0 for unrelated
+            rows: ``exp(scale)`` times the weight).
 
     Example::
 
@@ -43,11 +52,20 @@ class ExactSearchUnit(nn.Module):
     """
 
     def __init__(self, behavior_dim: int, time_embedding: TimeIntervalEmbedding, num_heads: int,
-                 head_dim: int, time_as_bias: bool = False, evidence: bool = False) -> None:
+                 head_dim: int, time_as_bias: bool = False, evidence: bool = False,
+                 similarity: Optional[Tuple[int, int]] = None,
+                 similarity_scale: float = 10.0) -> None:
         super().__init__()
         self.time_embedding = time_embedding
         self.time_as_bias = time_as_bias
         self.evidence = evidence
+        self.similarity = similarity
+        if similarity is not None:
+            start, stop = similarity
+            if not 0 <= start < stop <= behavior_dim:
+                raise ValueError(f"similarity columns must be [start, stop) within the "
+                                 f"{behavior_dim} columns of a behavior, got {similarity}")
+            self.similarity_scale = nn.Parameter(torch.full((num_heads,), float(similarity_scale)))
         time_dim = time_embedding.embedding.embedding_dim
         if time_as_bias and time_dim != num_heads:
             raise ValueError(f"a time bias needs one value per head: time embedding width "
@@ -66,9 +84,13 @@ class ExactSearchUnit(nn.Module):
         ``index [M']``: the attended behaviors are ``behaviors[index]`` (jagged by ``offsets``);
         serving passes each distinct behavior of the request once (``behaviors [U, D]``,
         ``intervals [U]``), so its key is built once however many candidates retrieved it."""
+        if self.similarity is not None:
+            behaviors, offsets, intervals = self._pairs(target, behaviors, offsets, intervals,
+                                                        index)
+            index = None
         time = self.time_embedding(intervals)
         keys = behaviors if self.time_as_bias else torch.cat([behaviors, time], dim=1)  # [M, Dk]
-        bias = time if self.time_as_bias else None  # [M, H]
+        bias = self._bias(target, behaviors, offsets, time)  # [M, H] or None
         out = self.attention(target, keys, offsets, bias, index)
         if not self.evidence:
             return out
@@ -76,6 +98,35 @@ class ExactSearchUnit(nn.Module):
         return torch.cat([out, evidence(attention.q_proj(target), keys, offsets,
                                         attention.k_proj.weight, attention.num_heads, bias,
                                         index)], dim=1)
+
+    def _pairs(self, target: torch.Tensor, behaviors: torch.Tensor,
+               offsets: Optional[torch.Tensor], intervals: torch.Tensor,
+               index: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attended behaviors one row per (candidate, behavior) pair: ``behaviors[index]``
+        (jagged by ``offsets``), or every candidate's copy of a shared history
+        (``offsets=None``) -> ``(behaviors [M, D], offsets [B + 1], intervals [M])``."""
+        if offsets is None:
+            b, n = target.size(0), behaviors.size(0)
+            offsets = jagged.copies_offsets(n, b, behaviors.device)
+            index = torch.arange(n, device=behaviors.device).repeat(b)
+        if index is not None:
+            behaviors, intervals = behaviors.index_select(0, index), intervals.index_select(0, index)
+        return behaviors, offsets, intervals
+
+    def _bias(self, target: torch.Tensor, behaviors: torch.Tensor,
+              offsets: Optional[torch.Tensor], time: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[M, H]`` the logit bias of every attended row: TWIN's time bias and the
+        similarity term (``None`` for neither)."""
+        bias = time if self.time_as_bias else None
+        if self.similarity is None:
+            return bias
+        start, stop = self.similarity
+        seg = jagged.segment_ids(offsets, behaviors.size(0))
+        cos = nn.functional.cosine_similarity(target[:, start:stop][seg],
+                                              behaviors[:, start:stop], dim=1)  # [M]
+        term = cos.unsqueeze(1) * self.similarity_scale  # [M, H]
+        return term if bias is None else bias + term
 
     def logits(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,
                intervals: torch.Tensor) -> torch.Tensor:
@@ -85,7 +136,8 @@ class ExactSearchUnit(nn.Module):
         seg = jagged.segment_ids(offsets, behaviors.size(0))
         attention = self.attention
         return head_logits(attention.q_proj(target), attention.k_proj(keys), seg,
-                           attention.num_heads, time if self.time_as_bias else None).mean(dim=1)
+                           attention.num_heads,
+                           self._bias(target, behaviors, offsets, time)).mean(dim=1)
 
 
 class WholeHistory(nn.Module):
