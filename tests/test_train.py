@@ -201,14 +201,30 @@ def test_cooccurrence_pretraining_moves_only_the_tables() -> None:
                     torch.device("cpu"), rank=1)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("embedding_collection" in n for n in changed), changed
+    # at a rate of 0 for the pretraining nothing moves, and the rate is the optimizer's again
+    moved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pretrain_tables(model, optimizer, ctr, iter([helpers.make_batch(i) for i in range(2)]), 2,
+                    torch.device("cpu"), rank=1, tables=optimizer, lr=0.0)
+    assert all(torch.equal(p, moved[n]) for n, p in model.named_parameters())
+    assert [g["lr"] for g in optimizer.param_groups] == [0.05]
     with pytest.raises(SystemExit, match="--cooccurrence W > 0"):
         main(["--cooccurrence-pretrain", "5"])
 
 
 def test_cooccurrence_pretraining_runs_on_two_ranks(tmp_path: Path) -> None:
     """``--cooccurrence-pretrain 3`` with the ESU's similarity term: the pretrained tables give
-    another model than the same run without pretraining."""
+    another model than the same run without pretraining, and ``--pretrain-sparse-lr`` sets
+    the fused optimizer's rate meanwhile (restoring it after: the unit test above)."""
     args = ["--model", "eta", "--steps", "2", "--cooccurrence", "1", "--esu-similarity", "item"]
     plain = train(tmp_path / "plain", *args)
     pretrained = train(tmp_path / "pretrained", *args, "--cooccurrence-pretrain", "3")
     assert pretrained["logloss"] != pytest.approx(plain["logloss"], rel=1e-6, abs=1e-7)
+    # the pretraining's rate reaches TorchRec's fused optimizer: --sparse-lr's own rate gives
+    # the same model, another rate another one
+    same = train(tmp_path / "same", *args, "--cooccurrence-pretrain", "3",
+                 "--pretrain-sparse-lr", "0.05")
+    faster = train(tmp_path / "faster", *args, "--cooccurrence-pretrain", "3",
+                   "--pretrain-sparse-lr", "0.5")
+    for key in ("auc", "logloss", "val_auc", "val_logloss"):
+        assert same[key] == pytest.approx(pretrained[key], rel=1e-6, abs=1e-7), key
+    assert faster["logloss"] != pytest.approx(pretrained["logloss"], rel=1e-6, abs=1e-7)

@@ -128,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cooccurrence-pretrain", type=at_least(0), default=0,
                    help="steps of the co-occurrence loss alone (no clicks) on the tables before "
                         "training on clicks (needs --cooccurrence W > 0)")
+    p.add_argument("--pretrain-sparse-lr", type=float, default=None,
+                   help="the tables' rate during --cooccurrence-pretrain (default: --sparse-lr)")
     p.add_argument("--esu-similarity", default=None, metavar="TABLE",
                    help="add the candidate-behavior cosine of TABLE's rows (e.g. item), times a "
                         "learned scale per head, to the long-term ESU's logits (sim-hard, "
@@ -473,11 +475,20 @@ class EarlyStopping:
 
 
 def pretrain_tables(model: nn.Module, optimizer: CombinedOptimizer, ctr: LongSeqCTR,
-                    stream: Iterator[Batch], steps: int, device: torch.device, rank: int) -> None:
+                    stream: Iterator[Batch], steps: int, device: torch.device, rank: int,
+                    tables: Optional[torch.optim.Optimizer] = None,
+                    lr: Optional[float] = None) -> None:
     """``steps`` steps of the co-occurrence losses alone (``SequenceArch.losses``; no clicks):
     the tables learn which items are alike before the clicks train anything. The dense
-    parameters get no gradient, so their optimizer leaves them as they are."""
+    parameters get no gradient, so their optimizer leaves them as they are. ``lr``: the
+    tables' optimizer ``tables`` (TorchRec's fused one reads its rate at ``zero_grad`` and
+    ``step``) runs at this rate meanwhile, and at its own again after."""
+    groups = list(tables.param_groups) if lr is not None else []
+    rates = [g["lr"] for g in groups]
+    for group in groups:
+        group["lr"] = lr
     model.train()
+    optimizer.zero_grad()
     for step in range(1, steps + 1):
         model(next(stream).to(device))
         loss = sum(ctr.sequence_arch.losses)
@@ -487,6 +498,9 @@ def pretrain_tables(model: nn.Module, optimizer: CombinedOptimizer, ctr: LongSeq
         if rank == 0 and (step % 100 == 0 or step == steps):
             print(f"co-occurrence pretraining step {step}: loss {float(loss.detach()):.4f}",
                   flush=True)
+    for group, rate in zip(groups, rates):
+        group["lr"] = rate
+    optimizer.zero_grad()
     ctr.sequence_arch.derived.reset()  # derived tables from the pretrained rows
 
 
@@ -566,7 +580,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
                     disable=rank != 0 or not sys.stderr.isatty())
     if start == 0 and args.cooccurrence_pretrain:
         stream = checked_batches(data.training(0, args.cooccurrence_pretrain), ctr)
-        pretrain_tables(model, optimizer, ctr, stream, args.cooccurrence_pretrain, device, rank)
+        pretrain_tables(model, optimizer, ctr, stream, args.cooccurrence_pretrain, device, rank,
+                        model.fused_optimizer, args.pretrain_sparse_lr)
     checked = checked_batches(data.training(start), ctr)
     pipeline = TrainPipelineSparseDist(model, optimizer, device) if args.pipeline else None
     for step in range(start + 1, args.steps + 1):
