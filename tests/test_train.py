@@ -186,7 +186,8 @@ def test_early_stop_needs_validation(capsys) -> None:
 def test_cooccurrence_pretraining_moves_only_the_tables() -> None:
     """``pretrain_tables``: steps of the co-occurrence losses alone change the looked-up rows
     of the tables and no dense parameter (they get no gradient); the loss is the model's
-    ``sequence_arch.losses``, so a model without them is refused before training."""
+    ``sequence_arch.losses``, so pretraining without a weight is refused before training, and
+    so is a pretraining rate without pretraining steps."""
     import torch
 
     import helpers
@@ -209,6 +210,8 @@ def test_cooccurrence_pretraining_moves_only_the_tables() -> None:
     assert [g["lr"] for g in optimizer.param_groups] == [0.05]
     with pytest.raises(SystemExit, match="--cooccurrence W > 0"):
         main(["--cooccurrence-pretrain", "5"])
+    with pytest.raises(SystemExit, match="give it N > 0 steps"):
+        main(["--cooccurrence", "1", "--pretrain-sparse-lr", "0.1"])
 
 
 def test_cooccurrence_pretraining_runs_on_two_ranks(tmp_path: Path) -> None:

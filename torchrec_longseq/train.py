@@ -267,7 +267,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        hash_bits=args.hash_bits, refresh_every=args.refresh_every,
                        sdim_bits=args.sdim_bits, sdim_tau=args.sdim_tau, twin_k=args.twin_k,
                        twin_bias_init=args.twin_bias_init, esu_evidence=args.esu_evidence,
-                       esu_similarity=args.esu_similarity, cooccurrence=args.cooccurrence, kernel=args.kernel)
+                       esu_similarity=args.esu_similarity, cooccurrence=args.cooccurrence,
+                       kernel=args.kernel)
 
 
 def plain_model(args: argparse.Namespace, config: ModelConfig,
@@ -535,6 +536,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if args.cooccurrence_pretrain and not args.cooccurrence:
         raise SystemExit("--cooccurrence-pretrain N trains the tables with the co-occurrence "
                          "loss: give it a weight, --cooccurrence W > 0")
+    if args.pretrain_sparse_lr is not None and not args.cooccurrence_pretrain:
+        raise SystemExit("--pretrain-sparse-lr is the tables' rate during "
+                         "--cooccurrence-pretrain N: give it N > 0 steps")
     quiet_known_notices()
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
