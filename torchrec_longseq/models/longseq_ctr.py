@@ -34,7 +34,8 @@ from torchrec_longseq.modules.din import DIN
 from torchrec_longseq.modules.esu import ExactSearchUnit, SearchBasedInterest, WholeHistory
 from torchrec_longseq.modules.eta import SimHashSearch
 from torchrec_longseq.modules.sdim import SDIM
-from torchrec_longseq.modules.sequence import SequenceArch, SequenceModule, behavior_dim
+from torchrec_longseq.modules.sequence import (SequenceArch, SequenceModule, attribute_columns,
+                                               behavior_dim)
 from torchrec_longseq.modules.sim import HardSearch, SoftSearch, soft_search_tables
 from torchrec_longseq.modules.time import TimeIntervalEmbedding
 from torchrec_longseq.modules.twin import TwinSearch
@@ -178,8 +179,9 @@ class ModelConfig:
     table name, e.g. ``"item"``) adds the cosine of the candidate's and the behavior's rows of
     that table to the long-term ESU's logits (SIM, ETA, din-full; not TWIN, whose search could
     not rank by it), ``cooccurrence`` weighs a co-occurrence loss over the recent window (all
-    opt-in departures from the papers, docs/fidelity.md section 7). ``kernel`` picks the implementation of the searches and the attention
-    (``retrieval.kernels.KERNELS``: compiled on CPU when built, compiled only, or the torch ops).
+    opt-in departures from the papers, docs/fidelity.md section 7). ``kernel`` picks the
+    implementation of the searches and the attention (``retrieval.kernels.KERNELS``: compiled
+    on CPU when built, compiled only, or the torch ops).
     """
 
     embedding_dim: int = 16
@@ -278,12 +280,8 @@ def similarity_columns(schema: SequenceSchema, tables: Dict[str, EmbeddingConfig
     that ``table`` fills, for ``ExactSearchUnit(similarity=...)``; ``None`` for no table."""
     if table is None:
         return None
-    start, found = 0, []
-    for a in schema.attributes:
-        dim = tables[a.table].embedding_dim
-        if a.table == table:
-            found.append((start, start + dim))
-        start += dim
+    found = [(cols.start, cols.stop) for a, cols in
+             zip(schema.attributes, attribute_columns(schema, tables)) if a.table == table]
     if len(found) != 1:
         raise ValueError(f"esu_similarity names a table that exactly one attribute of the "
                          f"sequence is looked up in; {table!r} fills {len(found)} "
@@ -303,9 +301,8 @@ def build_model(
     d = config.embedding_dim
     schema = default_schema()
     item, category = schema.attributes
-    if name == "avgpool" and config.cooccurrence:
-        raise ValueError("cooccurrence weighs a loss over a sequence's looked-up window; "
-                         "avgpool pools the history and looks nothing up")
+    if name == "avgpool":
+        _no_cooccurrence(config)
     pooled = [
         EmbeddingBagConfig(name="user", embedding_dim=d, num_embeddings=table_sizes["user_id"],
                            feature_names=["user_id"]),
@@ -335,6 +332,13 @@ def build_model(
     return set_kernel(LongSeqCTR(ebc, config.over_arch_layers,
                                  SequenceArch(ec, {"history": sequence}, config.cooccurrence)),
                       config.kernel)
+
+
+def _no_cooccurrence(config: ModelConfig) -> None:
+    """avgpool looks no window up: a co-occurrence weight would silently not be there."""
+    if config.cooccurrence:
+        raise ValueError("cooccurrence weighs a loss over a sequence's looked-up window; "
+                         "avgpool pools the history and looks nothing up")
 
 
 def _short_term(config: ModelConfig, behavior_width: int, context_dim: int) -> Optional[DINAttention]:
@@ -369,9 +373,7 @@ def build_store_model(models: Dict[str, str], config: ModelConfig, store: "Sampl
                        if a.table == table]
 
     if set(models.values()) == {"avgpool"}:
-        if config.cooccurrence:
-            raise ValueError("cooccurrence weighs a loss over a sequence's looked-up window; "
-                             "avgpool pools the history and looks nothing up")
+        _no_cooccurrence(config)
         pooled += [EmbeddingBagConfig(name=t, embedding_dim=d, num_embeddings=sizes[t],
                                       feature_names=features(t), pooling=PoolingType.MEAN)
                    for t in tables]

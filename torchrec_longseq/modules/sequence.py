@@ -138,6 +138,18 @@ def table_configs(collection: EmbeddingCollection) -> Dict[str, EmbeddingConfig]
     return {c.name: c for c in collection.embedding_configs()}
 
 
+def attribute_columns(schema: SequenceSchema, tables: Dict[str, EmbeddingConfig]
+                      ) -> List[slice]:
+    """Per attribute of ``schema``, in order, the columns of a behavior (and candidate) row that
+    its table's embedding fills: the attributes' rows side by side."""
+    start, columns = 0, []
+    for a in schema.attributes:
+        dim = tables[a.table].embedding_dim
+        columns.append(slice(start, start + dim))
+        start += dim
+    return columns
+
+
 def behavior_dim(schema: SequenceSchema, tables: Dict[str, EmbeddingConfig]) -> int:
     """Width of a behavior (and candidate) row: the schema's attributes' widths summed."""
     missing = [a.table for a in schema.attributes if a.table not in tables]

@@ -35,6 +35,7 @@ from torchrec_longseq import jagged
 from torchrec_longseq.modules.attention import TargetAttention, head_logits
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.esu import ExactSearchUnit
+from torchrec_longseq.modules.sequence import attribute_columns
 from torchrec_longseq.retrieval import kernels, topk
 from torchrec_longseq.schema import SequenceSchema
 
@@ -109,15 +110,11 @@ class TwinSearch(nn.Module):
         self.num_heads = esu.attention.num_heads
         self.time_bias = esu.time_embedding
         width = 2 * esu.attention.output_dim
-        start, blocks = 0, []
-        for a in schema.attributes:
-            dim = tables[a.table].embedding_dim
-            blocks.append(ItemDerivedTable(
-                tables[a.table].num_embeddings, width, torch.float32,
-                ProjectedRows(esu.attention, slice(start, start + dim)), refresh_every,
-                table=a.table, trained_derive=True))
-            start += dim
-        self.rows = nn.ModuleList(blocks)
+        self.rows = nn.ModuleList(
+            ItemDerivedTable(tables[a.table].num_embeddings, width, torch.float32,
+                             ProjectedRows(esu.attention, cols), refresh_every, table=a.table,
+                             trained_derive=True)
+            for a, cols in zip(schema.attributes, attribute_columns(schema, tables)))
         # which attributes have a candidate (their query blocks make the candidate's query)
         self.matched = [i for i, a in enumerate(schema.attributes) if a.candidate_key is not None]
 
