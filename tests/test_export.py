@@ -43,8 +43,9 @@ def random_request(length: int, candidates: int, seed: int) -> serving.Request:
         request_time=10**9 + 1, history_time=times)
 
 
-# ETA on the torch ops, TWIN with esu_evidence, ETA with esu_similarity (per-pair logit terms)
-VARIANTS = ["eta:torch", "twin:evidence", "eta:similarity"]
+# ETA on the torch ops, TWIN with esu_evidence and esu_similarity (per-pair logit terms, the
+# latter in its search too), ETA with esu_similarity
+VARIANTS = ["eta:torch", "twin:evidence+similarity", "eta:similarity"]
 
 
 def model_of(name: str, **config) -> torch.nn.Module:
@@ -81,16 +82,17 @@ def load_elsewhere(cases: Dict[str, tuple], tmp: Path) -> Dict[str, List[float]]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Dict[str, List[float]]:
     """Every model exported (the compiled operators), ETA also with ``kernel="torch"`` and with
-    the ESU's similarity term, TWIN with the ESU's evidence and the two-sequence model of ``examples/own_model.py``; each loaded
-    in one fresh process."""
+    the ESU's similarity term, TWIN with the ESU's evidence and similarity term and the
+    two-sequence model of ``examples/own_model.py``; each loaded in one fresh process."""
     tmp = tmp_path_factory.mktemp("export")
     requests = [random_request(length, c, seed) for seed, (length, c) in enumerate(SHAPES)]
     example = random_request(257, 37, 99)
     cases = {}
     for name in MODELS + VARIANTS:
         base, _, variant = name.partition(":")
-        model = model_of(base, esu_evidence=variant == "evidence",
-                         esu_similarity="item" if variant == "similarity" else None)
+        options = variant.split("+")
+        model = model_of(base, esu_evidence="evidence" in options,
+                         esu_similarity="item" if "similarity" in options else None)
         kernel = "torch" if variant == "torch" else None
         path = serving.export(model, tmp / name.replace(":", "-"), example, kernel=kernel)
         cases[name] = (str(path), requests, [serving.score_request(model, r) for r in requests])

@@ -88,7 +88,7 @@ def test_shared_history_with_esu_evidence(name: str) -> None:
                                    msg=f"{name} L={length} C={candidates}")
 
 
-@pytest.mark.parametrize("name", ["din-full", "sim-hard", "sim-soft", "eta"])
+@pytest.mark.parametrize("name", ["din-full", "sim-hard", "sim-soft", "eta", "twin"])
 def test_shared_history_with_esu_similarity(name: str) -> None:
     """``esu_similarity`` (a per-pair logit term) serves like the batch: the shared history and
     the distinct behaviors' index laid out per (candidate, behavior) pair."""

@@ -133,7 +133,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--esu-similarity", default=None, metavar="TABLE",
                    help="add the candidate-behavior cosine of TABLE's rows (e.g. item), times a "
                         "learned scale per head, to the long-term ESU's logits (sim-hard, "
-                        "sim-soft, eta, din-full; opt-in, not in the papers; docs/fidelity.md)")
+                        "sim-soft, eta, twin (its search too), din-full; opt-in, not in the "
+                        "papers; docs/fidelity.md)")
     p.add_argument("--gsu-overlap", action="store_true",
                    help="also report gsu_overlap at evaluation: the share of the ESU's own top-k "
                         "over the whole history that the search returns (an O(L) lookup per "

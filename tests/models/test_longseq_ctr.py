@@ -251,18 +251,22 @@ def test_a_batch_of_zero_samples_has_loss_zero(name: str) -> None:
 def test_esu_similarity_names_one_table_of_a_searched_esu() -> None:
     """``esu_similarity`` resolves to the named table's columns of a behavior row (item the
     first 16, category the next 16); a table the sequence does not use and a model whose
-    logits it cannot bias (DIN, SDIM; TWIN, whose search ranks without it) are refused."""
+    logits it cannot bias (DIN, SDIM) are refused. TWIN's search tables get the table's
+    unit vectors (item: 16 more columns in each half of a row)."""
     from torchrec_longseq.data import SyntheticConfig
     from torchrec_longseq.models.longseq_ctr import ModelConfig, build_model
     sizes = SyntheticConfig().table_sizes
     for table, cols in [("item", (0, 16)), ("category", (16, 32))]:
-        for name in ["din-full", "sim-hard", "sim-soft", "eta"]:
+        for name in ["din-full", "sim-hard", "sim-soft", "eta", "twin"]:
             model = build_model(name, ModelConfig(esu_similarity=table), sizes)
             assert sequence_of(model).esu.similarity == cols
             assert sequence_of(model).esu.similarity_scale.shape == (4,)
+    twin = build_model("twin", ModelConfig(esu_similarity="item"), sizes)
+    rows = sequence_of(twin).search_unit.rows
+    assert [r.table.size(1) for r in rows] == [2 * (4 * 8 + 16)] * 2  # 4 heads of 8
     with pytest.raises(ValueError, match="'shop' fills 0"):
         build_model("eta", ModelConfig(esu_similarity="shop"), sizes)
-    for name in ["din", "sdim", "twin"]:
+    for name in ["din", "sdim"]:
         with pytest.raises(ValueError, match=f"esu_similarity .*; {name} has none"):
             build_model(name, ModelConfig(esu_similarity="item"), sizes)
 

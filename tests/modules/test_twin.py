@@ -72,9 +72,12 @@ def search(model: LongSeqCTR, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]
 # ----------------------------------------------------------------------------- dense reference
 
 def dense_scores(model: LongSeqCTR, batch: Batch, bias_sign: float = 1.0,
-                 with_dot: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                 with_dot: bool = True, with_similarity: bool = True
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ESU's attention logits of every behavior, mean over heads, from the embedding tables
-    and the ESU's weights: padded ``[B, Lmax]`` float64 (padding -inf) and the mask."""
+    and the ESU's weights: padded ``[B, Lmax]`` float64 (padding -inf) and the mask. With the
+    ESU's similarity term (``esu_similarity="item"``), ``a_h cos(t_item, e_item)`` is in the
+    logits (``with_similarity=False`` leaves it out, for the non-vacuity checks)."""
     f = batch.features
     esu = module_of(model).esu
     att, time_bias = esu.attention, esu.time_embedding
@@ -104,6 +107,11 @@ def dense_scores(model: LongSeqCTR, batch: Batch, bias_sign: float = 1.0,
     bias = time_bias(intervals).detach().double()  # [B, L, H]
     assert bias.shape == (b, lmax, h)
     logits = (dots if with_dot else 0 * dots) + bias_sign * bias
+    if esu.similarity is not None and with_similarity:
+        assert esu.similarity == (0, D)  # the item table's columns
+        cos = torch.nn.functional.cosine_similarity(item_w[f[TARGET_ITEM].values()][:, None],
+                                                    item_w[items], dim=-1)  # [B, L]
+        logits = logits + cos[..., None] * esu.similarity_scale.detach().double()
     scores = logits.mean(-1).masked_fill(~mask, float("-inf"))
     # behaviors with the same (item, category, time bucket) have the same logit: make the
     # reference's ties exact, as they are in the search
@@ -197,6 +205,77 @@ def test_exact_ties_go_to_the_more_recent_behavior(kernels: str) -> None:
     assert lengths.tolist() == [2, 2, 0]
     first = [3, 2] if item7 > item300 else [5, 4]
     assert per_sample(indices, lengths) == [first, [8, 7], []]
+
+
+def similarity_model(seed: int = 0) -> LongSeqCTR:
+    """TWIN with the ESU's similarity term on the item table, each head's scale drawn apart (in
+    [1, 4]: the term moves the ranking as much as q . k and the bias do, without deciding it)."""
+    model = make_model(seed, esu_similarity="item")
+    with torch.no_grad():
+        scale = module_of(model).esu.similarity_scale
+        scale.copy_(1 + 3 * torch.rand(scale.shape, generator=torch.Generator().manual_seed(seed)))
+    model.refresh_derived_tables()
+    return model
+
+
+def test_search_with_similarity_is_the_top_k_of_the_full_logits(kernels: str) -> None:
+    """With ``esu_similarity``, the search ranks by the ESU's logits with the term (the tables
+    hold each item's unit vector next to its keys, the query the candidate's, scaled by the
+    heads' mean scale): the same top ``k`` as the dense reference, which differs from the
+    ranking without the term."""
+    model = set_kernel(similarity_model(), kernels)
+    model.eval()
+    compared = 0
+    for index in range(3):
+        batch = make_batch(index)
+        indices, found = search(model, batch)
+        scores, mask = dense_scores(model, batch)
+        expected, clear = reference_topk(scores, mask, K)
+        got = per_sample(indices, found)
+        for s in range(B):
+            if clear[s]:
+                assert got[s] == expected[s], (index, s)
+                compared += 1
+        without, _ = reference_topk(*dense_scores(model, batch, with_similarity=False), K)
+        assert sum(set(g) != set(o) for g, o in zip(got, without)) > B // 4
+    assert compared >= 2 * B
+
+
+def test_similarity_tables_hold_unit_vectors() -> None:
+    """``[e W_q^T, u, e W_k^T, u]`` for the item table (``u = e / |e|``), zeros in the
+    category table's similarity columns; after training steps the rows follow the embeddings,
+    the projections and the scale."""
+    model = similarity_model()
+    weights = model.embedding_collection.embeddings
+    width = HEADS * HEAD_DIM
+
+    def check() -> None:
+        expected = expected_rows(model)
+        for name in ("item", "category"):
+            table = rows_of(model, name).table
+            assert table.shape == (TABLES[f"hist_{name}"], 2 * (width + D))
+            e = weights[name].weight.detach()
+            unit = e / e.norm(dim=1, keepdim=True) if name == "item" else torch.zeros_like(e)
+            q, k = expected[name].split(width, dim=1)
+            torch.testing.assert_close(table, torch.cat([q, unit, k, unit], 1),
+                                       atol=1e-5, rtol=1e-5)
+
+    check()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scale = module_of(model).esu.similarity_scale
+    before = scale.detach().clone()
+    for step in range(1, 3):
+        adam_step(model, make_batch(step), optimizer)
+        refresh_pending(model)
+        check()
+    assert (scale - before).abs().max() > 1e-3  # the scale is trained (the query reads it)
+    model.eval()
+    batch = make_batch(5)
+    indices, found = search(model, batch)
+    expected, clear = reference_topk(*dense_scores(model, batch), K)
+    got = per_sample(indices, found)
+    assert sum(g == e for g, e, c in zip(got, expected, clear) if c) >= B // 2
 
 
 def test_search_tables_are_the_projected_embeddings() -> None:

@@ -177,8 +177,8 @@ class ModelConfig:
     the last ``short_window`` behaviors; 0 builds SIM, ETA, TWIN and din-full without one.
     ``esu_evidence`` appends the ESU's per-head evidence to its output, ``esu_similarity`` (a
     table name, e.g. ``"item"``) adds the cosine of the candidate's and the behavior's rows of
-    that table to the long-term ESU's logits (SIM, ETA, din-full; not TWIN, whose search could
-    not rank by it), ``cooccurrence`` weighs a co-occurrence loss over the recent window (all
+    that table to the long-term ESU's logits (SIM, ETA, TWIN, whose search ranks by it too,
+    din-full), ``cooccurrence`` weighs a co-occurrence loss over the recent window (all
     opt-in departures from the papers, docs/fidelity.md section 7). ``kernel`` picks the
     implementation of the searches and the attention (``retrieval.kernels.KERNELS``: compiled
     on CPU when built, compiled only, or the torch ops).
@@ -223,10 +223,9 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
     d = behavior_dim(schema, tables)
     time = TimeIntervalEmbedding(config.time_embedding_dim, config.time_buckets)
     similarity = similarity_columns(schema, tables, config.esu_similarity)
-    if similarity is not None and name in ("din", "sdim", "twin"):
+    if similarity is not None and name in ("din", "sdim"):
         raise ValueError(f"esu_similarity biases the logits of a searched ESU (sim-hard, "
-                         f"sim-soft, eta, din-full); {name} has none it could bias"
-                         + (" that its search ranks by" if name == "twin" else ""))
+                         f"sim-soft, eta, twin, din-full); {name} has none it could bias")
     if name == "din":
         return DIN(schema, d, config.attention_hidden, time, last_n=config.short_window)
     if name == "sdim":
@@ -242,7 +241,7 @@ def _build_sequence(name: str, schema: SequenceSchema, tables: Dict[str, Embeddi
             raise ValueError(f"twin_bias_init must be 'zero' or 'normal', got "
                              f"{config.twin_bias_init!r}")
         esu = ExactSearchUnit(d, bias, config.num_heads, config.head_dim, time_as_bias=True,
-                              evidence=config.esu_evidence)
+                              evidence=config.esu_evidence, similarity=similarity)
         search = TwinSearch(schema, tables, esu, config.twin_k, config.refresh_every)
         return SearchBasedInterest(search, esu, _short_term(config, d, config.num_heads),
                                    config.short_window)

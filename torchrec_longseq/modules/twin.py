@@ -14,6 +14,12 @@ behavior features in two:
 * user-item cross features (here the time interval): each compressed to one scalar bias per
   head (``ExactSearchUnit(time_as_bias=True)``, a bucketed interval -> ``[H]``).
 
+With the ESU's similarity term (``ModelConfig.esu_similarity``, an opt-in departure,
+docs/fidelity.md), each head's logit also holds ``a_h cos(t_A, e_jA)`` for one attribute
+``A``. The cosine is the dot product of unit vectors, so it is an item-side factor too: table
+``A``'s rows keep ``e / |e|`` next to their keys and the candidate's query its own, scaled by
+the heads' mean ``a``; the search then ranks by the same logits as the ESU.
+
 GSU score of behavior ``j`` = mean over heads of ``q_h . k_jh / sqrt(Dh) + bias_h(dt_j)``, the
 ESU's own logits; the top ``k`` (100) go to the ESU, which recomputes them from the looked-up
 embeddings (with gradient) and attends. As long as the tables are fresh, the GSU's top ``k`` is
@@ -32,7 +38,7 @@ from torch import nn
 from torchrec import EmbeddingConfig, KeyedJaggedTensor
 
 from torchrec_longseq import jagged
-from torchrec_longseq.modules.attention import TargetAttention, head_logits
+from torchrec_longseq.modules.attention import TargetAttention
 from torchrec_longseq.modules.derived import ItemDerivedTable
 from torchrec_longseq.modules.esu import ExactSearchUnit
 from torchrec_longseq.modules.sequence import attribute_columns
@@ -43,19 +49,31 @@ from torchrec_longseq.schema import SequenceSchema
 class ProjectedRows:
     """``derive`` of TWIN's tables: an embedding block through ``W_q`` and ``W_k``.
 
-    ``e [N, D] -> [e W_q[:, cols]^T, e W_k[:, cols]^T]`` (``[N, 2 H Dh]``), where ``cols`` are
-    the columns of ``[e_item; e_category]`` that this table's embeddings fill. A plain callable
-    (not a module): it reads the ESU's weights without registering them a second time.
+    ``e [N, D] -> [e W_q[:, cols]^T, s, e W_k[:, cols]^T, s]`` (``[N, 2 (H Dh + m)]``), where
+    ``cols`` are the columns of ``[e_item; e_category]`` that this table's embeddings fill and
+    ``s [N, m]`` the ESU's similarity columns: ``e / |e|`` for the table the similarity term reads
+    (``unit``), zeros for the others (``m = 0`` without the term). A plain callable (not a
+    module): it reads the ESU's weights without registering them a second time.
     """
 
-    def __init__(self, attention: TargetAttention, cols: slice) -> None:
+    def __init__(self, attention: TargetAttention, cols: slice, similarity_width: int = 0,
+                 unit: bool = False) -> None:
         self.attention = attention
         self.cols = cols
+        self.similarity_width = similarity_width
+        self.unit = unit
 
     def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
         weight = torch.cat([self.attention.q_proj.weight[:, self.cols],
                             self.attention.k_proj.weight[:, self.cols]])  # [2 H Dh, D]
-        return embeddings @ weight.detach().t()
+        rows = embeddings @ weight.detach().t()
+        if not self.similarity_width:
+            return rows
+        # the unit vector as the ESU's cosine_similarity takes it: e / max(|e|, 1e-8)
+        s = (nn.functional.normalize(embeddings, dim=1, eps=1e-8) if self.unit
+             else embeddings.new_zeros(embeddings.size(0), self.similarity_width))
+        q, k = rows.chunk(2, dim=1)
+        return torch.cat([q, s, k, s], dim=1)
 
 
 def summed_rows(tables: List[torch.Tensor], ids: List[torch.Tensor], cols: slice) -> torch.Tensor:
@@ -68,17 +86,23 @@ def summed_rows(tables: List[torch.Tensor], ids: List[torch.Tensor], cols: slice
 
 @torch.fx.wrap
 def twin_scores(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.Tensor,
-                offsets: torch.Tensor, bias: torch.Tensor, num_heads: int) -> torch.Tensor:
+                offsets: torch.Tensor, bias: torch.Tensor, num_heads: int,
+                head_dim: Optional[int] = None) -> torch.Tensor:
     """The ESU's logits, averaged over heads, for every behavior, from the per-attribute tables.
 
-    ``rows[a] [rows_a, 2 H Dh]`` hold ``[W_q block, W_k block]`` per id of attribute ``a``,
-    ``ids[a] [N]`` the history's ids, ``queries [B, H Dh]`` the candidates' projected queries,
-    ``bias [N, H]`` the cross-feature biases -> ``[N]``.
+    ``rows[a] [rows_a, 2 w]`` hold ``[W_q block, s, W_k block, s]`` per id of attribute ``a``
+    (``w = H Dh + m``: ``m`` similarity columns, see ``ProjectedRows``), ``ids[a] [N]`` the
+    history's ids, ``queries [B, w]`` the candidates' queries (their similarity columns already
+    scaled, see ``TwinSearch``), ``bias [N, H]`` the cross-feature biases -> ``[N]``: the mean
+    over heads of ``q_h . k_jh / sqrt(Dh) + bias_h``, which is ``q . k / (H sqrt(Dh))`` plus the
+    mean bias. ``head_dim`` ``None``: ``w // H`` (no similarity columns).
     """
     width = rows[0].size(1) // 2
-    keys = summed_rows(rows, ids, slice(width, 2 * width))  # [N, H Dh]
+    head_dim = width // num_heads if head_dim is None else head_dim
+    keys = summed_rows(rows, ids, slice(width, 2 * width))  # [N, w]
     seg = jagged.segment_ids(offsets, ids[0].numel())
-    return head_logits(queries, keys, seg, num_heads, bias).mean(dim=1)
+    dots = (queries.index_select(0, seg) * keys).sum(dim=1)
+    return dots / (num_heads * head_dim**0.5) + bias.mean(dim=1)
 
 
 class TwinSearch(nn.Module):
@@ -108,12 +132,20 @@ class TwinSearch(nn.Module):
         self.k = topk.check_k(k)
         self.kernel = "auto"  # retrieval.kernels.set_kernel
         self.num_heads = esu.attention.num_heads
+        self.head_dim = esu.attention.head_dim
         self.time_bias = esu.time_embedding
-        width = 2 * esu.attention.output_dim
+        # the ESU's similarity term a_h cos(t[s], e_j[s]) is in the logits the search ranks by:
+        # the table of columns s keeps each row's unit vector next to its keys, the query the
+        # candidate's, scaled by the heads' mean a (shared with the ESU, not a copy)
+        similarity = esu.similarity
+        self.similarity_width = 0 if similarity is None else similarity[1] - similarity[0]
+        self.similarity_scale = None if similarity is None else esu.similarity_scale
+        width = 2 * (esu.attention.output_dim + self.similarity_width)
         self.rows = nn.ModuleList(
             ItemDerivedTable(tables[a.table].num_embeddings, width, torch.float32,
-                             ProjectedRows(esu.attention, cols), refresh_every, table=a.table,
-                             trained_derive=True)
+                             ProjectedRows(esu.attention, cols, self.similarity_width,
+                                           unit=similarity == (cols.start, cols.stop)),
+                             refresh_every, table=a.table, trained_derive=True)
             for a, cols in zip(schema.attributes, attribute_columns(schema, tables)))
         # which attributes have a candidate (their query blocks make the candidate's query)
         self.matched = [i for i, a in enumerate(schema.attributes) if a.candidate_key is not None]
@@ -128,7 +160,8 @@ class TwinSearch(nn.Module):
                 [r.table for r in self.rows],
                 [features[key].values() for key in self.schema.history_keys],
                 self._queries([features[a.candidate_key].values() for a in self.schema.matched]),
-                offsets, self.time_bias(intervals), self.num_heads, self.k, self.kernel)
+                offsets, self.time_bias(intervals), self.num_heads, self.k, self.kernel,
+                head_dim=self.head_dim)
         return indices, lengths, None
 
     def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
@@ -137,28 +170,38 @@ class TwinSearch(nn.Module):
         return twin_topk([r.table for r in self.rows],
                          [history[key] for key in self.schema.history_keys],
                          self._queries([candidates[a.candidate_key] for a in self.schema.matched]),
-                         None, self.time_bias(intervals), self.num_heads, self.k, self.kernel)
+                         None, self.time_bias(intervals), self.num_heads, self.k, self.kernel,
+                         head_dim=self.head_dim)
 
     def _queries(self, candidate_ids: List[torch.Tensor]) -> torch.Tensor:
-        """``[B, H Dh]``: the candidates' projected queries, summed over their attributes."""
+        """``[B, H Dh + m]``: the candidates' projected queries, summed over their attributes,
+        then their similarity columns times ``mean_h a_h * H sqrt(Dh)``, so that the search's
+        ``q . k / (H sqrt(Dh))`` adds ``mean_h a_h cos``."""
         width = self.rows[0].table.size(1) // 2
-        return summed_rows([self.rows[i].table for i in self.matched], candidate_ids,
-                           slice(0, width))
+        queries = summed_rows([self.rows[i].table for i in self.matched], candidate_ids,
+                              slice(0, width))
+        if self.similarity_scale is None:
+            return queries
+        split = width - self.similarity_width
+        factor = self.similarity_scale.mean() * (self.num_heads * self.head_dim**0.5)
+        return torch.cat([queries[:, :split], queries[:, split:] * factor], dim=1)
 
 
 @torch.fx.wrap
 def twin_topk(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.Tensor,
               offsets: Optional[torch.Tensor], bias: torch.Tensor, num_heads: int,
-              k: int, kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+              k: int, kernel: str = "auto", *, head_dim: Optional[int] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` of ``twin_scores`` per sample (ties to the more recent behavior): on CPU one
     compiled pass per sample (``kernels.twin_topk_by_id``, the mean over heads folded into one dot
     product and the mean bias), elsewhere ``twin_scores`` and ``jagged_topk``.
     ``offsets=None``: one history (and ``bias``) shared by all candidates (serving).
+    ``head_dim``: ``Dh`` (``None``: ``w // H``, rows without similarity columns).
 
     The kernel reads two tables by id: with more attributes, those after the first are added up
     per behavior first (one ``[N, 2 H Dh]`` pass); with one, the second is a zero row."""
     width = rows[0].size(1) // 2
-    head_dim = width // num_heads
+    head_dim = width // num_heads if head_dim is None else head_dim
     n = ids[0].numel()
     if len(rows) == 2:
         second, second_ids = rows[1], ids[1]
@@ -177,6 +220,6 @@ def twin_topk(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.
         copies = jagged.copies_offsets(n, b, ids[0].device)
         return jagged.positions_in_copy(twin_topk(
             rows, [i.repeat(b) for i in ids], queries, copies, bias.repeat(b, 1), num_heads, k,
-            kernel), n)
-    scores = twin_scores(rows, ids, queries, offsets, bias, num_heads)
+            kernel, head_dim=head_dim), n)
+    scores = twin_scores(rows, ids, queries, offsets, bias, num_heads, head_dim)
     return topk.jagged_topk(scores, offsets, k, kernel=kernel)
