@@ -409,8 +409,8 @@ def test_esu_with_evidence_appends_it_to_the_heads_outputs() -> None:
 def esu_reference(esu, target: torch.Tensor, behaviors: torch.Tensor, intervals: torch.Tensor,
                   lengths: List[int]) -> torch.Tensor:
     """The ESU on padded behaviors, every (candidate, behavior) pair's logit written out:
-    ``q . k / sqrt(Dh) + time bias + scale_h cos(t[cols], e[cols])``; softmax over the real
-    positions, then (with ``evidence``) ``log(1 + sum exp)``."""
+    ``q . k / sqrt(Dh) + time bias + scale_h (cos(t[cols], e[cols]) - threshold_h)``; softmax
+    over the real positions, then (with ``evidence``) ``log(1 + sum exp)``."""
     att, h = esu.attention, esu.attention.num_heads
     dh = att.head_dim
     time = esu.time_embedding(intervals)
@@ -427,7 +427,7 @@ def esu_reference(esu, target: torch.Tensor, behaviors: torch.Tensor, intervals:
     start, stop = esu.similarity
     t, x = target[:, None, start:stop], e[:, :, start:stop]
     cos = (t * x).sum(-1) / (t.norm(dim=-1).clamp(min=1e-8) * x.norm(dim=-1).clamp(min=1e-8))
-    logits = logits + cos[:, :, None] * esu.similarity_scale
+    logits = logits + (cos[:, :, None] - esu.similarity_threshold) * esu.similarity_scale
     logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
     weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # an empty sample: zeros
     out = (weights[..., None] * v).sum(1).flatten(1)
@@ -456,6 +456,7 @@ def test_esu_similarity_matches_padded_reference(lengths: List[int], cols: Tuple
                           similarity_scale=4.0)
     with torch.no_grad():
         esu.similarity_scale.copy_(torch.tensor([4.0, -2.0]))
+        esu.similarity_threshold.copy_(torch.tensor([0.3, -0.5]))
     target, behaviors = random_inputs(lengths, 5, 5, seed)
     intervals = torch.randint(1, 10**7, (behaviors.size(0),))
     offsets = offsets_of(lengths)
@@ -466,7 +467,8 @@ def test_esu_similarity_matches_padded_reference(lengths: List[int], cols: Tuple
         if n == 0:
             assert torch.equal(out[b], torch.zeros(esu.output_dim))
     upstream = torch.randn_like(ref)
-    params = [target, behaviors, esu.similarity_scale, esu.attention.k_proj.weight]
+    params = [target, behaviors, esu.similarity_scale, esu.similarity_threshold,
+              esu.attention.k_proj.weight]
     for g, e in zip(grads(out, upstream, params), grads(ref, upstream, params)):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3)
     index = torch.arange(behaviors.size(0) - 1, -1, -1)  # the behaviors read through an index
@@ -488,15 +490,16 @@ def test_esu_similarity_matches_padded_reference(lengths: List[int], cols: Tuple
                                       esu.time_embedding(intervals) if time_as_bias else None)
         start, stop = cols
         cos = F.cosine_similarity(target[seg, start:stop], behaviors[:, start:stop], dim=1)
-        torch.testing.assert_close(logits, (plain + cos[:, None] * esu.similarity_scale).mean(1),
-                                   atol=ATOL, rtol=RTOL)
+        term = (cos[:, None] - esu.similarity_threshold) * esu.similarity_scale
+        torch.testing.assert_close(logits, (plain + term).mean(1), atol=ATOL, rtol=RTOL)
 
 
 def test_esu_similarity_by_hand() -> None:
     """Projections at 0: every head's weights are ``softmax(scale cos)``. A behavior equal to
     the candidate on the columns (cos 1) against an orthogonal one (cos 0), scale 2: weights
-    ``e^2 / (e^2 + 1)`` and ``1 / (e^2 + 1)``; the evidence is ``log(1 + e^2 + 1)``. Bad
-    columns are refused."""
+    ``e^2 / (e^2 + 1)`` and ``1 / (e^2 + 1)``; the evidence is ``log(1 + e^2 + 1)``. With the
+    threshold at 0.5 the weights stay, the evidence is ``log(1 + e^(2 (1 - 0.5)) + e^(2 (0 -
+    0.5)))``. Bad columns are refused."""
     from torchrec_longseq.modules.esu import ExactSearchUnit
     from torchrec_longseq.modules.time import TimeIntervalEmbedding
 
@@ -510,6 +513,13 @@ def test_esu_similarity_by_hand() -> None:
               torch.tensor([0, 2]), torch.tensor([60, 60]))
     e2 = torch.exp(torch.tensor(2.0))
     expected = torch.stack([3 * e2 / (e2 + 1), 5 / (e2 + 1), torch.log(2 + e2)])
+    torch.testing.assert_close(out[0], expected)
+    with torch.no_grad():
+        esu.similarity_threshold.fill_(0.5)
+    out = esu(torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, 0.0], [0.0, 5.0]]),
+              torch.tensor([0, 2]), torch.tensor([60, 60]))
+    e = torch.exp(torch.tensor(1.0))
+    expected[2] = torch.log(1 + e + 1 / e)
     torch.testing.assert_close(out[0], expected)
     for cols in [(2, 1), (0, 3), (-1, 1)]:
         with pytest.raises(ValueError, match="similarity columns"):

@@ -36,10 +36,14 @@ class ExactSearchUnit(nn.Module):
             strongly, which the softmax average divides away. Not in SIM, ETA or TWIN: an
             opt-in departure (docs/fidelity.md); the output is then ``H * Dh + H`` wide.
         similarity (Optional[Tuple[int, int]]): columns ``[start, stop)`` of ``t`` and ``e_j``
-            (one attribute's block, e.g. the item's) whose cosine ``cos(t, e_j)``, times a
-            learned scale per head (starting at ``similarity_scale``), is added to every
-            head's logit: the match of candidate and behavior by their embeddings, without
-            waiting for the projections to learn it. Not in SIM, ETA or TWIN: an opt-in
+            (one attribute's block, e.g. the item's) whose cosine, as
+            ``a_h (cos(t, e_j) - c_h)`` with a learned scale ``a_h`` (starting at
+            ``similarity_scale``) and a learned threshold ``c_h`` (starting at 0) per head, is
+            added to every head's logit: the match of candidate and behavior by their
+            embeddings, without waiting for the projections to learn it. The softmax does not
+            see ``c_h`` (one shift for all of a head's behaviors); the evidence does: a
+            behavior adds about ``exp(a_h (cos - c_h))`` to its ``1 + sum``, so ``c_h`` is
+            the cosine from which a behavior counts. Not in SIM, ETA or TWIN: an opt-in
             departure (docs/fidelity.md section 7.4). Every (candidate, behavior) pair then has
             a logit term of its own, so a shared or indexed history is laid out per pair.
         similarity_scale (float): the scale's start (a cosine near 1 against ~0 for unrelated
@@ -66,6 +70,7 @@ class ExactSearchUnit(nn.Module):
                 raise ValueError(f"similarity columns must be [start, stop) within the "
                                  f"{behavior_dim} columns of a behavior, got {similarity}")
             self.similarity_scale = nn.Parameter(torch.full((num_heads,), float(similarity_scale)))
+            self.similarity_threshold = nn.Parameter(torch.zeros(num_heads))
         time_dim = time_embedding.embedding.embedding_dim
         if time_as_bias and time_dim != num_heads:
             raise ValueError(f"a time bias needs one value per head: time embedding width "
@@ -125,7 +130,7 @@ class ExactSearchUnit(nn.Module):
         seg = jagged.segment_ids(offsets, behaviors.size(0))
         cos = nn.functional.cosine_similarity(target[:, start:stop][seg],
                                               behaviors[:, start:stop], dim=1)  # [M]
-        term = cos.unsqueeze(1) * self.similarity_scale  # [M, H]
+        term = (cos.unsqueeze(1) - self.similarity_threshold) * self.similarity_scale  # [M, H]
         return term if bias is None else bias + term
 
     def logits(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor,

@@ -15,10 +15,11 @@ behavior features in two:
   head (``ExactSearchUnit(time_as_bias=True)``, a bucketed interval -> ``[H]``).
 
 With the ESU's similarity term (``ModelConfig.esu_similarity``, an opt-in departure,
-docs/fidelity.md), each head's logit also holds ``a_h cos(t_A, e_jA)`` for one attribute
-``A``. The cosine is the dot product of unit vectors, so it is an item-side factor too: table
-``A``'s rows keep ``e / |e|`` next to their keys and the candidate's query its own, scaled by
-the heads' mean ``a``; the search then ranks by the same logits as the ESU.
+docs/fidelity.md), each head's logit also holds ``a_h (cos(t_A, e_jA) - c_h)`` for one
+attribute ``A``. The cosine is the dot product of unit vectors, so it is an item-side factor
+too: table ``A``'s rows keep ``e / |e|`` next to their keys and the candidate's query its own,
+scaled by the heads' mean ``a``; the search then ranks by the same logits as the ESU (``c_h`` is
+one shift per head, which ranks nothing).
 
 GSU score of behavior ``j`` = mean over heads of ``q_h . k_jh / sqrt(Dh) + bias_h(dt_j)``, the
 ESU's own logits; the top ``k`` (100) go to the ESU, which recomputes them from the looked-up
@@ -95,7 +96,8 @@ def twin_scores(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torc
     history's ids, ``queries [B, w]`` the candidates' queries (their similarity columns already
     scaled, see ``TwinSearch``), ``bias [N, H]`` the cross-feature biases -> ``[N]``: the mean
     over heads of ``q_h . k_jh / sqrt(Dh) + bias_h``, which is ``q . k / (H sqrt(Dh))`` plus the
-    mean bias. ``head_dim`` ``None``: ``w // H`` (no similarity columns).
+    mean bias (without the similarity term's threshold, one constant per sample that ranks
+    nothing). ``head_dim`` ``None``: ``w // H`` (no similarity columns).
     """
     width = rows[0].size(1) // 2
     head_dim = width // num_heads if head_dim is None else head_dim
