@@ -480,7 +480,8 @@ def pretrain_tables(model: nn.Module, optimizer: CombinedOptimizer, ctr: LongSeq
                     stream: Iterator[Batch], steps: int, device: torch.device, rank: int,
                     tables: Optional[torch.optim.Optimizer] = None,
                     lr: Optional[float] = None) -> None:
-    """``steps`` steps of the co-occurrence losses alone (``SequenceArch.losses``; no clicks):
+    """``steps`` steps of the co-occurrence losses alone (``SequenceArch.cooccurrence_losses``:
+    only the candidates and the recent windows looked up, no search, no attention, no clicks):
     the tables learn which items are alike before the clicks train anything. The dense
     parameters get no gradient, so their optimizer leaves them as they are. ``lr``: the
     tables' optimizer ``tables`` (TorchRec's fused one reads its rate at ``zero_grad`` and
@@ -492,8 +493,9 @@ def pretrain_tables(model: nn.Module, optimizer: CombinedOptimizer, ctr: LongSeq
     model.train()
     optimizer.zero_grad()
     for step in range(1, steps + 1):
-        model(next(stream).to(device))
-        loss = sum(ctr.sequence_arch.losses)
+        batch = next(stream).to(device)
+        loss = sum(ctr.sequence_arch.cooccurrence_losses(batch.features, batch.history_time,
+                                                         batch.request_time))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -100,11 +100,13 @@ def test_gradient_pulls_a_window_together() -> None:
     assert float(moved[0] @ moved[2]) < float(rows[0] @ rows[2])
 
 
-@pytest.mark.parametrize("name", ["eta", "twin", "sdim"])
-def test_training_loss_adds_the_weighted_window_loss(name: str) -> None:
+@pytest.mark.parametrize("name", ["eta", "twin", "sdim", "sim-soft"])
+def test_training_loss_adds_the_weighted_window_loss(name: str, monkeypatch) -> None:
     """``ModelConfig(cooccurrence=w)``: the training loss is the plain one plus ``w`` times the
     loss of the last ``WINDOW`` behaviors' rows ([item; category], looked up here in the
-    unsharded EmbeddingCollection), keyed by request time; evaluation adds nothing."""
+    unsharded EmbeddingCollection), keyed by request time; evaluation adds nothing.
+    ``SequenceArch.cooccurrence_losses`` (pretraining) gives the same loss and gradient with
+    no search and no attention."""
     batch = helpers.make_batch(0)
     plain = LongSeqCTRTrain(helpers.build_small_model(name))
     weighted = LongSeqCTRTrain(helpers.build_small_model(name, cooccurrence=0.5))
@@ -116,17 +118,39 @@ def test_training_loss_adds_the_weighted_window_loss(name: str) -> None:
     window = cooccurrence_loss(rows, jagged.lengths_to_offsets(kept), batch.request_time)
     assert float(window) > 0
     assert torch.allclose(weighted(batch)[0], plain(batch)[0] + 0.5 * window, atol=1e-6)
+    table = ec.embeddings["item"].weight
+    expected = torch.autograd.grad(0.5 * window, table)[0]
+    arch = weighted.model.sequence_arch
+    sequence = arch.sequences["history"]
+    monkeypatch.setattr(sequence, "search", None)  # would raise if called
+    monkeypatch.setattr(sequence, "attend", None)
+    losses = arch.cooccurrence_losses(batch.features, batch.history_time, batch.request_time)
+    assert len(losses) == 1
+    torch.testing.assert_close(losses[0], 0.5 * window)
+    got = torch.autograd.grad(losses[0], weighted.model.embedding_collection.embeddings["item"]
+                              .weight)[0]
+    torch.testing.assert_close(got, expected)
+    assert expected.abs().sum() > 0
     weighted.eval()
     plain.eval()
+    monkeypatch.undo()
     assert torch.equal(weighted(batch)[0], plain(batch)[0])
 
 
 def test_negative_weight_and_no_window_are_refused() -> None:
-    """A negative weight at build time; a training forward of a model without a short-term
-    window (DIN, or ``short_window=0``) instead of a loss that is silently never added."""
+    """A negative weight at build time; a training forward (or the losses alone) of a model
+    without a short-term window (DIN, or ``short_window=0``) instead of a loss that is silently
+    never added; the losses alone without a weight."""
     with pytest.raises(ValueError, match="cooccurrence must be a weight >= 0, got -1"):
         helpers.build_small_model("eta", cooccurrence=-1.0)
     for name, overrides in [("din", {}), ("eta", {"short_window": 0})]:
         model = LongSeqCTRTrain(helpers.build_small_model(name, cooccurrence=1.0, **overrides))
+        batch = helpers.make_batch(0)
         with pytest.raises(ValueError, match="no sequence of \\['history'\\] has a short-term"):
-            model(helpers.make_batch(0))
+            model(batch)
+        with pytest.raises(ValueError, match="no sequence of \\['history'\\] has a short-term"):
+            model.model.sequence_arch.cooccurrence_losses(batch.features, batch.history_time,
+                                                          batch.request_time)
+    arch = helpers.build_small_model("eta").sequence_arch
+    with pytest.raises(ValueError, match="needs a co-occurrence weight > 0"):
+        arch.cooccurrence_losses(batch.features, batch.history_time, batch.request_time)

@@ -219,9 +219,12 @@ class SearchBasedInterest(SequenceModule):
     def search(self, features: KeyedJaggedTensor, history_time: torch.Tensor,
                request_time: torch.Tensor) -> Selection:
         indices, lengths, aux = self.search_unit.search(features, history_time, request_time)
-        offsets = features[self.schema.history_keys[0]].offsets()
-        recent = jagged.last_n(offsets, self.short_window) if self.short_term is not None else None
-        return Selection((indices, lengths), recent, aux)
+        return Selection((indices, lengths), self.window(features), aux)
+
+    def window(self, features: KeyedJaggedTensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.short_term is None:
+            return None
+        return jagged.last_n(features[self.schema.history_keys[0]].offsets(), self.short_window)
 
     def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
                        intervals: torch.Tensor) -> Selection:

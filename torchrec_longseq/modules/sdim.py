@@ -217,8 +217,10 @@ class SDIM(SequenceModule):
             [features[a.candidate_key].values() for a in matched],
             [features[key].values() for key in self.schema.history_keys], offsets, self.tau,
             self.groups_per_word, self.kernel)
-        return Selection((positions, lengths), jagged.last_n(offsets, self.short_window),
-                         extra=(weights,))
+        return Selection((positions, lengths), self.window(features), extra=(weights,))
+
+    def window(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return jagged.last_n(features[self.schema.history_keys[0]].offsets(), self.short_window)
 
     def search_request(self, history: Dict[str, torch.Tensor], candidates: Dict[str, torch.Tensor],
                        intervals: torch.Tensor) -> Selection:

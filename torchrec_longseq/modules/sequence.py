@@ -102,6 +102,11 @@ class SequenceModule(nn.Module):
     def attend(self, looked: Looked, selection: Selection) -> torch.Tensor:
         raise NotImplementedError
 
+    def window(self, features: KeyedJaggedTensor) -> Optional[Part]:
+        """The recent window the short-term branch reads (``(indices, lengths)``, as a
+        selection's ``short``), or ``None`` for a module without one."""
+        return None
+
     def derived_tables(self) -> List[ItemDerivedTable]:
         return [m for m in self.modules() if isinstance(m, ItemDerivedTable)]
 
@@ -238,16 +243,39 @@ class SequenceArch(nn.Module):
         aux = [s.aux for s in selections.values() if s.aux is not None]
         self.losses = []
         if self.training and self.cooccurrence > 0:
-            self.losses = [self.cooccurrence * cooccurrence_loss(
-                               looked[name].short, looked[name].short_offsets, request_time)
-                           for name, selection in selections.items()
-                           if selection.short is not None]
-            if not self.losses:
-                raise ValueError(f"cooccurrence is {self.cooccurrence}, but no sequence of "
-                                 f"{list(self.sequences)} has a short-term window to learn "
-                                 f"from (DIN's window is its long part; short_window=0 builds "
-                                 f"none)")
+            self.losses = self._cooccurrence(looked, selections, request_time)
         return torch.cat(outputs, dim=1), aux
+
+    def cooccurrence_losses(self, features: KeyedJaggedTensor, history_time: Optional[torch.Tensor],
+                            request_time: torch.Tensor) -> List[torch.Tensor]:
+        """The co-occurrence losses (weighted, one per sequence with a window) that a training
+        ``forward`` leaves in ``losses``, with only the candidates and the recent windows looked
+        up: no search, no attention. What ``train.py --cooccurrence-pretrain`` steps on; the
+        derived tables are kept exact as in ``forward``."""
+        if not self.cooccurrence > 0:
+            raise ValueError("cooccurrence_losses needs a co-occurrence weight > 0 "
+                             "(SequenceArch(cooccurrence=w))")
+        self.refresh_pending()
+        selections = {}
+        for name, module in self.sequences.items():
+            window = module.window(features)
+            if window is not None:
+                nothing = (window[0][:0], torch.zeros_like(window[1]))  # no long part
+                selections[name] = Selection(nothing, window)
+        looked = self.look_up(features, history_time, request_time, selections)
+        return self._cooccurrence(looked, selections, request_time)
+
+    def _cooccurrence(self, looked: Dict[str, Looked], selections: Dict[str, Selection],
+                      request_time: torch.Tensor) -> List[torch.Tensor]:
+        losses = [self.cooccurrence * cooccurrence_loss(
+                      looked[name].short, looked[name].short_offsets, request_time)
+                  for name, selection in selections.items() if selection.short is not None]
+        if not losses:
+            raise ValueError(f"cooccurrence is {self.cooccurrence}, but no sequence of "
+                             f"{list(self.sequences)} has a short-term window to learn "
+                             f"from (DIN's window is its long part; short_window=0 builds "
+                             f"none)")
+        return losses
 
     def refresh_pending(self) -> None:
         """Bring the derived tables up to date with the tables (see ``DerivedTables``): the rows
