@@ -413,11 +413,11 @@ def check_twin(device: str, g: torch.Generator, shared: bool) -> Tuple[bool, str
     queries64 = copy.deepcopy(search).double()._queries(targets)
     scores64 = twin_scores([r.double() for r in rows],
                            [hist_items.repeat(rep), hist_categories.repeat(rep)], queries64,
-                           seg_offsets, bias.double().repeat(rep, 1), heads)
+                           seg_offsets, bias.double().repeat(rep, 1), heads, search.head_dim)
     exact, explained, unexplained = 0, 0, 0
     for k in (1, 7, 50):
-        ref = twin_topk(*inputs, k)
-        got = on_cpu(twin_topk(*inputs_dev, k, "torch"))
+        ref = twin_topk(*inputs, k, head_dim=search.head_dim)
+        got = on_cpu(twin_topk(*inputs_dev, k, "torch", head_dim=search.head_dim))
         if not torch.equal(ref[1], got[1]):
             unexplained += batch
             continue

@@ -194,7 +194,8 @@ OFF_CPU = {
     "signature_topk": lambda kernel: eta.signature_topk(
         [_codes(5), _codes(3)], [_ids(3), _ids(3)], [_ids(1), _ids(1)], _ids(2), 1, kernel),
     "twin_topk": lambda kernel: twin.twin_topk([_meta(5, 8), _meta(3, 8)], [_ids(3), _ids(3)],
-                                               _meta(1, 4), _ids(2), _meta(3, 1), 1, 1, kernel),
+                                               _meta(1, 4), _ids(2), _meta(3, 1), 1, 1, kernel,
+                                               head_dim=4),
     "collisions_by_id": lambda kernel: sdim.collisions_by_id(
         [_codes(5), _codes(3)], [_ids(3), _ids(3)], [_ids(1), _ids(1)], [_ids(3), _ids(3)],
         _ids(2), 3, 8, kernel),

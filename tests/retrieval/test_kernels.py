@@ -32,7 +32,7 @@ def twin_topk(item_rows, category_rows, items, categories, target_items, target_
     width = item_rows.size(1) // 2
     queries = item_rows[target_items, :width] + category_rows[target_categories, :width]
     return twin.twin_topk([item_rows, category_rows], [items, categories], queries, offsets,
-                          bias, num_heads, k, kernel)
+                          bias, num_heads, k, kernel, head_dim=width // num_heads)
 
 
 def collisions_by_id(item_codes, items, category_codes, categories, target_items,

@@ -205,7 +205,7 @@ def test_twin_topk_by_id(lengths, heads: int, k: int, shared: bool, bucketed: bo
     width = item_rows.size(1) // 2
     queries = item_rows[target_items, :width] + category_rows[target_categories, :width]
     expected = twin.twin_topk([item_rows, category_rows], [items, categories], queries, offsets,
-                              bias, heads, k, kernel="torch")
+                              bias, heads, k, kernel="torch", head_dim=width // heads)
     starts, ends = kernels.segments(offsets, items.numel(), len(lengths))
     args = (item_rows, items, category_rows, categories, queries, bias.mean(dim=1), starts, ends)
     scale = 1.0 / (heads * 4**0.5)

@@ -88,7 +88,7 @@ def summed_rows(tables: List[torch.Tensor], ids: List[torch.Tensor], cols: slice
 @torch.fx.wrap
 def twin_scores(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.Tensor,
                 offsets: torch.Tensor, bias: torch.Tensor, num_heads: int,
-                head_dim: Optional[int] = None) -> torch.Tensor:
+                head_dim: int) -> torch.Tensor:
     """The ESU's logits, averaged over heads, for every behavior, from the per-attribute tables.
 
     ``rows[a] [rows_a, 2 w]`` hold ``[W_q block, s, W_k block, s]`` per id of attribute ``a``
@@ -97,10 +97,9 @@ def twin_scores(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torc
     scaled, see ``TwinSearch``), ``bias [N, H]`` the cross-feature biases -> ``[N]``: the mean
     over heads of ``q_h . k_jh / sqrt(Dh) + bias_h``, which is ``q . k / (H sqrt(Dh))`` plus the
     mean bias (without the similarity term's threshold, one constant per sample that ranks
-    nothing). ``head_dim`` ``None``: ``w // H`` (no similarity columns).
+    nothing). ``head_dim``: ``Dh`` (``w`` alone does not give it: ``m`` may be > 0).
     """
     width = rows[0].size(1) // 2
-    head_dim = width // num_heads if head_dim is None else head_dim
     keys = summed_rows(rows, ids, slice(width, 2 * width))  # [N, w]
     seg = jagged.segment_ids(offsets, ids[0].numel())
     dots = (queries.index_select(0, seg) * keys).sum(dim=1)
@@ -192,18 +191,17 @@ class TwinSearch(nn.Module):
 @torch.fx.wrap
 def twin_topk(rows: List[torch.Tensor], ids: List[torch.Tensor], queries: torch.Tensor,
               offsets: Optional[torch.Tensor], bias: torch.Tensor, num_heads: int,
-              k: int, kernel: str = "auto", *, head_dim: Optional[int] = None
+              k: int, kernel: str = "auto", *, head_dim: int
               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` of ``twin_scores`` per sample (ties to the more recent behavior): on CPU one
     compiled pass per sample (``kernels.twin_topk_by_id``, the mean over heads folded into one dot
     product and the mean bias), elsewhere ``twin_scores`` and ``jagged_topk``.
     ``offsets=None``: one history (and ``bias``) shared by all candidates (serving).
-    ``head_dim``: ``Dh`` (``None``: ``w // H``, rows without similarity columns).
+    ``head_dim``: ``Dh`` (the rows' width alone does not give it, see ``twin_scores``).
 
     The kernel reads two tables by id: with more attributes, those after the first are added up
     per behavior first (one ``[N, 2 H Dh]`` pass); with one, the second is a zero row."""
     width = rows[0].size(1) // 2
-    head_dim = width // num_heads if head_dim is None else head_dim
     n = ids[0].numel()
     if len(rows) == 2:
         second, second_ids = rows[1], ids[1]
