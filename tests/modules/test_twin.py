@@ -222,9 +222,18 @@ def test_search_with_similarity_is_the_top_k_of_the_full_logits(kernels: str) ->
     """With ``esu_similarity``, the search ranks by the ESU's logits with the term (the tables
     hold each item's unit vector next to its keys, the query the candidate's, scaled by the
     heads' mean scale): the same top ``k`` as the dense reference, which differs from the
-    ranking without the term."""
+    ranking without the term; histories cut to 0-9 behaviors (empty, shorter and longer than
+    ``k``) keep ``min(L, k)`` each, the same as the reference's."""
     model = set_kernel(similarity_model(), kernels)
     model.eval()
+    cut = with_histories(make_batch(1), [(0, 1, 4, 5, 6, 9)[b % 6] for b in range(B)])
+    indices, found = search(model, cut)
+    lengths = cut.features[HIST_ITEM].lengths()
+    assert found.tolist() == lengths.clamp(max=K).tolist()
+    expected, clear = reference_topk(*dense_scores(model, cut), K)
+    got = per_sample(indices, found)
+    assert all(g == e for g, e, c in zip(got, expected, clear) if c)
+    assert sum(clear) >= B // 2
     compared = 0
     for index in range(3):
         batch = make_batch(index)
