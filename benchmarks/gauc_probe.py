@@ -18,6 +18,22 @@ When ``esu_logsumexp`` ranks one user's candidates better than the model, the ES
 something its normalised output does not pass on::
 
     .venv/bin/python benchmarks/gauc_probe.py --model eta --regime similarity
+
+``--run DIR`` reads a ``train.py`` run instead (its last checkpoint, ``--checkpoint-every``;
+its model, regime, seed and length from its config) and scores the 40 test batches of 128 that
+``quality.py`` tests it on. With ``--esu-similarity`` and ``--esu-evidence`` it splits the path
+from the table to the model's score (section 7.6 of docs/fidelity.md):
+
+* ``count_all``: the fixed cosine count of ``counting_probe.CosineCount`` on the run's own
+  (trained) item table over every behavior older than the window: what the table holds;
+* ``count_retrieved``: the same count over the retrieved behaviors only: what the search passes;
+* ``evidence``: the evidence columns the over-arch reads (mean over heads), and ``term_only``
+  the same ``log(1 + sum_j exp(a_h (cos - c_h)))`` without the ``q . k`` part: what the
+  projected logits add to or take from the count;
+
+and prints the learned scale ``a_h`` and threshold ``c_h`` of every head::
+
+    .venv/bin/python benchmarks/gauc_probe.py --run runs/q/similarity/eta-L1000-s2
 """
 
 import argparse
@@ -28,7 +44,81 @@ from torchrec_longseq import jagged
 from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.synthetic import REGIMES
 
+from counting_probe import CosineCount, older_than_window
 from twin_diagnosis import Scores, esu_probe, train_model
+
+
+def table_of(model, feature: str) -> torch.Tensor:
+    """``[rows, D]`` the weight of the sequence table that ``feature`` looks up."""
+    ec = model.sequence_arch.embedding_collection
+    for config in ec.embedding_configs():
+        if feature in config.feature_names:
+            return ec.embeddings[config.name].weight.detach()
+    raise KeyError(f"no table looks up {feature}")
+
+
+@torch.no_grad()
+def read_run(run: str) -> None:
+    """Score a trained run's model on its test batches, splitting the path from its item table
+    to its score (the module docstring)."""
+    from torchrec_longseq import export, train
+
+    args = train.parse_args(["--config", f"{run}/config.yaml"])
+    model, _ = export.from_run(run)
+    (arch,) = model.sequence_arch.sequences.values()
+    esu = arch.esu
+    data = SyntheticConfig(seed=args.seed, max_seq_len=args.max_seq_len, regime=args.regime)
+    generator = SyntheticGenerator(data)
+    count = CosineCount(table_of(model, "hist_item"), data.recent_window)
+    heads = esu.attention.num_heads
+    if esu.similarity is not None:
+        print("learned scale a_h:", [round(v, 3) for v in esu.similarity_scale.tolist()])
+        print("learned threshold c_h:", [round(v, 3) for v in esu.similarity_threshold.tolist()])
+    scores = Scores()
+    names = ["oracle", "model", "retrieved_relevant", "count_all", "count_retrieved",
+             *(["evidence"] if esu.evidence else []),
+             *(["term_only"] if esu.evidence and esu.similarity is not None else [])]
+    for i in range(args.eval_batches):
+        batch, oracle = generator.batch_with_oracle("test", i, args.batch_size)
+        f = batch.features
+        logits, _ = model(f, batch.history_time, batch.request_time)
+        selection = arch.search(f, batch.history_time, batch.request_time)
+        indices, lengths = selection.long
+        b = batch.batch_size
+        sseg = jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel())
+        found = torch.zeros(b).index_add(0, sseg, batch.relevant[indices].float())
+        # the count over the retrieved old behaviors only: w(cos) summed where the search looked
+        offsets, items = f["hist_item"].offsets(), f["hist_item"].values()
+        old = older_than_window(offsets, items.numel(), data.recent_window)
+        t = f["target_item"].values()
+        cos = (count.unit[t][sseg] * count.unit[items[indices]]).sum(1)
+        kept = jagged.segment_sum((count.weight(cos) * old[indices]).unsqueeze(1), sseg, b)
+        n_old = jagged.segment_sum(old.double().unsqueeze(1), jagged.segment_ids(
+            offsets, items.numel()), b)
+        retrieved = torch.log1p(kept) - torch.log1p(count.prior[t].unsqueeze(1) * n_old)
+        extra = {}
+        if esu.evidence:
+            looked = model.sequence_arch.look_up(f, batch.history_time, batch.request_time,
+                                                 {"history": selection})["history"]
+            out = esu(looked.candidates, looked.long, looked.long_offsets, looked.long_intervals,
+                      looked.long_index)
+            extra["evidence"] = out[:, -heads:].mean(1)
+            if esu.similarity is not None:
+                long, loffsets, _ = esu._pairs(looked.candidates, looked.long, looked.long_offsets,
+                                               looked.long_intervals, looked.long_index)
+                start, stop = esu.similarity
+                lseg = jagged.segment_ids(loffsets, long.size(0))
+                c = torch.nn.functional.cosine_similarity(
+                    looked.candidates[:, start:stop][lseg], long[:, start:stop], dim=1)
+                term = (c.unsqueeze(1) - esu.similarity_threshold) * esu.similarity_scale
+                summed = torch.zeros(b, heads).index_add(0, lseg, torch.exp(term))
+                extra["term_only"] = torch.log1p(summed).mean(1)
+        scores.add(batch.user_ids, batch.labels, model=logits, oracle=oracle,
+                   retrieved_relevant=found, count_all=count(batch),
+                   count_retrieved=retrieved.squeeze(1), **extra)
+    print(f"{run}: {args.model}, {args.regime} regime, L = {args.max_seq_len}, seed {args.seed}; "
+          f"{args.eval_batches * args.batch_size} test samples:")
+    scores.report(names)
 
 
 def main() -> None:
@@ -39,7 +129,11 @@ def main() -> None:
     p.add_argument("--regime", default="category", choices=list(REGIMES))
     p.add_argument("--table-init", type=float, default=0.0,
                    help="draw the sequence tables from U(-A, A) (default: TorchRec's +-1/sqrt(rows))")
+    p.add_argument("--run", help="read a train.py run directory instead of training (see above)")
     args = p.parse_args()
+    if args.run:
+        read_run(args.run)
+        return
     data = SyntheticConfig(max_seq_len=args.max_seq_len, regime=args.regime)
 
     def setup(model) -> None:
