@@ -27,11 +27,18 @@ from the table to the model's score (section 7.6 of docs/fidelity.md):
 * ``count_all``: the fixed cosine count of ``counting_probe.CosineCount`` on the run's own
   (trained) item table over every behavior older than the window: what the table holds;
 * ``count_retrieved``: the same count over the retrieved behaviors only: what the search passes;
+  ``_no_prior`` without the candidate's prior term, ``_any_age`` over the retrieved behaviors of
+  the recent window too (the label reads only the older ones); ``prior_only`` the count's
+  prior term alone, ``-log(1 + prior_t n_old)`` (``prior_t``: the candidate's mean ``w(cos)``
+  against every item; the generator's label has it, from its latents);
 * ``evidence``: the evidence columns the over-arch reads (mean over heads), and ``term_only``
   the same ``log(1 + sum_j exp(a_h (cos - c_h)))`` without the ``q . k`` part: what the
-  projected logits add to or take from the count;
+  projected logits add to or take from the count; ``term_with_prior`` that term less its own
+  prior, ``log(1 + n_old mean_i exp(a_h (cos(t, i) - c_h)))``;
 
-and prints the learned scale ``a_h`` and threshold ``c_h`` of every head::
+and prints the learned scale ``a_h`` and threshold ``c_h`` of every head, and the GAUC of
+``sum_j exp(a (cos_j - c))`` over the retrieved behaviors at other scales ``a`` than the learned
+(within one user's candidates ``c`` and the ``log(1 + .)`` do not change the order)::
 
     .venv/bin/python benchmarks/gauc_probe.py --run runs/q/similarity/eta-L1000-s2
 """
@@ -74,10 +81,16 @@ def read_run(run: str) -> None:
     if esu.similarity is not None:
         print("learned scale a_h:", [round(v, 3) for v in esu.similarity_scale.tolist()])
         print("learned threshold c_h:", [round(v, 3) for v in esu.similarity_threshold.tolist()])
-    scores = Scores()
+        # [items, H] each item's mean exp(a_h (cos - c_h)) against every item: the term's prior
+        kernel_prior = torch.exp((count.unit @ count.unit.T).unsqueeze(-1).sub(
+            esu.similarity_threshold.double()).mul(esu.similarity_scale.double())).mean(1)
+    scores, pairs, recent = Scores(), [], 0.0
     names = ["oracle", "model", "retrieved_relevant", "count_all", "count_retrieved",
+             "count_retrieved_no_prior", "count_retrieved_any_age",
              *(["evidence"] if esu.evidence else []),
-             *(["term_only"] if esu.evidence and esu.similarity is not None else [])]
+             "prior_only",
+             *(["term_only", "term_with_prior"] if esu.evidence and esu.similarity is not None
+               else [])]
     for i in range(args.eval_batches):
         batch, oracle = generator.batch_with_oracle("test", i, args.batch_size)
         f = batch.features
@@ -95,8 +108,12 @@ def read_run(run: str) -> None:
         kept = jagged.segment_sum((count.weight(cos) * old[indices]).unsqueeze(1), sseg, b)
         n_old = jagged.segment_sum(old.double().unsqueeze(1), jagged.segment_ids(
             offsets, items.numel()), b)
-        retrieved = torch.log1p(kept) - torch.log1p(count.prior[t].unsqueeze(1) * n_old)
-        extra = {}
+        prior = torch.log1p(count.prior[t].unsqueeze(1) * n_old)
+        every = jagged.segment_sum(count.weight(cos).unsqueeze(1), sseg, b)  # the window's too
+        recent += float((~old[indices]).sum()) / max(indices.numel(), 1) / args.eval_batches
+        extra = {"count_retrieved_no_prior": torch.log1p(kept).squeeze(1),
+                 "prior_only": -prior.squeeze(1),
+                 "count_retrieved_any_age": (torch.log1p(every) - prior).squeeze(1)}
         if esu.evidence:
             looked = model.sequence_arch.look_up(f, batch.history_time, batch.request_time,
                                                  {"history": selection})["history"]
@@ -113,12 +130,24 @@ def read_run(run: str) -> None:
                 term = (c.unsqueeze(1) - esu.similarity_threshold) * esu.similarity_scale
                 summed = torch.zeros(b, heads).index_add(0, lseg, torch.exp(term))
                 extra["term_only"] = torch.log1p(summed).mean(1)
+                extra["term_with_prior"] = (torch.log1p(summed) - torch.log1p(
+                    kernel_prior[t] * n_old)).mean(1)
+                pairs.append((c, lseg, b))
         scores.add(batch.user_ids, batch.labels, model=logits, oracle=oracle,
                    retrieved_relevant=found, count_all=count(batch),
-                   count_retrieved=retrieved.squeeze(1), **extra)
+                   count_retrieved=(torch.log1p(kept) - prior).squeeze(1), **extra)
     print(f"{run}: {args.model}, {args.regime} regime, L = {args.max_seq_len}, seed {args.seed}; "
           f"{args.eval_batches * args.batch_size} test samples:")
     scores.report(names)
+    print(f"share of the retrieved behaviors within the last {data.recent_window}: {recent:.3f}")
+    if pairs:  # within one user, the threshold only shifts the sum: the GAUC depends on a alone
+        grid, scales = Scores(), (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+        for (c, lseg, b), users, labels in zip(pairs, scores.users, scores.labels):
+            grid.add(users, labels, **{f"{a:g}": torch.zeros(b).index_add(
+                0, lseg, torch.exp(a * (c - 1))) for a in scales})
+        print("GAUC of sum_j exp(a (cos_j - c)) over the retrieved behaviors (any c):")
+        print("| a | " + " | ".join(f"{a:g}" for a in scales) + " |")
+        print("| GAUC | " + " | ".join(f"{grid.auc(f'{a:g}', True):.4f}" for a in scales) + " |")
 
 
 def main() -> None:
