@@ -22,7 +22,8 @@ something its normalised output does not pass on::
 ``--run DIR`` reads a ``train.py`` run instead (its last checkpoint, ``--checkpoint-every``;
 its model, regime, seed and length from its config) and scores the 40 test batches of 128 that
 ``quality.py`` tests it on. With ``--esu-similarity`` and ``--esu-evidence`` it splits the path
-from the table to the model's score (section 7.6 of docs/fidelity.md):
+from the table to the model's score (section 7.6 of docs/fidelity.md; the ``count`` and ``prior``
+rows are the similarity regime's rule, not the category regime's):
 
 * ``count_all``: the fixed cosine count of ``counting_probe.CosineCount`` on the run's own
   (trained) item table over every behavior older than the window: what the table holds;
