@@ -257,6 +257,39 @@ def test_soft_search_matches_dense_reference_with_exact_ties(
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def float_soft_search() -> SoftSearch:
+    """Float weights in a 16-wide projection: scores are not integers, so whether two copies of
+    one item tie exactly depends on the arithmetic (a matmul rounds by column position)."""
+    torch.manual_seed(3)
+    search = soft_search(5, 8, projection_dim=16, k=4, aux_hidden=[4])
+    with torch.no_grad():
+        search.w_a.weight.normal_()
+        search.w_b.weight.normal_()
+    return search
+
+
+@SETTINGS
+@given(history=st.lists(st.integers(0, 4), min_size=0, max_size=80),
+       candidates=st.lists(st.integers(0, 4), min_size=1, max_size=20))
+def test_soft_search_request_keeps_the_latest_copy_of_a_repeated_item(
+        float_soft_search: SoftSearch, history: List[int], candidates: List[int]) -> None:
+    """The serving search (one history, C candidates) against the dense float64 reference:
+    histories of repeated items at every position up to 80 (past a BLAS kernel's tile edges),
+    where copies of one item must tie exactly and the later copy be kept."""
+    search = float_soft_search
+    _, scores = soft_reference(search, [history] * len(candidates), candidates)
+    for sc in scores:  # different items far apart (float32 vs float64 order), copies equal
+        distinct = sorted(set(round(v, 9) for v in sc), reverse=True)
+        assert all(a - b > 1e-4 for a, b in zip(distinct, distinct[1:])), distinct
+    positions, lengths = search.search_request(
+        {HIST_ITEM: torch.tensor(history, dtype=torch.long)},
+        {TARGET_ITEM: torch.tensor(candidates, dtype=torch.long)},
+        torch.zeros(len(history)))
+    expected = [sorted(range(len(sc)), key=lambda p: (-sc[p], -p))[:search.k] for sc in scores]
+    assert per_sample(positions, lengths) == expected
+
+
 def test_soft_search_matches_dense_reference_on_model() -> None:
     model = make_model("sim-soft")
     search = sequence_of(model).search_unit

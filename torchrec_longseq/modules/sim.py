@@ -178,7 +178,27 @@ class SoftSearch(nn.Module):
         embeddings = self.search_table(features)
         behaviors = self.w_b(search_vectors(embeddings, self.history_keys))  # [L, P]
         targets = self.w_a(search_vectors(embeddings, self.candidate_keys))  # [C, P]
-        scores = (targets @ behaviors.t()).flatten()  # [C L]: row c scores the history for c
+        scores = _inner_products(targets.detach(), behaviors.detach()).flatten()  # [C L]
         return jagged.positions_in_copy(
             topk.jagged_topk(scores, jagged.copies_offsets(n, c, scores.device), self.k,
                              kernel=self.kernel), n)
+
+
+def _inner_products(targets: torch.Tensor, behaviors: torch.Tensor) -> torch.Tensor:
+    """``targets [C, P]`` against ``behaviors [L, P]``: ``[C, L]``, with each entry's value
+    independent of its position: two copies of one behavior (a repeated click) score exactly
+    alike, so their tie goes to the more recent one as in the batch path.
+
+    Not a matmul: a BLAS kernel rounds an output column by where it falls in its tiles (on an
+    AMD EPYC, ``targets @ behaviors.t()`` scored two copies 3e-8 apart and the older one was
+    kept). Here each of the P steps is one multiply and one add per entry, each rounded once
+    (IEEE), at every position alike; about 2.7x the matmul's time (C = 200, L = 10^4, P = 16:
+    5.5 vs 2.0 ms on 2 CPU cores), still a fraction of the per-candidate path.
+    """
+    columns = behaviors.t().contiguous()  # [P, L]
+    scores = targets[:, :1] * columns[0]
+    step = torch.empty_like(scores)
+    for p in range(1, columns.size(0)):
+        torch.mul(targets[:, p:p + 1], columns[p], out=step)
+        scores.add_(step)
+    return scores
