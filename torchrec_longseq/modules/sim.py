@@ -192,8 +192,8 @@ def _inner_products(targets: torch.Tensor, behaviors: torch.Tensor) -> torch.Ten
     Not a matmul: a BLAS kernel rounds an output column by where it falls in its tiles (on an
     AMD EPYC, ``targets @ behaviors.t()`` scored two copies 3e-8 apart and the older one was
     kept). Here each of the P steps is one multiply and one add per entry, each rounded once
-    (IEEE), at every position alike; about 2.7x the matmul's time (C = 200, L = 10^4, P = 16:
-    5.5 vs 2.0 ms on 2 CPU cores), still a fraction of the per-candidate path.
+    (IEEE), at every position alike: 2.7x a matmul's time alone (C = 200, L = 10^4, P = 16),
+    too little against the top k to move a whole request (``benchmarks/RESULTS.md``).
     """
     columns = behaviors.t().contiguous()  # [P, L]
     scores = targets[:, :1] * columns[0]
