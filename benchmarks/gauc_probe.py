@@ -45,15 +45,25 @@ and prints the learned scale ``a_h`` and threshold ``c_h`` of every head, and th
 """
 
 import argparse
+from typing import Tuple
 
 import torch
 
 from torchrec_longseq import jagged
-from torchrec_longseq.data import SyntheticConfig, SyntheticGenerator
+from torchrec_longseq.data import Batch, SyntheticConfig, SyntheticGenerator
 from torchrec_longseq.data.synthetic import REGIMES
+from torchrec_longseq.modules.sequence import Selection
 
 from counting_probe import CosineCount, older_than_window
 from twin_diagnosis import Scores, esu_probe, train_model
+
+
+def retrieved_relevant(batch: Batch, selection: Selection) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sample of each retrieved behavior ``[M]`` and each sample's count of retrieved
+    relevant behaviors ``[B]`` (``selection.long``'s indices into the batch's history)."""
+    indices, lengths = selection.long
+    sseg = jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel())
+    return sseg, torch.zeros(batch.batch_size).index_add(0, sseg, batch.relevant[indices].float())
 
 
 def table_of(model, feature: str) -> torch.Tensor:
@@ -99,8 +109,7 @@ def read_run(run: str) -> None:
         selection = arch.search(f, batch.history_time, batch.request_time)
         indices, lengths = selection.long
         b = batch.batch_size
-        sseg = jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel())
-        found = torch.zeros(b).index_add(0, sseg, batch.relevant[indices].float())
+        sseg, found = retrieved_relevant(batch, selection)
         # the count over the retrieved old behaviors only: w(cos) summed where the search looked
         offsets, items = f["hist_item"].offsets(), f["hist_item"].values()
         old = older_than_window(offsets, items.numel(), data.recent_window)
@@ -180,10 +189,7 @@ def main() -> None:
         for i in range(10):
             batch, oracle = generator.batch_with_oracle("test", i, 128)
             logits, selection, best, lse = esu_probe(model, arch, batch)
-            b = batch.batch_size
-            indices, lengths = selection.long
-            sseg = jagged.segment_ids(jagged.lengths_to_offsets(lengths), indices.numel())
-            found = torch.zeros(b).index_add(0, sseg, batch.relevant[indices].float())
+            _, found = retrieved_relevant(batch, selection)
             scores.add(batch.user_ids, batch.labels, model=logits, oracle=oracle,
                        retrieved_relevant=found, esu_logsumexp=lse, esu_best_logit=best)
     print(f"{args.model}, {args.regime} regime, {args.steps} steps, table init "
