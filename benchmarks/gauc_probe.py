@@ -107,7 +107,7 @@ def read_run(run: str) -> None:
         f = batch.features
         logits, _ = model(f, batch.history_time, batch.request_time)
         selection = arch.search(f, batch.history_time, batch.request_time)
-        indices, lengths = selection.long
+        indices, _ = selection.long
         b = batch.batch_size
         sseg, found = retrieved_relevant(batch, selection)
         # the count over the retrieved old behaviors only: w(cos) summed where the search looked
